@@ -1,0 +1,117 @@
+// The small interface every transport implements (shared memory, TCP). Algorithms in
+// csrc/algorithms/ are written against it and know nothing else.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/deadline.h"
+#include "core/dtype.h"
+
+namespace pycomm {
+
+/// Which collective a message belongs to (carried in every message header so a
+/// receiver can tell that its peer is running something else).
+enum class CollType : uint8_t {
+  kAllReduce = 1,
+  kReduceScatter = 2,
+  kAllGather = 3,
+  kBroadcast = 4,
+  kReduce = 5,
+  kGather = 6,
+  kScatter = 7,
+  kAllToAll = 8,
+  kBarrier = 9,
+  kSend = 10,  // point-to-point (send on one side, recv on the other)
+  kCompressed = 11,
+};
+
+/// Human name of a collective ("all_reduce", ...).
+const char* collName(CollType c);
+
+/// Describes the collective a message belongs to. Two ranks running the same call
+/// produce equal descriptors; any difference is reported as a mismatch.
+struct OpDesc {
+  uint64_t seq = 0;        ///< per-group sequence number of the collective (p2p: per pair)
+  uint64_t count = 0;      ///< element count of the whole call (as the caller sees it)
+  int32_t root = -1;       ///< root rank, -1 if none
+  uint32_t tag = 0;        ///< user tag for send/recv
+  CollType coll = CollType::kBarrier;
+  DType dtype = DType::kUInt8;
+  ReduceOp op = ReduceOp::kSum;
+  uint8_t pad = 0;
+
+  /// "all_reduce #12 (count=100, float32, SUM)".
+  std::string str() const;
+
+  /// Fields that must agree between sender and receiver (seq, coll, count, dtype, op, root, tag).
+  bool sameCall(const OpDesc& o) const {
+    return seq == o.seq && coll == o.coll && count == o.count && dtype == o.dtype &&
+           op == o.op && root == o.root && tag == o.tag;
+  }
+};
+static_assert(sizeof(OpDesc) == 32, "OpDesc is a 32-byte wire header");
+
+/// Byte counters of a transport (read by pycomm.stats()).
+struct TransportStats {
+  std::atomic<uint64_t> bytesSent{0};
+  std::atomic<uint64_t> bytesRecv{0};
+  std::atomic<uint64_t> messagesSent{0};
+  std::atomic<uint64_t> messagesRecv{0};
+};
+
+/// Point-to-point messaging between the ranks of one group. Messages between an
+/// ordered pair of ranks are delivered in order. Every call blocks until its buffer
+/// may be reused, gives up with TimeoutError at `deadline` (naming the peer and
+/// the call), and raises PeerError when the peer dies or sends something invalid.
+///
+/// Thread safety: one thread may send while another receives on the same
+/// transport (the backend's send and receive workers do this for p2p); two threads
+/// must not both send (or both receive) at once.
+class Transport {
+ public:
+  virtual ~Transport() = default;
+
+  /// This rank within the group.
+  virtual int rank() const = 0;
+
+  /// Number of ranks in the group.
+  virtual int size() const = 0;
+
+  /// "shm" or "tcp".
+  virtual const char* name() const = 0;
+
+  /// Sends `bytes` bytes of `buf` to `peer`; the header carries `desc`.
+  virtual void send(int peer, const void* buf, size_t bytes, const OpDesc& desc,
+                    const Deadline& deadline) = 0;
+
+  /// Receives exactly `bytes` bytes from `peer` into `buf`. The sender's descriptor
+  /// and size must match `desc` and `bytes`, or MismatchError names both sides.
+  virtual void recv(int peer, void* buf, size_t bytes, const OpDesc& desc,
+                    const Deadline& deadline) = 0;
+
+  /// Sends to `sendPeer` while receiving from `recvPeer`, both in flight at once
+  /// (a ring step or a pairwise exchange). Either size may be zero.
+  virtual void sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes, int recvPeer,
+                        void* recvBuf, size_t recvBytes, const OpDesc& desc,
+                        const Deadline& deadline) = 0;
+
+  /// Marks the transport failed with `why`: every current and future wait on any
+  /// rank of the group raises PeerError carrying `why` (best effort for remote ranks).
+  virtual void abort(const std::string& why) = 0;
+
+  /// Counters of what went over this transport.
+  const TransportStats& stats() const { return stats_; }
+
+ protected:
+  TransportStats stats_;
+};
+
+/// Throws MismatchError describing `mine` vs `theirs` as seen by `rank` from `peer`.
+[[noreturn]] void throwMismatch(int rank, int peer, const OpDesc& mine, size_t myBytes,
+                                const OpDesc& theirs, size_t theirBytes);
+
+}  // namespace pycomm
