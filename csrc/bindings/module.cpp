@@ -1,0 +1,13 @@
+// The pycomm._C module: each area registers its bindings here.
+#include <torch/extension.h>
+
+namespace pycomm {
+void initBackendBindings(pybind11::module_& m);      // backend.cpp
+void initCompressionBindings(pybind11::module_& m);  // compression_bindings.cpp
+}  // namespace pycomm
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pycomm native core: collectives, transports, compression kernels";
+  pycomm::initBackendBindings(m);
+  pycomm::initCompressionBindings(m);
+}
