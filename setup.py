@@ -40,12 +40,12 @@ if use_cuda and not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cu
 
 sources = _sources("*.cc") + _sources("*.cpp")
 define_macros = []
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
 extra = {"cxx": cxx_flags}
 if use_cuda:
     sources += _sources("*.cu")
     define_macros.append(("PYCOMM_WITH_CUDA", "1"))
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DPYCOMM_WITH_CUDA=1"]
+    extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DPYCOMM_WITH_CUDA=1"]
     Ext = cpp_extension.CUDAExtension
 else:
     Ext = cpp_extension.CppExtension
