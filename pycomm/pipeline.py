@@ -1,0 +1,279 @@
+"""Pipeline parallelism: a stage wrapper and GPipe / 1F1B schedules over send/recv.
+
+A pipeline group of ``p`` ranks holds ``p`` consecutive pieces of a model; rank ``s``
+of the group runs stage ``s``. A training step splits the batch into ``m``
+micro-batches; activations flow forward from stage ``s`` to ``s+1`` and their gradients
+flow back, all with ``torch.distributed`` point-to-point calls (``isend`` / ``irecv``)
+on the group, so any backend with send/recv works.
+
+::
+
+    stage = PipelineStage(my_piece, group=pp_group)
+    schedule = Schedule1F1B(stage, num_microbatches=8, loss_fn=F.cross_entropy)
+    optimizer.zero_grad()
+    loss = schedule.step(x, target=y)   # x read on the first stage, y on the last
+    optimizer.step()                    # loss: the batch loss on the last stage, else None
+
+Semantics: each micro-batch loss is divided by ``m`` (``scale_loss=True``) and the
+gradients accumulate in ``.grad`` over the micro-batches, so for a mean-reduced loss
+and equal micro-batches one step equals one full-batch step of the unsplit model.
+
+Shapes are exchanged automatically: before the first micro-batch of every step a
+stage sends its successor a small int64 header describing the tensors it will send
+(count, dtype, shape). Gradients have the shapes of the activations they belong to, so
+they need no header. A stage may pass a tensor or a tuple of tensors; floating-point
+tensors carry gradients back, others (e.g. integer masks) do not.
+
+Schedules (``F(i)``/``B(i)``: forward/backward of micro-batch ``i`` on one stage):
+
+* :class:`ScheduleGPipe`: all forwards, then all backwards. Activations of all ``m``
+  micro-batches are live at once.
+* :class:`Schedule1F1B`: stage ``s`` runs ``p-s-1`` warm-up forwards, then alternates
+  one forward and one backward, then drains the backwards. At most ``p-s``
+  micro-batches are live. Both have the bubble ``(p-1)/(m+p-1)`` of the step.
+
+Sends are posted with ``isend`` and completed at the end of the step; receives block.
+Since both schedules' dependency graphs are acyclic, this cannot deadlock regardless of
+whether the backend's sends wait for the matching receive.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["PipelineStage", "ScheduleGPipe", "Schedule1F1B", "split_microbatches"]
+
+Tensors = Tuple[torch.Tensor, ...]
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+_HEADER_LEN = 64
+
+
+def _as_tuple(x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Tensors:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _encode_header(tensors: Tensors) -> torch.Tensor:
+    """``[n, (dtype, ndim, *shape) * n]`` padded to a fixed length."""
+    fields = [len(tensors)]
+    for t in tensors:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"pipeline: cannot send dtype {t.dtype} between stages")
+        fields += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+    if len(fields) > _HEADER_LEN:
+        raise ValueError(f"pipeline: activation description needs {len(fields)} fields, "
+                         f"the header holds {_HEADER_LEN}")
+    header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+    header[: len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    return header
+
+
+def _decode_header(header: torch.Tensor) -> List[Tuple[torch.dtype, Tuple[int, ...]]]:
+    h = header.tolist()
+    out, i = [], 1
+    for _ in range(h[0]):
+        dtype, ndim = _DTYPES[h[i]], h[i + 1]
+        out.append((dtype, tuple(h[i + 2: i + 2 + ndim])))
+        i += 2 + ndim
+    return out
+
+
+def split_microbatches(x, num_microbatches: int) -> List[Tensors]:
+    """Splits a tensor or tuple of tensors into ``num_microbatches`` along dim 0."""
+    if x is None:
+        return [None] * num_microbatches
+    parts = [t.chunk(num_microbatches, 0) for t in _as_tuple(x)]
+    for p, t in zip(parts, _as_tuple(x)):
+        if len(p) != num_microbatches or t.shape[0] % num_microbatches:
+            raise ValueError(f"pipeline: batch of {t.shape[0]} does not split into "
+                             f"{num_microbatches} equal micro-batches")
+    return [tuple(p[i] for p in parts) for i in range(num_microbatches)]
+
+
+class PipelineStage:
+    """One stage of a pipeline: a module plus its place in the pipeline group.
+
+    Args:
+        module: this stage's piece of the model. Its ``forward`` takes the previous
+            stage's output (a tensor or the tuple's elements as arguments) and returns
+            a tensor or tuple of tensors; the first stage takes the micro-batch input.
+        group: the pipeline group (default: world). Stage ``s`` is the rank with
+            group rank ``s``; its neighbours are group ranks ``s-1`` and ``s+1``.
+
+    Attributes ``forward_seconds`` / ``backward_seconds`` / ``comm_wait_seconds``
+    accumulate the time this rank spent computing and blocked in receives (reset with
+    :meth:`reset_stats`), which is what the bubble benchmark measures.
+    """
+
+    def __init__(self, module: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.module = module
+        self.group = group
+        self.stage_index = dist.get_rank(group)
+        self.num_stages = dist.get_world_size(group)
+        self.is_first = self.stage_index == 0
+        self.is_last = self.stage_index == self.num_stages - 1
+        glob = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.prev_rank = None if self.is_first else glob(self.stage_index - 1)
+        self.next_rank = None if self.is_last else glob(self.stage_index + 1)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.forward_seconds = 0.0
+        self.backward_seconds = 0.0
+        self.comm_wait_seconds = 0.0
+
+    def parameters(self):
+        return self.module.parameters()
+
+    # -- point to point -------------------------------------------------------------
+
+    def _recv(self, tensors: List[torch.Tensor], src: int) -> None:
+        t0 = time.perf_counter()
+        works = [dist.irecv(t, src=src, group=self.group) for t in tensors]
+        for w in works:
+            w.wait()
+        self.comm_wait_seconds += time.perf_counter() - t0
+
+    def _send(self, tensors: Sequence[torch.Tensor], dst: int, pending: list) -> None:
+        for t in tensors:
+            t = t.detach().contiguous()
+            # Completed at the end of the step; keep the buffer alive until then.
+            pending.append((dist.isend(t, dst=dst, group=self.group), t))
+
+
+class _Schedule:
+    """Shared machinery: the per-micro-batch forward/backward and the action loop."""
+
+    def __init__(self, stage: PipelineStage, num_microbatches: int,
+                 loss_fn: Optional[Callable] = None, scale_loss: bool = True) -> None:
+        if num_microbatches < 1:
+            raise ValueError("num_microbatches must be >= 1")
+        if stage.is_last and loss_fn is None:
+            raise ValueError("the last stage needs a loss_fn")
+        self.stage = stage
+        self.num_microbatches = num_microbatches
+        self.loss_fn = loss_fn
+        self.scale_loss = scale_loss
+
+    def actions(self) -> List[Tuple[str, int]]:
+        """This stage's ordered list of ``("F", i)`` / ``("B", i)``."""
+        raise NotImplementedError
+
+    def step(self, inputs=None, target=None) -> Optional[torch.Tensor]:
+        """Runs forward and backward of every micro-batch; gradients accumulate.
+
+        Args:
+            inputs: the batch (tensor or tuple), read on the first stage only.
+            target: the loss target for the batch, read on the last stage only.
+
+        Returns the (detached) batch loss on the last stage, ``None`` elsewhere.
+        """
+        st, m = self.stage, self.num_microbatches
+        if st.is_first and inputs is None:
+            raise ValueError("the first stage needs inputs")
+        if st.is_last and target is None:
+            raise ValueError("the last stage needs a target")
+        in_mbs = split_microbatches(inputs, m) if st.is_first else None
+        tgt_mbs = split_microbatches(target, m) if st.is_last else None
+        self._in_meta = None     # (dtype, shape) of what the previous stage sends
+        self._header_sent = False
+        pending: list = []       # outstanding sends
+        saved: dict = {}         # micro-batch -> (inputs, outputs or loss)
+        total_loss = None
+
+        for kind, i in self.actions():
+            if kind == "F":
+                x = in_mbs[i] if st.is_first else self._recv_activation()
+                t0 = time.perf_counter()
+                out = _as_tuple(st.module(*x))
+                if st.is_last:
+                    y = out[0] if len(out) == 1 else out
+                    t = tgt_mbs[i][0] if len(tgt_mbs[i]) == 1 else tgt_mbs[i]
+                    loss = self.loss_fn(y, t)
+                    if self.scale_loss:
+                        loss = loss / m
+                    total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+                    out = (loss,)
+                st.forward_seconds += time.perf_counter() - t0
+                if not st.is_last:
+                    if not self._header_sent:
+                        st._send([_encode_header(out)], st.next_rank, pending)
+                        self._header_sent = True
+                    st._send(out, st.next_rank, pending)
+                saved[i] = (x, out)
+            else:
+                x, out = saved.pop(i)
+                if st.is_last:
+                    grads = [None]
+                else:
+                    grads = [torch.empty_like(o) for o in out if o.is_floating_point()]
+                    st._recv(grads, st.next_rank)
+                t0 = time.perf_counter()
+                self._backward(out, grads)
+                st.backward_seconds += time.perf_counter() - t0
+                if not st.is_first:
+                    in_grads = [t.grad if t.grad is not None else torch.zeros_like(t)
+                                for t in x if t.is_floating_point()]
+                    st._send(in_grads, st.prev_rank, pending)
+
+        # Every send must complete before its buffer is freed or the next step starts.
+        for work, _ in pending:
+            work.wait()
+        return total_loss
+
+    def _recv_activation(self) -> Tensors:
+        st = self.stage
+        if self._in_meta is None:
+            header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+            st._recv([header], st.prev_rank)
+            self._in_meta = _decode_header(header)
+        xs = [torch.empty(shape, dtype=dtype) for dtype, shape in self._in_meta]
+        st._recv(xs, st.prev_rank)
+        return tuple(t.requires_grad_() if t.is_floating_point() else t for t in xs)
+
+    @staticmethod
+    def _backward(out: Tensors, grads: list) -> None:
+        if grads == [None]:  # the loss
+            out[0].backward()
+            return
+        floats = [o for o in out if o.is_floating_point()]
+        pairs = [(o, g) for o, g in zip(floats, grads) if o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+
+
+class ScheduleGPipe(_Schedule):
+    """GPipe: forward every micro-batch, then backward every micro-batch.
+
+    Args:
+        stage: this rank's :class:`PipelineStage`.
+        num_microbatches: ``m``; the batch's dim 0 must divide by it.
+        loss_fn: ``loss_fn(output, target)`` on the last stage (mean-reduced).
+        scale_loss: divide each micro-batch loss by ``m`` (full-batch equivalence).
+    """
+
+    def actions(self):
+        m = self.num_microbatches
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+
+
+class Schedule1F1B(_Schedule):
+    """1F1B (PipeDream-flush): warm-up forwards, one-forward-one-backward, drain.
+
+    Same arguments as :class:`ScheduleGPipe`. Stage ``s`` of ``p`` keeps at most
+    ``min(p - s, m)`` micro-batches of activations alive, instead of ``m``.
+    """
+
+    def actions(self):
+        m, p, s = self.num_microbatches, self.stage.num_stages, self.stage.stage_index
+        warmup = min(p - s - 1, m)
+        acts = [("F", i) for i in range(warmup)]
+        for i in range(m - warmup):
+            acts += [("F", warmup + i), ("B", i)]
+        acts += [("B", i) for i in range(m - warmup, m)]
+        return acts
