@@ -1,6 +1,610 @@
-// Placeholder: the c10d backend lands here.
+// The pycomm c10d backend: the only layer that knows about torch. It validates and
+// stages tensors, then hands raw buffers to the torch-free Group (engine/group.h),
+// whose communication thread runs the collective while Python gets a Work back.
+#include <pybind11/chrono.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
 #include <torch/extension.h>
 
+#include <chrono>
+#include <memory>
+
+#include "core/error.h"
+#include "engine/group.h"
+
 namespace pycomm {
-void initBackendBindings(pybind11::module_& m) {}
+
+namespace {
+
+// ---- store adapter ---------------------------------------------------------------------------
+
+class C10dStore : public Store {
+ public:
+  explicit C10dStore(c10::intrusive_ptr<c10d::Store> store) : store_(std::move(store)) {}
+  void set(const std::string& key, const std::vector<uint8_t>& value) override { store_->set(key, value); }
+  std::vector<uint8_t> get(const std::string& key, std::chrono::milliseconds timeout) override {
+    try {
+      store_->wait({key}, timeout);
+    } catch (const std::exception& e) {
+      throw TimeoutError(strCat("pycomm: timed out after ", timeout.count(),
+                                " ms waiting for the store key '", key, "' (", e.what(), ")"));
+    }
+    return store_->get(key);
+  }
+  int64_t add(const std::string& key, int64_t delta) override { return store_->add(key, delta); }
+
+ private:
+  c10::intrusive_ptr<c10d::Store> store_;
+};
+
+// ---- tensors -> core types -------------------------------------------------------------------
+
+DType toDType(at::ScalarType t, int rank) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kChar: return DType::kInt8;
+    case at::kByte: return DType::kUInt8;
+    case at::kInt: return DType::kInt32;
+    case at::kLong: return DType::kInt64;
+    case at::kBool: return DType::kBool;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "pycomm rank ", rank, ": unsupported dtype ", t,
+                   " (supported: float32, float64, float16, bfloat16, int8, uint8, int32, int64, bool)");
+}
+
+ReduceOp toReduceOp(const c10d::ReduceOp& op, DType dtype, int rank) {
+  ReduceOp r;
+  switch (op.op_) {
+    case c10d::ReduceOp::SUM: r = ReduceOp::kSum; break;
+    case c10d::ReduceOp::AVG: r = ReduceOp::kAvg; break;
+    case c10d::ReduceOp::PRODUCT: r = ReduceOp::kProduct; break;
+    case c10d::ReduceOp::MIN: r = ReduceOp::kMin; break;
+    case c10d::ReduceOp::MAX: r = ReduceOp::kMax; break;
+    case c10d::ReduceOp::BAND: r = ReduceOp::kBand; break;
+    case c10d::ReduceOp::BOR: r = ReduceOp::kBor; break;
+    case c10d::ReduceOp::BXOR: r = ReduceOp::kBxor; break;
+    default:
+      TORCH_CHECK_VALUE(false, "pycomm rank ", rank, ": unsupported reduce op (", static_cast<int>(op.op_),
+                        "); supported: SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR, BXOR");
+  }
+  TORCH_CHECK_VALUE(reduceOpSupported(dtype, r), "pycomm rank ", rank, ": reduce op ", reduceOpName(r),
+                    " is not supported for dtype ", dtypeName(dtype));
+  return r;
+}
+
+// A tensor as the core sees it: a contiguous CPU buffer. CUDA and non-contiguous
+// tensors are staged through a contiguous host copy and written back afterwards.
+struct Staged {
+  at::Tensor orig;
+  at::Tensor buf;
+  bool copyBack = false;
+  void* data() const { return buf.data_ptr(); }
+  size_t bytes() const { return buf.numel() * buf.element_size(); }
+  void finish() const {
+    if (copyBack) orig.copy_(buf);
+  }
+};
+
+void checkTensor(const at::Tensor& t, int rank, const char* what) {
+  TORCH_CHECK_VALUE(t.defined(), "pycomm rank ", rank, ": ", what, " is an undefined tensor");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "pycomm rank ", rank, ": ", what,
+                    " is a sparse tensor; pycomm supports dense (strided) tensors only");
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), "pycomm rank ", rank, ": ", what,
+                    " is on device ", t.device(), "; pycomm serves cpu and cuda tensors");
+  toDType(t.scalar_type(), rank);
+}
+
+Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what) {
+  checkTensor(t, rank, what);
+  Staged s;
+  s.orig = t;
+  if (t.device().is_cpu() && t.is_contiguous()) {
+    s.buf = t;
+  } else {
+    s.buf = t.to(at::kCPU).contiguous();
+    if (s.buf.data_ptr() == t.data_ptr()) s.buf = s.buf.clone();
+    s.copyBack = isOutput;
+  }
+  return s;
+}
+
+std::vector<c10::Device> cudaDevices(const std::vector<at::Tensor>& ts) {
+  std::vector<c10::Device> d;
+  for (const auto& t : ts) {
+    if (t.device().is_cuda() && std::find(d.begin(), d.end(), t.device()) == d.end()) d.push_back(t.device());
+  }
+  return d;
+}
+
+// ---- Work ------------------------------------------------------------------------------------
+
+class PycommWork : public c10d::Work {
+ public:
+  PycommWork(int rank, c10d::OpType type, const char* name, std::vector<at::Tensor> outputs,
+             std::shared_ptr<Completion> completion, uint64_t seq)
+      : c10d::Work(rank, type, name),
+        outputs_(std::move(outputs)),
+        completion_(std::move(completion)),
+        seq_(seq) {
+    future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()),
+                                                       cudaDevices(outputs_));
+    auto fut = future_;
+    auto outs = outputs_;
+    completion_->onFinish([fut, outs](std::exception_ptr err) {
+      if (err) {
+        fut->setError(err);
+      } else {
+        fut->markCompleted(c10::IValue(outs));
+      }
+    });
+  }
+
+  bool isCompleted() override { return completion_->finished(); }
+  bool isSuccess() const override { return completion_->finished() && !completion_->error(); }
+  std::exception_ptr exception() const override { return completion_->error(); }
+  std::vector<at::Tensor> result() override { return outputs_; }
+  uint64_t getSequencenumber() const override { return seq_; }
+
+  bool wait(std::chrono::milliseconds timeout) override {
+    const long ms = timeout == kNoTimeout ? -1 : static_cast<long>(timeout.count());
+    if (!completion_->waitFor(ms)) {
+      TORCH_CHECK(false, "pycomm: Work.wait timed out after ", timeout.count(), " ms");
+    }
+    if (auto err = completion_->error()) std::rethrow_exception(err);
+    return true;
+  }
+
+  void synchronize() override {}
+
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+
+ private:
+  std::vector<at::Tensor> outputs_;
+  std::shared_ptr<Completion> completion_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+  uint64_t seq_;
+};
+
+}  // namespace
+
+// ---- Backend ---------------------------------------------------------------------------------
+
+/// torch.distributed backend "pycomm": every collective runs on the group's
+/// communication thread; send/recv on their own threads.
+class PycommBackend : public c10d::Backend {
+ public:
+  PycommBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                std::chrono::milliseconds timeout)
+      : c10d::Backend(rank, size) {
+    C10dStore adapter(store);
+    group_ = std::make_unique<Group>(adapter, rank, size, timeout);
+  }
+
+  ~PycommBackend() override { group_.reset(); }
+
+  const std::string getBackendName() const override { return "pycomm"; }
+
+  /// Counters for pycomm.stats().
+  std::map<std::string, uint64_t> stats() const {
+    auto s = group_->stats();
+    s["rank"] = static_cast<uint64_t>(rank_);
+    s["world_size"] = static_cast<uint64_t>(size_);
+    return s;
+  }
+
+  /// "shm" or "tcp".
+  std::string transportName() const { return group_->transportName(); }
+
+  /// Fails all pending and future operations of the group, on every rank.
+  void abortGroup(const std::string& why) { group_->abort(why); }
+
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts) override {
+    std::vector<Staged> st;
+    for (auto& t : tensors) st.push_back(stage(t, true, rank_, "all_reduce tensor"));
+    auto ops = reduceArgs(st, opts.reduceOp);
+    return submit(c10d::OpType::ALLREDUCE, "pycomm:all_reduce", CollType::kAllReduce, tensors, st, -1,
+                  [st, ops](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    for (size_t i = 0; i < st.size(); ++i) {
+                      c.allReduce(st[i].data(), st[i].buf.numel(), ops[i].first, ops[i].second, d, dl);
+                    }
+                  });
+  }
+
+  c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
+                                                     const c10d::AllreduceCoalescedOptions& opts) override {
+    return allreduce(tensors, opts);
+  }
+
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
+                                           const c10d::BroadcastOptions& opts) override {
+    checkRoot(opts.rootRank, "broadcast");
+    std::vector<Staged> st;
+    for (auto& t : tensors) st.push_back(stage(t, true, rank_, "broadcast tensor"));
+    return submit(c10d::OpType::BROADCAST, "pycomm:broadcast", CollType::kBroadcast, tensors, st,
+                  static_cast<int>(opts.rootRank),
+                  [st, root = static_cast<int>(opts.rootRank)](Collectives& c, const OpDesc& d,
+                                                               const Deadline& dl) {
+                    for (auto& s : st) c.broadcast(s.data(), s.bytes(), root, d, dl);
+                  });
+  }
+
+  c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors,
+                                        const c10d::ReduceOptions& opts) override {
+    checkRoot(opts.rootRank, "reduce");
+    std::vector<Staged> st;
+    for (auto& t : tensors) st.push_back(stage(t, true, rank_, "reduce tensor"));
+    auto ops = reduceArgs(st, opts.reduceOp);
+    return submit(c10d::OpType::REDUCE, "pycomm:reduce", CollType::kReduce, tensors, st,
+                  static_cast<int>(opts.rootRank),
+                  [st, ops, root = static_cast<int>(opts.rootRank)](Collectives& c, const OpDesc& d,
+                                                                    const Deadline& dl) {
+                    for (size_t i = 0; i < st.size(); ++i) {
+                      c.reduce(st[i].data(), st[i].buf.numel(), ops[i].first, ops[i].second, root, d, dl);
+                    }
+                  });
+  }
+
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions&) override {
+    TORCH_CHECK_VALUE(inputs.size() == 1 && outputs.size() == 1, "pycomm rank ", rank_,
+                      ": all_gather takes one input tensor and one output list");
+    auto& outs = outputs[0];
+    TORCH_CHECK_VALUE(static_cast<int>(outs.size()) == size_, "pycomm rank ", rank_,
+                      ": all_gather output list has ", outs.size(), " tensors, the group has ", size_,
+                      " ranks");
+    for (auto& o : outs) checkSameShape(o, inputs[0], "all_gather output");
+    Staged in = stage(inputs[0], false, rank_, "all_gather input");
+    at::Tensor flat = at::empty({static_cast<int64_t>(size_) * inputs[0].numel()},
+                                inputs[0].options().device(at::kCPU));
+    std::vector<at::Tensor> outsCopy = outs;
+    return submit(c10d::OpType::ALLGATHER, "pycomm:all_gather", CollType::kAllGather, outs, {in}, -1,
+                  [in, flat, outsCopy](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.allGather(in.data(), flat.data_ptr(), in.bytes(), d, dl);
+                    auto parts = flat.chunk(static_cast<int64_t>(outsCopy.size()));
+                    for (size_t i = 0; i < outsCopy.size(); ++i) {
+                      outsCopy[i].copy_(parts[i].view(outsCopy[i].sizes()));
+                    }
+                  },
+                  inputs[0].numel());
+  }
+
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputLists,
+                                                     std::vector<at::Tensor>& inputs,
+                                                     const c10d::AllgatherOptions& opts) override {
+    TORCH_CHECK_VALUE(outputLists.size() == inputs.size(), "pycomm rank ", rank_,
+                      ": allgather_coalesced needs one output list per input");
+    c10::intrusive_ptr<c10d::Work> last;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      std::vector<std::vector<at::Tensor>> o{outputLists[i]};
+      std::vector<at::Tensor> in{inputs[i]};
+      last = allgather(o, in, opts);
+    }
+    return last ? last : barrier(c10d::BarrierOptions());
+  }
+
+  c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
+                                                 const c10d::AllgatherOptions&) override {
+    TORCH_CHECK_VALUE(output.numel() == input.numel() * size_, "pycomm rank ", rank_,
+                      ": all_gather_into_tensor output has ", output.numel(), " elements, expected ",
+                      input.numel() * size_, " (input ", input.numel(), " x ", size_, " ranks)");
+    checkSameDType(output, input, "all_gather_into_tensor");
+    Staged in = stage(input, false, rank_, "all_gather input");
+    Staged out = stage(output, true, rank_, "all_gather output");
+    std::vector<at::Tensor> outs{output};
+    return submit(c10d::OpType::_ALLGATHER_BASE, "pycomm:all_gather_into_tensor", CollType::kAllGather,
+                  outs, {in, out}, -1,
+                  [in, out](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.allGather(in.data(), out.data(), in.bytes(), d, dl);
+                  },
+                  input.numel(), {out});
+  }
+
+  c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                 std::vector<at::Tensor>& inputs,
+                                                                 const c10d::AllgatherOptions& opts) override {
+    TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "pycomm rank ", rank_,
+                      ": coalesced all_gather needs as many outputs as inputs");
+    c10::intrusive_ptr<c10d::Work> last;
+    for (size_t i = 0; i < inputs.size(); ++i) last = _allgather_base(outputs[i], inputs[i], opts);
+    return last ? last : barrier(c10d::BarrierOptions());
+  }
+
+  c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                        std::vector<at::Tensor>& inputs,
+                                        const c10d::GatherOptions& opts) override {
+    checkRoot(opts.rootRank, "gather");
+    TORCH_CHECK_VALUE(inputs.size() == 1, "pycomm rank ", rank_, ": gather takes one input tensor");
+    const int root = static_cast<int>(opts.rootRank);
+    std::vector<at::Tensor> outs;
+    if (rank_ == root) {
+      TORCH_CHECK_VALUE(outputs.size() == 1 && static_cast<int>(outputs[0].size()) == size_, "pycomm rank ",
+                        rank_, ": gather on the root needs a list of ", size_, " output tensors");
+      outs = outputs[0];
+      for (auto& o : outs) checkSameShape(o, inputs[0], "gather output");
+    } else {
+      TORCH_CHECK_VALUE(outputs.empty() || outputs[0].empty(), "pycomm rank ", rank_,
+                        ": gather output list must be empty on non-root ranks");
+    }
+    Staged in = stage(inputs[0], false, rank_, "gather input");
+    at::Tensor flat = rank_ == root ? at::empty({static_cast<int64_t>(size_) * inputs[0].numel()},
+                                                inputs[0].options().device(at::kCPU))
+                                    : at::Tensor();
+    return submit(c10d::OpType::GATHER, "pycomm:gather", CollType::kGather, outs, {in}, root,
+                  [in, flat, outs, root](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.gather(in.data(), flat.defined() ? flat.data_ptr() : nullptr, in.bytes(), root, d, dl);
+                    if (flat.defined()) {
+                      auto parts = flat.chunk(static_cast<int64_t>(outs.size()));
+                      for (size_t i = 0; i < outs.size(); ++i) outs[i].copy_(parts[i].view(outs[i].sizes()));
+                    }
+                  },
+                  inputs[0].numel());
+  }
+
+  c10::intrusive_ptr<c10d::Work> scatter(std::vector<at::Tensor>& outputs,
+                                         std::vector<std::vector<at::Tensor>>& inputs,
+                                         const c10d::ScatterOptions& opts) override {
+    checkRoot(opts.rootRank, "scatter");
+    TORCH_CHECK_VALUE(outputs.size() == 1, "pycomm rank ", rank_, ": scatter takes one output tensor");
+    const int root = static_cast<int>(opts.rootRank);
+    at::Tensor flat;
+    if (rank_ == root) {
+      TORCH_CHECK_VALUE(inputs.size() == 1 && static_cast<int>(inputs[0].size()) == size_, "pycomm rank ",
+                        rank_, ": scatter on the root needs a list of ", size_, " input tensors");
+      for (auto& i : inputs[0]) checkSameShape(i, outputs[0], "scatter input");
+      std::vector<at::Tensor> flatParts;
+      for (auto& i : inputs[0]) flatParts.push_back(i.to(at::kCPU).reshape({-1}));
+      flat = at::cat(flatParts);
+    } else {
+      TORCH_CHECK_VALUE(inputs.empty() || inputs[0].empty(), "pycomm rank ", rank_,
+                        ": scatter input list must be empty on non-root ranks");
+    }
+    Staged out = stage(outputs[0], true, rank_, "scatter output");
+    return submit(c10d::OpType::SCATTER, "pycomm:scatter", CollType::kScatter, outputs, {out}, root,
+                  [out, flat, root](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.scatter(flat.defined() ? flat.data_ptr() : nullptr, out.data(), out.bytes(), root, d, dl);
+                  },
+                  outputs[0].numel(), {out});
+  }
+
+  c10::intrusive_ptr<c10d::Work> reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                std::vector<std::vector<at::Tensor>>& inputs,
+                                                const c10d::ReduceScatterOptions& opts) override {
+    TORCH_CHECK_VALUE(outputs.size() == 1 && inputs.size() == 1, "pycomm rank ", rank_,
+                      ": reduce_scatter takes one output tensor and one input list");
+    TORCH_CHECK_VALUE(static_cast<int>(inputs[0].size()) == size_, "pycomm rank ", rank_,
+                      ": reduce_scatter input list has ", inputs[0].size(), " tensors, the group has ",
+                      size_, " ranks");
+    for (auto& i : inputs[0]) checkSameShape(i, outputs[0], "reduce_scatter input");
+    std::vector<at::Tensor> parts;
+    for (auto& i : inputs[0]) parts.push_back(i.to(at::kCPU).reshape({-1}));
+    at::Tensor flat = at::cat(parts);
+    return _reduce_scatter_base(outputs[0], flat, opts);
+  }
+
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(at::Tensor& output, at::Tensor& input,
+                                                      const c10d::ReduceScatterOptions& opts) override {
+    TORCH_CHECK_VALUE(input.numel() == output.numel() * size_, "pycomm rank ", rank_,
+                      ": reduce_scatter input has ", input.numel(), " elements, expected ",
+                      output.numel() * size_, " (output ", output.numel(), " x ", size_, " ranks)");
+    checkSameDType(output, input, "reduce_scatter");
+    Staged in = stage(input, false, rank_, "reduce_scatter input");
+    Staged out = stage(output, true, rank_, "reduce_scatter output");
+    if (out.buf.data_ptr() == in.buf.data_ptr() && out.bytes() > 0) out.buf = out.buf.clone(), out.copyBack = true;
+    auto ops = reduceArgs({out}, opts.reduceOp);
+    std::vector<at::Tensor> outs{output};
+    return submit(c10d::OpType::_REDUCE_SCATTER_BASE, "pycomm:reduce_scatter", CollType::kReduceScatter,
+                  outs, {in, out}, -1,
+                  [in, out, ops](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.reduceScatter(in.data(), out.data(), out.buf.numel(), ops[0].first, ops[0].second, d, dl);
+                  },
+                  output.numel(), {out}, ops[0].second);
+  }
+
+  c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                 std::vector<at::Tensor>& inputs,
+                                                                 const c10d::ReduceScatterOptions& opts) override {
+    TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "pycomm rank ", rank_,
+                      ": coalesced reduce_scatter needs as many outputs as inputs");
+    c10::intrusive_ptr<c10d::Work> last;
+    for (size_t i = 0; i < inputs.size(); ++i) last = _reduce_scatter_base(outputs[i], inputs[i], opts);
+    return last ? last : barrier(c10d::BarrierOptions());
+  }
+
+  c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
+                                               std::vector<int64_t>& outputSplits,
+                                               std::vector<int64_t>& inputSplits,
+                                               const c10d::AllToAllOptions&) override {
+    checkSameDType(output, input, "all_to_all_single");
+    const bool equal = outputSplits.empty() && inputSplits.empty();
+    auto splits = [&](const at::Tensor& t, const std::vector<int64_t>& sp, const char* which) {
+      std::vector<size_t> sizes(size_), offsets(size_);
+      const int64_t rows = t.dim() > 0 ? t.size(0) : 0;
+      const size_t rowBytes = rows > 0 ? t.numel() / rows * t.element_size() : 0;
+      if (sp.empty()) {
+        TORCH_CHECK_VALUE(rows % size_ == 0, "pycomm rank ", rank_, ": all_to_all_single ", which,
+                          " dim 0 (", rows, ") is not divisible by the group size ", size_);
+        for (int p = 0; p < size_; ++p) sizes[p] = rows / size_ * rowBytes;
+      } else {
+        TORCH_CHECK_VALUE(static_cast<int>(sp.size()) == size_, "pycomm rank ", rank_, ": all_to_all_single ",
+                          which, " split sizes have ", sp.size(), " entries, the group has ", size_, " ranks");
+        int64_t total = 0;
+        for (int p = 0; p < size_; ++p) {
+          TORCH_CHECK_VALUE(sp[p] >= 0, "pycomm rank ", rank_, ": negative split size");
+          sizes[p] = static_cast<size_t>(sp[p]) * rowBytes;
+          total += sp[p];
+        }
+        TORCH_CHECK_VALUE(total == rows, "pycomm rank ", rank_, ": all_to_all_single ", which,
+                          " split sizes sum to ", total, " but dim 0 is ", rows);
+      }
+      size_t off = 0;
+      for (int p = 0; p < size_; ++p) {
+        offsets[p] = off;
+        off += sizes[p];
+      }
+      return std::make_pair(offsets, sizes);
+    };
+    auto [sendOff, sendBytes] = splits(input, inputSplits, "input");
+    auto [recvOff, recvBytes] = splits(output, outputSplits, "output");
+    Staged in = stage(input, false, rank_, "all_to_all input");
+    Staged out = stage(output, true, rank_, "all_to_all output");
+    std::vector<at::Tensor> outs{output};
+    return submit(c10d::OpType::ALLTOALL_BASE, "pycomm:all_to_all_single", CollType::kAllToAll, outs,
+                  {in, out}, -1,
+                  [in, out, sendOff, sendBytes, recvOff, recvBytes](Collectives& c, const OpDesc& d,
+                                                                    const Deadline& dl) {
+                    c.allToAll(in.data(), sendOff, sendBytes, out.data(), recvOff, recvBytes, d, dl);
+                  },
+                  equal ? input.numel() : 0, {out});
+  }
+
+  c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+                                          const c10d::AllToAllOptions&) override {
+    TORCH_CHECK_VALUE(static_cast<int>(outputs.size()) == size_ && static_cast<int>(inputs.size()) == size_,
+                      "pycomm rank ", rank_, ": all_to_all needs ", size_, " input and output tensors");
+    std::vector<size_t> sendOff(size_), sendBytes(size_), recvOff(size_), recvBytes(size_);
+    std::vector<at::Tensor> inParts, outParts;
+    size_t so = 0, ro = 0;
+    for (int p = 0; p < size_; ++p) {
+      checkTensor(inputs[p], rank_, "all_to_all input");
+      checkTensor(outputs[p], rank_, "all_to_all output");
+      checkSameDType(outputs[p], inputs[p], "all_to_all");
+      inParts.push_back(inputs[p].to(at::kCPU).reshape({-1}));
+      sendOff[p] = so;
+      sendBytes[p] = inputs[p].numel() * inputs[p].element_size();
+      so += sendBytes[p];
+      recvOff[p] = ro;
+      recvBytes[p] = outputs[p].numel() * outputs[p].element_size();
+      ro += recvBytes[p];
+    }
+    at::Tensor inFlat = at::cat(inParts);
+    at::Tensor outFlat = at::empty({static_cast<int64_t>(ro / std::max<size_t>(1, outputs[0].element_size()))},
+                                   outputs[0].options().device(at::kCPU));
+    std::vector<at::Tensor> outs = outputs;
+    Staged in{inFlat, inFlat, false};
+    return submit(c10d::OpType::ALLTOALL, "pycomm:all_to_all", CollType::kAllToAll, outs, {in}, -1,
+                  [inFlat, outFlat, outs, sendOff, sendBytes, recvOff, recvBytes](
+                      Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.allToAll(inFlat.data_ptr(), sendOff, sendBytes, outFlat.data_ptr(), recvOff, recvBytes, d,
+                               dl);
+                    int64_t off = 0;
+                    for (auto& o : outs) {
+                      o.copy_(outFlat.narrow(0, off, o.numel()).view(o.sizes()));
+                      off += o.numel();
+                    }
+                  },
+                  0);
+  }
+
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions&) override {
+    return submit(c10d::OpType::BARRIER, "pycomm:barrier", CollType::kBarrier, {}, {}, -1,
+                  [](Collectives& c, const OpDesc& d, const Deadline& dl) { c.barrier(d, dl); });
+  }
+
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dstRank, int tag) override {
+    TORCH_CHECK_VALUE(tensors.size() == 1, "pycomm rank ", rank_, ": send takes one tensor");
+    TORCH_CHECK_VALUE(dstRank >= 0 && dstRank < size_ && dstRank != rank_, "pycomm rank ", rank_,
+                      ": send to invalid rank ", dstRank, " (group size ", size_, ")");
+    Staged s = stage(tensors[0], false, rank_, "send tensor");
+    auto c = group_->submitSend(dstRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {});
+    return c10::make_intrusive<PycommWork>(rank_, c10d::OpType::SEND, "pycomm:send", tensors, c, 0);
+  }
+
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) override {
+    TORCH_CHECK_VALUE(tensors.size() == 1, "pycomm rank ", rank_, ": recv takes one tensor");
+    TORCH_CHECK_VALUE(srcRank >= 0 && srcRank < size_ && srcRank != rank_, "pycomm rank ", rank_,
+                      ": recv from invalid rank ", srcRank, " (group size ", size_, ")");
+    Staged s = stage(tensors[0], true, rank_, "recv tensor");
+    auto c = group_->submitRecv(srcRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {});
+    if (s.copyBack) c->onFinish([s](std::exception_ptr e) { if (!e) s.finish(); });
+    auto w = c10::make_intrusive<PycommWork>(rank_, c10d::OpType::RECV, "pycomm:recv", tensors, c, 0);
+    return w;
+  }
+
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>&, int) override {
+    TORCH_CHECK(false, "pycomm rank ", rank_, ": recv from any source is not supported; name the source rank");
+  }
+
+ private:
+  using CollFn = std::function<void(Collectives&, const OpDesc&, const Deadline&)>;
+
+  std::vector<std::pair<DType, ReduceOp>> reduceArgs(const std::vector<Staged>& st, const c10d::ReduceOp& op) {
+    std::vector<std::pair<DType, ReduceOp>> r;
+    for (auto& s : st) {
+      DType dt = toDType(s.buf.scalar_type(), rank_);
+      r.emplace_back(dt, toReduceOp(op, dt, rank_));
+    }
+    return r;
+  }
+
+  void checkRoot(int64_t root, const char* what) {
+    TORCH_CHECK_VALUE(root >= 0 && root < size_, "pycomm rank ", rank_, ": ", what, " root ", root,
+                      " is out of range for a group of ", size_, " ranks");
+  }
+
+  void checkSameShape(const at::Tensor& a, const at::Tensor& b, const char* what) {
+    checkTensor(a, rank_, what);
+    TORCH_CHECK_VALUE(a.numel() == b.numel(), "pycomm rank ", rank_, ": ", what, " has ", a.numel(),
+                      " elements, expected ", b.numel());
+    checkSameDType(a, b, what);
+  }
+
+  void checkSameDType(const at::Tensor& a, const at::Tensor& b, const char* what) {
+    TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "pycomm rank ", rank_, ": ", what, " mixes dtypes ",
+                     a.scalar_type(), " and ", b.scalar_type());
+  }
+
+  // Queues `fn`; staged outputs in `copyBack` (default: all of `staged`) are written
+  // back to their original tensors on the communication thread after the collective.
+  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, const char* name, CollType coll,
+                                        std::vector<at::Tensor> outputs, std::vector<Staged> staged, int root,
+                                        CollFn fn, int64_t count = -1, std::vector<Staged> copyBack = {},
+                                        ReduceOp op = ReduceOp::kSum) {
+    OpDesc desc;
+    desc.seq = group_->nextSeq();
+    desc.coll = coll;
+    desc.root = root;
+    if (!staged.empty()) {
+      desc.dtype = toDType(staged[0].buf.scalar_type(), rank_);
+      desc.count = count >= 0 ? static_cast<uint64_t>(count) : static_cast<uint64_t>(staged[0].buf.numel());
+    }
+    (void)op;
+    if (copyBack.empty()) copyBack = staged;
+    auto c = group_->submitCollective(
+        [fn = std::move(fn), desc, copyBack = std::move(copyBack), staged](Collectives& cs, const Deadline& dl) {
+          fn(cs, desc, dl);
+          for (auto& s : copyBack) s.finish();
+        });
+    return c10::make_intrusive<PycommWork>(rank_, type, name, std::move(outputs), c, desc.seq);
+  }
+
+  std::unique_ptr<Group> group_;
+};
+
+void initBackendBindings(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<PycommBackend, c10d::Backend, c10::intrusive_ptr<PycommBackend>>(m, "PycommBackend")
+      .def("stats", &PycommBackend::stats, "Counters: collectives run, bytes sent/received")
+      .def("transport", &PycommBackend::transportName, "Transport in use: 'shm' or 'tcp'")
+      .def("abort_group", &PycommBackend::abortGroup, py::arg("why"),
+           "Fails every pending and future operation of the group on every rank");
+  m.def(
+      "create_backend",
+      [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+         const std::chrono::duration<float>& timeout) {
+        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout);
+        py::gil_scoped_release release;
+        return c10::make_intrusive<PycommBackend>(store, rank, size, ms);
+      },
+      py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("timeout"),
+      "Creates the pycomm c10d backend (torch.distributed calls this through the registered creator)");
+}
+
 }  // namespace pycomm

@@ -103,6 +103,9 @@ class Transport {
   /// rank of the group raises PeerError carrying `why` (best effort for remote ranks).
   virtual void abort(const std::string& why) = 0;
 
+  /// Payload bytes this rank has sent (for shm: bytes its peers copied out of it).
+  virtual uint64_t bytesSent() const { return stats_.bytesSent.load(); }
+
   /// Counters of what went over this transport.
   const TransportStats& stats() const { return stats_; }
 

@@ -1,0 +1,464 @@
+#include "algorithms/collectives.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/env.h"
+#include "core/error.h"
+#include "kernels/reduce.h"
+#include "transport/shm.h"
+
+namespace pycomm {
+
+namespace {
+
+// Start of block c when `count` elements are split as evenly as possible over n blocks.
+inline size_t blockBegin(size_t count, int n, int c) {
+  return static_cast<size_t>((static_cast<unsigned __int128>(count) * c) / n);
+}
+
+inline int mod(int a, int n) { return ((a % n) + n) % n; }
+
+// Cross-memory reads are done in pieces small enough to stay in cache while they
+// are reduced into the destination.
+constexpr size_t kPieceBytes = 128 * 1024;
+
+}  // namespace
+
+AlgoConfig AlgoConfig::fromEnv() {
+  AlgoConfig c;
+  c.smallBytes = static_cast<size_t>(envInt("PYCOMM_ALLREDUCE_SMALL_BYTES", static_cast<int64_t>(c.smallBytes)));
+  c.segmentBytes = static_cast<size_t>(
+      std::max<int64_t>(4096, envInt("PYCOMM_RING_SEGMENT_BYTES", static_cast<int64_t>(c.segmentBytes))));
+  c.algo = envStr("PYCOMM_ALGO", "auto");
+  PYCOMM_CHECK_ARG(c.algo == "auto" || c.algo == "ring" || c.algo == "direct" || c.algo == "oneshot" ||
+                       c.algo == "rd",
+                   "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd (got '", c.algo, "')");
+  return c;
+}
+
+Collectives::Collectives(Transport& transport, AlgoConfig config)
+    : transport_(transport),
+      shm_(dynamic_cast<ShmTransport*>(&transport)),
+      config_(std::move(config)),
+      rank_(transport.rank()),
+      size_(transport.size()) {
+  if (shm_ && config_.smallBytes > kShmInlineBytes) config_.smallBytes = kShmInlineBytes;
+}
+
+char* Collectives::scratch(size_t bytes) {
+  if (scratch_.size() < bytes) scratch_.resize(std::max(bytes, scratch_.size() * 2));
+  return scratch_.data();
+}
+
+// ---------------------------------------------------------------------------------------------
+// all_reduce
+
+void Collectives::allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                            const Deadline& deadline) {
+  checkReduceOp(dtype, op);
+  if (size_ == 1) {
+    if (op == ReduceOp::kAvg) finalizeAvg(buf, count, dtype, 1);
+    return;
+  }
+  const size_t bytes = count * dtypeSize(dtype);
+  const std::string& a = config_.algo;
+  if (shm_) {
+    if (a == "oneshot" || (a == "auto" && bytes <= config_.smallBytes)) {
+      PYCOMM_CHECK_ARG(bytes <= kShmInlineBytes, "PYCOMM_ALGO=oneshot supports at most ",
+                       kShmInlineBytes, " bytes, got ", bytes);
+      return shmOneShotAllReduce(buf, count, dtype, op, desc, deadline);
+    }
+    if (a == "auto" || a == "direct") return shmDirectAllReduce(buf, count, dtype, op, desc, deadline);
+  }
+  // Blocks smaller than one element per rank go to recursive doubling: the ring would
+  // leave some ranks with nothing to send.
+  if (a == "rd" || (a != "ring" && bytes <= config_.smallBytes) || count < static_cast<size_t>(size_)) {
+    return recursiveDoublingAllReduce(buf, count, dtype, op, desc, deadline);
+  }
+  ringAllReduce(buf, count, dtype, op, desc, deadline);
+}
+
+void Collectives::ringAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
+                                const OpDesc& desc, const Deadline& deadline) {
+  const int n = size_;
+  const size_t es = dtypeSize(dtype);
+  char* b = static_cast<char*>(buf);
+  const int next = mod(rank_ + 1, n);
+  const int prev = mod(rank_ - 1, n);
+  auto lo = [&](int c) { return blockBegin(count, n, c); };
+  auto len = [&](int c) { return lo(c + 1) - lo(c); };
+  const size_t maxChunk = (count + n - 1) / n;
+  const size_t segElems = std::max<size_t>(1, config_.segmentBytes / es);
+  // Every rank derives the same number of segments per step from the largest block,
+  // so messages pair up even when blocks differ by one element.
+  const size_t nseg = std::max<size_t>(1, (maxChunk + segElems - 1) / segElems);
+  char* tmp = scratch(std::min(maxChunk, segElems) * es);
+  auto segment = [&](int c, size_t j, size_t* off, size_t* n_) {
+    size_t l = len(c);
+    size_t o = std::min(j * segElems, l);
+    *off = lo(c) + o;
+    *n_ = std::min(segElems, l - o);
+  };
+  // Reduce-scatter: after n-1 steps rank r holds the full reduction of block r+1.
+  for (int s = 0; s < n - 1; ++s) {
+    const int sc = mod(rank_ - s, n);
+    const int rc = mod(rank_ - s - 1, n);
+    for (size_t j = 0; j < nseg; ++j) {
+      size_t so, sl, ro, rl;
+      segment(sc, j, &so, &sl);
+      segment(rc, j, &ro, &rl);
+      transport_.sendRecv(next, b + so * es, sl * es, prev, tmp, rl * es, desc, deadline);
+      reduceInto(b + ro * es, tmp, rl, dtype, op);
+    }
+  }
+  const int own = mod(rank_ + 1, n);
+  if (op == ReduceOp::kAvg) finalizeAvg(b + lo(own) * es, len(own), dtype, n);
+  // All-gather: each block travels once around the ring from its owner, so every
+  // rank ends with the owner's bits.
+  for (int s = 0; s < n - 1; ++s) {
+    const int sc = mod(rank_ + 1 - s, n);
+    const int rc = mod(rank_ - s, n);
+    for (size_t j = 0; j < nseg; ++j) {
+      size_t so, sl, ro, rl;
+      segment(sc, j, &so, &sl);
+      segment(rc, j, &ro, &rl);
+      transport_.sendRecv(next, b + so * es, sl * es, prev, b + ro * es, rl * es, desc, deadline);
+    }
+  }
+}
+
+void Collectives::recursiveDoublingAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
+                                             const OpDesc& desc, const Deadline& deadline) {
+  const int n = size_;
+  const size_t bytes = count * dtypeSize(dtype);
+  char* b = static_cast<char*>(buf);
+  int p2 = 1;
+  while (p2 * 2 <= n) p2 *= 2;
+  const int rem = n - p2;
+  char* tmp = scratch(bytes);
+  if (rank_ >= p2) {
+    // Extra ranks hand their data to a partner and get the final result back.
+    transport_.send(rank_ - p2, b, bytes, desc, deadline);
+    transport_.recv(rank_ - p2, b, bytes, desc, deadline);
+    return;
+  }
+  if (rank_ < rem) {
+    transport_.recv(rank_ + p2, tmp, bytes, desc, deadline);
+    reduce3(b, b, tmp, count, dtype, op);
+  }
+  for (int mask = 1; mask < p2; mask <<= 1) {
+    const int partner = rank_ ^ mask;
+    transport_.sendRecv(partner, b, bytes, partner, tmp, bytes, desc, deadline);
+    // Combine lower rank's partial first on both sides: the pair computes identical bits.
+    if (rank_ < partner) {
+      reduce3(b, b, tmp, count, dtype, op);
+    } else {
+      reduce3(b, tmp, b, count, dtype, op);
+    }
+  }
+  if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, n);
+  if (rank_ < rem) transport_.send(rank_ + p2, b, bytes, desc, deadline);
+}
+
+void Collectives::shmOneShotAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
+                                      const OpDesc& desc, const Deadline& deadline) {
+  const size_t bytes = count * dtypeSize(dtype);
+  const uint64_t d = shm_->post(desc, buf, bytes, bytes);
+  std::vector<const void*> src(size_);
+  for (int p = 0; p < size_; ++p) {
+    src[p] = p == rank_ ? buf : shm_->peerRecord(p, d, desc, bytes, deadline).inlineData;
+  }
+  // Every rank reduces the same inputs in the same (rank) order: identical bits.
+  char* acc = scratch(bytes);
+  reduce3(acc, src[0], src[1], count, dtype, op);
+  for (int p = 2; p < size_; ++p) reduceInto(acc, src[p], count, dtype, op);
+  if (op == ReduceOp::kAvg) finalizeAvg(acc, count, dtype, size_);
+  if (bytes) memcpy(buf, acc, bytes);
+}
+
+void Collectives::shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
+                                     const OpDesc& desc, const Deadline& deadline) {
+  const int n = size_;
+  const size_t es = dtypeSize(dtype);
+  const size_t bytes = count * es;
+  char* b = static_cast<char*>(buf);
+  const uint64_t d = shm_->post(desc, buf, bytes, 0);
+  std::vector<uint64_t> addr(n, 0);
+  for (int p = 0; p < n; ++p) {
+    if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, bytes, deadline).addr;
+  }
+  // Reduce-scatter: this rank alone reduces block `rank_`, reading each peer's block
+  // straight from the peer's buffer (one copy, in cache-sized pieces).
+  const size_t lo = blockBegin(count, n, rank_);
+  const size_t hi = blockBegin(count, n, rank_ + 1);
+  const size_t piece = std::max<size_t>(1, kPieceBytes / es);
+  char* tmp = scratch(piece * es);
+  for (size_t off = lo; off < hi; off += piece) {
+    const size_t len = std::min(piece, hi - off);
+    for (int p = 0; p < n; ++p) {
+      if (p == rank_) continue;
+      shm_->readPeer(p, addr[p] + off * es, tmp, len * es);
+      reduceInto(b + off * es, tmp, len, dtype, op);
+    }
+  }
+  if (op == ReduceOp::kAvg) finalizeAvg(b + lo * es, hi - lo, dtype, n);
+  // Every block is final before anyone copies it.
+  shm_->barrier(desc, deadline);
+  // All-gather: copy each peer's finished block out of the peer's buffer.
+  for (int p = 0; p < n; ++p) {
+    if (p == rank_) continue;
+    const size_t plo = blockBegin(count, n, p);
+    const size_t phi = blockBegin(count, n, p + 1);
+    if (phi > plo) shm_->readPeer(p, addr[p] + plo * es, b + plo * es, (phi - plo) * es);
+  }
+  // Nobody may touch its buffer again until every peer has finished reading it.
+  shm_->barrier(desc, deadline);
+}
+
+// ---------------------------------------------------------------------------------------------
+// reduce_scatter / all_gather
+
+void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, DType dtype,
+                                ReduceOp op, const OpDesc& desc, const Deadline& deadline) {
+  checkReduceOp(dtype, op);
+  const int n = size_;
+  const size_t es = dtypeSize(dtype);
+  const size_t blockBytes = countPerRank * es;
+  const char* src = static_cast<const char*>(in);
+  char* o = static_cast<char*>(out);
+  if (blockBytes) memmove(o, src + rank_ * blockBytes, blockBytes);
+  if (n == 1) {
+    if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, 1);
+    return;
+  }
+  if (shm_ && config_.algo != "ring") {
+    const uint64_t d = shm_->post(desc, in, blockBytes * n, 0);
+    std::vector<uint64_t> addr(n, 0);
+    for (int p = 0; p < n; ++p) {
+      if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, blockBytes * n, deadline).addr;
+    }
+    const size_t piece = std::max<size_t>(1, kPieceBytes / es);
+    char* tmp = scratch(piece * es);
+    for (size_t off = 0; off < countPerRank; off += piece) {
+      const size_t len = std::min(piece, countPerRank - off);
+      for (int p = 0; p < n; ++p) {
+        if (p == rank_) continue;
+        shm_->readPeer(p, addr[p] + rank_ * blockBytes + off * es, tmp, len * es);
+        reduceInto(o + off * es, tmp, len, dtype, op);
+      }
+    }
+    if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
+    shm_->barrier(desc, deadline);  // peers are done reading our input
+    return;
+  }
+  // Ring: the partial for block c starts at rank c+1 and ends, complete, at rank c.
+  const int next = mod(rank_ + 1, n);
+  const int prev = mod(rank_ - 1, n);
+  const size_t segElems = std::max<size_t>(1, config_.segmentBytes / es);
+  const size_t nseg = std::max<size_t>(1, (countPerRank + segElems - 1) / segElems);
+  // acc holds the running partial we forward; tmp receives the previous rank's.
+  char* acc = scratch(2 * std::max<size_t>(blockBytes, 1));
+  char* tmp = acc + std::max<size_t>(blockBytes, 1);
+  int c = mod(rank_ - 1, n);  // block whose partial this rank starts
+  if (blockBytes) memcpy(acc, src + c * blockBytes, blockBytes);
+  for (int s = 0; s < n - 1; ++s) {
+    c = mod(c - 1, n);  // block received this step
+    for (size_t j = 0; j < nseg; ++j) {
+      const size_t off = std::min(j * segElems, countPerRank);
+      const size_t len = std::min(segElems, countPerRank - off);
+      transport_.sendRecv(next, acc + off * es, len * es, prev, tmp + off * es, len * es, desc, deadline);
+    }
+    // tmp = partial of block c from prev; add our own contribution to it.
+    reduce3(acc, tmp, src + c * blockBytes, countPerRank, dtype, op);
+  }
+  // After n-1 steps c == rank_: acc is the full reduction of our block.
+  if (blockBytes) memcpy(o, acc, blockBytes);
+  if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
+}
+
+void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc,
+                            const Deadline& deadline) {
+  const int n = size_;
+  char* o = static_cast<char*>(out);
+  if (bytesPerRank && o + rank_ * bytesPerRank != in) memmove(o + rank_ * bytesPerRank, in, bytesPerRank);
+  if (n == 1) return;
+  if (shm_ && config_.algo != "ring") {
+    const uint64_t d = shm_->post(desc, in, bytesPerRank, 0);
+    std::vector<uint64_t> addr(n, 0);
+    for (int p = 0; p < n; ++p) {
+      if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, bytesPerRank, deadline).addr;
+    }
+    for (int p = 0; p < n; ++p) {
+      if (p != rank_ && bytesPerRank) shm_->readPeer(p, addr[p], o + p * bytesPerRank, bytesPerRank);
+    }
+    shm_->barrier(desc, deadline);  // peers are done reading our input
+    return;
+  }
+  const int next = mod(rank_ + 1, n);
+  const int prev = mod(rank_ - 1, n);
+  const size_t seg = std::max<size_t>(1, config_.segmentBytes);
+  const size_t nseg = std::max<size_t>(1, (bytesPerRank + seg - 1) / seg);
+  for (int s = 0; s < n - 1; ++s) {
+    const int sc = mod(rank_ - s, n);
+    const int rc = mod(rank_ - s - 1, n);
+    for (size_t j = 0; j < nseg; ++j) {
+      const size_t off = std::min(j * seg, bytesPerRank);
+      const size_t len = std::min(seg, bytesPerRank - off);
+      transport_.sendRecv(next, o + sc * bytesPerRank + off, len, prev, o + rc * bytesPerRank + off, len,
+                          desc, deadline);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rooted collectives
+
+void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& desc,
+                            const Deadline& deadline) {
+  const int n = size_;
+  PYCOMM_CHECK_ARG(root >= 0 && root < n, "broadcast root ", root, " is out of range for group size ", n);
+  if (n == 1) return;
+  char* b = static_cast<char*>(buf);
+  if (shm_ && config_.algo != "ring") {
+    const uint64_t d = shm_->post(desc, buf, bytes, 0);
+    if (rank_ != root) {
+      auto rec = shm_->peerRecord(root, d, desc, bytes, deadline);
+      if (bytes) shm_->readPeer(root, rec.addr, b, bytes);
+    }
+    shm_->barrier(desc, deadline);  // root's buffer is read by everyone before it returns
+    return;
+  }
+  // Pipelined chain root -> root+1 -> ... : segment j+1 arrives while segment j moves on.
+  const int vr = mod(rank_ - root, n);
+  const int prev = mod(rank_ - 1, n);
+  const int next = mod(rank_ + 1, n);
+  const size_t seg = std::max<size_t>(1, config_.segmentBytes);
+  const size_t nseg = std::max<size_t>(1, (bytes + seg - 1) / seg);
+  auto segPtr = [&](size_t j) { return b + std::min(j * seg, bytes); };
+  auto segLen = [&](size_t j) { return std::min(seg, bytes - std::min(j * seg, bytes)); };
+  if (vr == 0) {
+    for (size_t j = 0; j < nseg; ++j) transport_.send(next, segPtr(j), segLen(j), desc, deadline);
+  } else if (vr == n - 1) {
+    for (size_t j = 0; j < nseg; ++j) transport_.recv(prev, segPtr(j), segLen(j), desc, deadline);
+  } else {
+    transport_.recv(prev, segPtr(0), segLen(0), desc, deadline);
+    for (size_t j = 1; j < nseg; ++j) {
+      transport_.sendRecv(next, segPtr(j - 1), segLen(j - 1), prev, segPtr(j), segLen(j), desc, deadline);
+    }
+    transport_.send(next, segPtr(nseg - 1), segLen(nseg - 1), desc, deadline);
+  }
+}
+
+void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int root,
+                         const OpDesc& desc, const Deadline& deadline) {
+  checkReduceOp(dtype, op);
+  const int n = size_;
+  PYCOMM_CHECK_ARG(root >= 0 && root < n, "reduce root ", root, " is out of range for group size ", n);
+  const size_t es = dtypeSize(dtype);
+  const size_t bytes = count * es;
+  char* b = static_cast<char*>(buf);
+  if (n == 1) {
+    if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, 1);
+    return;
+  }
+  if (shm_ && config_.algo != "ring") {
+    // Root reads every peer's buffer piecewise and reduces into its own.
+    const uint64_t d = shm_->post(desc, buf, bytes, 0);
+    if (rank_ == root) {
+      std::vector<uint64_t> addr(n, 0);
+      for (int p = 0; p < n; ++p) {
+        if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, bytes, deadline).addr;
+      }
+      const size_t piece = std::max<size_t>(1, kPieceBytes / es);
+      char* tmp = scratch(piece * es);
+      for (size_t off = 0; off < count; off += piece) {
+        const size_t len = std::min(piece, count - off);
+        for (int p = 0; p < n; ++p) {
+          if (p == rank_) continue;
+          shm_->readPeer(p, addr[p] + off * es, tmp, len * es);
+          reduceInto(b + off * es, tmp, len, dtype, op);
+        }
+      }
+      if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, n);
+    }
+    shm_->barrier(desc, deadline);
+    return;
+  }
+  // Over the network: all-reduce a copy, keep the result on the root only.
+  std::vector<char> copy(b, b + bytes);
+  allReduce(copy.data(), count, dtype, op, desc, deadline);
+  if (rank_ == root && bytes) memcpy(b, copy.data(), bytes);
+}
+
+void Collectives::gather(const void* in, void* out, size_t bytes, int root, const OpDesc& desc,
+                         const Deadline& deadline) {
+  const int n = size_;
+  PYCOMM_CHECK_ARG(root >= 0 && root < n, "gather root ", root, " is out of range for group size ", n);
+  if (rank_ != root) {
+    transport_.send(root, in, bytes, desc, deadline);
+    return;
+  }
+  char* o = static_cast<char*>(out);
+  if (bytes && o + rank_ * bytes != in) memmove(o + rank_ * bytes, in, bytes);
+  for (int p = 0; p < n; ++p) {
+    if (p != root) transport_.recv(p, o + p * bytes, bytes, desc, deadline);
+  }
+}
+
+void Collectives::scatter(const void* in, void* out, size_t bytes, int root, const OpDesc& desc,
+                          const Deadline& deadline) {
+  const int n = size_;
+  PYCOMM_CHECK_ARG(root >= 0 && root < n, "scatter root ", root, " is out of range for group size ", n);
+  if (rank_ != root) {
+    transport_.recv(root, out, bytes, desc, deadline);
+    return;
+  }
+  const char* src = static_cast<const char*>(in);
+  for (int p = 0; p < n; ++p) {
+    if (p != root) transport_.send(p, src + p * bytes, bytes, desc, deadline);
+  }
+  if (bytes && src + rank_ * bytes != out) memmove(out, src + rank_ * bytes, bytes);
+}
+
+void Collectives::allToAll(const void* in, const std::vector<size_t>& sendOffsets,
+                           const std::vector<size_t>& sendBytes, void* out,
+                           const std::vector<size_t>& recvOffsets,
+                           const std::vector<size_t>& recvBytes, const OpDesc& desc,
+                           const Deadline& deadline) {
+  const int n = size_;
+  PYCOMM_CHECK_ARG(static_cast<int>(sendOffsets.size()) == n && static_cast<int>(sendBytes.size()) == n &&
+                       static_cast<int>(recvOffsets.size()) == n && static_cast<int>(recvBytes.size()) == n,
+                   "all_to_all needs one split per rank (", n, ")");
+  PYCOMM_CHECK_ARG(sendBytes[rank_] == recvBytes[rank_], "all_to_all: rank ", rank_, " sends ",
+                   sendBytes[rank_], " bytes to itself but expects ", recvBytes[rank_]);
+  const char* src = static_cast<const char*>(in);
+  char* o = static_cast<char*>(out);
+  if (recvBytes[rank_]) memmove(o + recvOffsets[rank_], src + sendOffsets[rank_], recvBytes[rank_]);
+  // Pairwise exchange: in step k every rank sends to r+k and receives from r-k.
+  for (int k = 1; k < n; ++k) {
+    const int to = mod(rank_ + k, n);
+    const int from = mod(rank_ - k, n);
+    transport_.sendRecv(to, src + sendOffsets[to], sendBytes[to], from, o + recvOffsets[from],
+                        recvBytes[from], desc, deadline);
+  }
+}
+
+void Collectives::barrier(const OpDesc& desc, const Deadline& deadline) {
+  if (size_ == 1) return;
+  if (shm_) {
+    // Every rank's post of this operation is the barrier (and shows mismatches).
+    const uint64_t d = shm_->post(desc, nullptr, 0, 0);
+    for (int p = 0; p < size_; ++p) {
+      if (p != rank_) shm_->peerRecord(p, d, desc, 0, deadline);
+    }
+    return;
+  }
+  // Dissemination barrier: log2(n) rounds of empty messages.
+  for (int k = 1; k < size_; k <<= 1) {
+    transport_.sendRecv(mod(rank_ + k, size_), nullptr, 0, mod(rank_ - k, size_), nullptr, 0, desc,
+                        deadline);
+  }
+}
+
+}  // namespace pycomm

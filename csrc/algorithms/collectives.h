@@ -1,0 +1,101 @@
+// Collective algorithms, written once against the Transport interface (plus the
+// shared-memory direct path when the transport is ShmTransport).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/deadline.h"
+#include "core/dtype.h"
+#include "transport/transport.h"
+
+namespace pycomm {
+
+class ShmTransport;
+
+/// Algorithm choices (from the environment, see docs/USER_GUIDE.md).
+struct AlgoConfig {
+  /// All-reduces of at most this many bytes use the latency algorithm (one-shot
+  /// through shared memory, recursive doubling over TCP). PYCOMM_ALLREDUCE_SMALL_BYTES.
+  size_t smallBytes = 64 * 1024;
+  /// Ring segment size in bytes (pipelining granularity). PYCOMM_RING_SEGMENT_BYTES.
+  size_t segmentBytes = 1 << 20;
+  /// "auto", "ring", "direct" (shm only), "oneshot" (shm) or "rd" (recursive doubling).
+  /// PYCOMM_ALGO.
+  std::string algo = "auto";
+
+  /// Reads the PYCOMM_* variables above.
+  static AlgoConfig fromEnv();
+};
+
+/// Runs collectives over one transport. Not thread-safe: one caller at a time
+/// (the backend's communication thread).
+class Collectives {
+ public:
+  /// `transport` must outlive this object.
+  Collectives(Transport& transport, AlgoConfig config);
+
+  /// In-place all-reduce of `count` elements.
+  void allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                 const Deadline& deadline);
+
+  /// out (countPerRank elements) = reduction of this rank's block of `in`
+  /// (size() * countPerRank elements, block r for rank r). `in` may equal `out` only if
+  /// countPerRank is 0.
+  void reduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                     const OpDesc& desc, const Deadline& deadline);
+
+  /// out (size() * bytesPerRank) = concatenation of every rank's `in`.
+  void allGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc,
+                 const Deadline& deadline);
+
+  /// Copies root's `buf` into every rank's `buf`.
+  void broadcast(void* buf, size_t bytes, int root, const OpDesc& desc, const Deadline& deadline);
+
+  /// Root's `buf` = reduction of every rank's `buf`; other ranks' buffers are unchanged.
+  void reduce(void* buf, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
+              const Deadline& deadline);
+
+  /// Root's `out` (size() * bytes) = concatenation of every rank's `in` (bytes each).
+  void gather(const void* in, void* out, size_t bytes, int root, const OpDesc& desc,
+              const Deadline& deadline);
+
+  /// Every rank's `out` (bytes) = block `rank` of root's `in` (size() * bytes).
+  void scatter(const void* in, void* out, size_t bytes, int root, const OpDesc& desc,
+               const Deadline& deadline);
+
+  /// Sends sendBytes[p] bytes at in+sendOffsets[p] to rank p and receives recvBytes[p]
+  /// bytes from rank p into out+recvOffsets[p] (pairwise exchange).
+  void allToAll(const void* in, const std::vector<size_t>& sendOffsets,
+                const std::vector<size_t>& sendBytes, void* out,
+                const std::vector<size_t>& recvOffsets, const std::vector<size_t>& recvBytes,
+                const OpDesc& desc, const Deadline& deadline);
+
+  /// Returns once every rank has entered the barrier.
+  void barrier(const OpDesc& desc, const Deadline& deadline);
+
+  /// The transport collectives run over.
+  Transport& transport() { return transport_; }
+
+ private:
+  void ringAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                     const Deadline& deadline);
+  void recursiveDoublingAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
+                                  const OpDesc& desc, const Deadline& deadline);
+  void shmOneShotAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                           const Deadline& deadline);
+  void shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                          const Deadline& deadline);
+  char* scratch(size_t bytes);
+
+  Transport& transport_;
+  ShmTransport* shm_;  // non-null when the transport supports direct access
+  AlgoConfig config_;
+  int rank_;
+  int size_;
+  std::vector<char> scratch_;
+};
+
+}  // namespace pycomm

@@ -1,0 +1,130 @@
+#include "engine/group.h"
+
+#include <cstdio>
+
+#include "core/env.h"
+#include "core/error.h"
+#include "transport/shm.h"
+#include "transport/tcp.h"
+
+namespace pycomm {
+
+std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPrefix, int rank,
+                                         int size, std::chrono::milliseconds timeout) {
+  const std::string want = envStr("PYCOMM_TRANSPORT", "auto");
+  PYCOMM_CHECK_ARG(want == "auto" || want == "shm" || want == "tcp",
+                   "PYCOMM_TRANSPORT must be auto, shm or tcp (got '", want, "')");
+  bool sameHost = true;
+  if (want != "tcp") {
+    // All ranks learn whether they share one host (and namespaces) through the store.
+    store.setString(strCat(keyPrefix, "host/", rank), localHostKey());
+    const std::string mine = localHostKey();
+    for (int r = 0; r < size && sameHost; ++r) {
+      sameHost = store.getString(strCat(keyPrefix, "host/", r), timeout) == mine;
+    }
+    // Agree on the answer (a rank that differs from one peer may match another).
+    store.setString(strCat(keyPrefix, "samehost/", rank), sameHost ? "1" : "0");
+    for (int r = 0; r < size; ++r) {
+      if (store.getString(strCat(keyPrefix, "samehost/", r), timeout) != "1") sameHost = false;
+    }
+  }
+  if (want == "shm" && !sameHost) {
+    throw InvalidArgument("PYCOMM_TRANSPORT=shm, but the group's ranks are not all on one host");
+  }
+  if (want != "tcp" && sameHost) {
+    try {
+      return std::make_unique<ShmTransport>(store, keyPrefix + "s/", rank, size, timeout);
+    } catch (const InvalidArgument&) {
+      throw;
+    } catch (const Error& e) {
+      if (want == "shm") throw;
+      if (rank == 0) std::fprintf(stderr, "pycomm: shared memory unavailable (%s); using TCP\n", e.what());
+    }
+  }
+  return std::make_unique<TcpTransport>(store, keyPrefix + "t/", rank, size, timeout);
+}
+
+Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout)
+    : rank_(rank), size_(size), timeout_(timeout), sendSeq_(size, 0), recvSeq_(size, 0) {
+  PYCOMM_CHECK_ARG(size >= 1 && rank >= 0 && rank < size, "invalid rank ", rank, " for group size ", size);
+  coll_ = makeTransport(store, "c/", rank, size, timeout);
+  p2p_ = makeTransport(store, "p/", rank, size, timeout);
+  algos_ = std::make_unique<Collectives>(*coll_, AlgoConfig::fromEnv());
+  collQueue_ = std::make_unique<WorkQueue>("pycomm-coll");
+  sendQueue_ = std::make_unique<WorkQueue>("pycomm-send");
+  recvQueue_ = std::make_unique<WorkQueue>("pycomm-recv");
+}
+
+Group::~Group() {
+  // Queued work fails; a running operation is woken by the abort (peers see it too
+  // unless they have shut down cleanly themselves).
+  const std::string why = strCat("pycomm: rank ", rank_, " destroyed its process group");
+  collQueue_->shutdown(why);
+  sendQueue_->shutdown(why);
+  recvQueue_->shutdown(why);
+}
+
+std::shared_ptr<Completion> Group::submitCollective(
+    std::function<void(Collectives&, const Deadline&)> fn) {
+  return collQueue_->push([this, fn = std::move(fn)] {
+    const Deadline deadline = Deadline::after(timeout_);
+    try {
+      fn(*algos_, deadline);
+      collectivesRun_.fetch_add(1, std::memory_order_relaxed);
+    } catch (const InvalidArgument&) {
+      throw;  // local argument errors are raised before anything was sent
+    } catch (const Error& e) {
+      // The group is unusable after a failed collective: make every rank fail fast.
+      coll_->abort(e.what());
+      p2p_->abort(e.what());
+      throw;
+    }
+  });
+}
+
+std::shared_ptr<Completion> Group::submitSend(int peer, const void* buf, size_t bytes, uint32_t tag,
+                                              std::function<void()> keepAlive) {
+  PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "send: invalid destination rank ", peer,
+                   " (this is rank ", rank_, " of ", size_, ")");
+  OpDesc desc;
+  desc.coll = CollType::kSend;
+  desc.seq = ++sendSeq_[peer];
+  desc.tag = tag;
+  desc.count = bytes;
+  return sendQueue_->push([this, peer, buf, bytes, desc, keepAlive = std::move(keepAlive)] {
+    p2p_->send(peer, buf, bytes, desc, Deadline::after(timeout_));
+  });
+}
+
+std::shared_ptr<Completion> Group::submitRecv(int peer, void* buf, size_t bytes, uint32_t tag,
+                                              std::function<void()> keepAlive) {
+  PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "recv: invalid source rank ", peer,
+                   " (this is rank ", rank_, " of ", size_, ")");
+  OpDesc desc;
+  desc.coll = CollType::kSend;
+  desc.seq = ++recvSeq_[peer];
+  desc.tag = tag;
+  desc.count = bytes;
+  return recvQueue_->push([this, peer, buf, bytes, desc, keepAlive = std::move(keepAlive)] {
+    p2p_->recv(peer, buf, bytes, desc, Deadline::after(timeout_));
+  });
+}
+
+std::map<std::string, uint64_t> Group::stats() const {
+  std::map<std::string, uint64_t> s;
+  s["collectives"] = collectivesRun_.load();
+  const std::string t = coll_->name();
+  s["bytes_sent_" + t] = coll_->bytesSent() + p2p_->bytesSent();
+  s["bytes_recv_" + t] = coll_->stats().bytesRecv.load() + p2p_->stats().bytesRecv.load();
+  s["messages_sent"] = coll_->stats().messagesSent.load() + p2p_->stats().messagesSent.load();
+  s["bytes_sent"] = s["bytes_sent_" + t];
+  s["bytes_recv"] = s["bytes_recv_" + t];
+  return s;
+}
+
+void Group::abort(const std::string& why) {
+  coll_->abort(why);
+  p2p_->abort(why);
+}
+
+}  // namespace pycomm

@@ -1,0 +1,85 @@
+// A torch-free process group: transports, algorithms and worker threads of one
+// group of ranks. The c10d backend (bindings/backend.cpp) is a thin shell around it;
+// the C++ tests drive it directly with ranks as threads.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "algorithms/collectives.h"
+#include "core/store.h"
+#include "engine/work_queue.h"
+#include "transport/transport.h"
+
+namespace pycomm {
+
+/// Creates the transport for a group: shared memory when every rank is on this host
+/// (same host key), TCP otherwise. PYCOMM_TRANSPORT=shm|tcp|auto overrides.
+std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPrefix, int rank,
+                                         int size, std::chrono::milliseconds timeout);
+
+/// One group of ranks with its own transports and threads.
+class Group {
+ public:
+  /// Rendezvous through `store` (which must outlive the constructor only).
+  Group(Store& store, int rank, int size, std::chrono::milliseconds timeout);
+  /// Aborts anything in flight, stops the threads, releases transports.
+  ~Group();
+
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
+
+  /// This rank.
+  int rank() const { return rank_; }
+  /// Number of ranks.
+  int size() const { return size_; }
+  /// Per-operation timeout.
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  /// Name of the transport in use ("shm" or "tcp").
+  std::string transportName() const { return coll_->name(); }
+
+  /// Next collective sequence number (call in issue order, on the caller's thread).
+  uint64_t nextSeq() { return ++seq_; }
+
+  /// Queues a collective; `fn` runs on the communication thread with the group's
+  /// algorithms and a deadline of now + timeout. Failures abort the group's
+  /// transport so every rank's pending and future operations fail too.
+  std::shared_ptr<Completion> submitCollective(
+      std::function<void(Collectives&, const Deadline&)> fn);
+
+  /// Queues a point-to-point send (on the send thread) or receive (on the receive
+  /// thread); sends and receives progress independently, so any order that matches
+  /// between the two ranks completes.
+  std::shared_ptr<Completion> submitSend(int peer, const void* buf, size_t bytes, uint32_t tag,
+                                         std::function<void()> keepAlive);
+  /// See submitSend.
+  std::shared_ptr<Completion> submitRecv(int peer, void* buf, size_t bytes, uint32_t tag,
+                                         std::function<void()> keepAlive);
+
+  /// Counters: collectives run, bytes sent/received per transport.
+  std::map<std::string, uint64_t> stats() const;
+
+  /// Fails everything in flight with `why`, on every rank.
+  void abort(const std::string& why);
+
+ private:
+  int rank_;
+  int size_;
+  std::chrono::milliseconds timeout_;
+  std::unique_ptr<Transport> coll_;
+  std::unique_ptr<Transport> p2p_;
+  std::unique_ptr<Collectives> algos_;
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<uint64_t> collectivesRun_{0};
+  std::vector<uint64_t> sendSeq_;  // p2p sequence per peer (caller thread)
+  std::vector<uint64_t> recvSeq_;
+  std::unique_ptr<WorkQueue> collQueue_;
+  std::unique_ptr<WorkQueue> sendQueue_;
+  std::unique_ptr<WorkQueue> recvQueue_;
+};
+
+}  // namespace pycomm

@@ -1,0 +1,485 @@
+#include "transport/shm.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include "core/env.h"
+#include "core/error.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PYCOMM_CPU_RELAX() _mm_pause()
+#else
+#define PYCOMM_CPU_RELAX() std::this_thread::yield()
+#endif
+
+namespace pycomm {
+
+namespace {
+
+constexpr uint32_t kMagic = 0x70636d31;  // "pcm1"
+constexpr size_t kAlign = 64;
+
+size_t alignUp(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+int futexWait(std::atomic<uint32_t>* addr, uint32_t expected, std::chrono::nanoseconds timeout) {
+  struct timespec ts;
+  ts.tv_sec = static_cast<time_t>(timeout.count() / 1000000000LL);
+  ts.tv_nsec = static_cast<long>(timeout.count() % 1000000000LL);
+  return static_cast<int>(syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAIT,
+                                  expected, &ts, nullptr, 0));
+}
+
+void futexWakeAll(std::atomic<uint32_t>* addr) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
+std::string randomHex(size_t bytes) {
+  std::vector<uint8_t> b(bytes);
+  size_t got = 0;
+  while (got < bytes) {
+    ssize_t n = getrandom(b.data() + got, bytes - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw Error(strCat("pycomm: getrandom failed: ", strerror(errno)));
+    }
+    got += static_cast<size_t>(n);
+  }
+  static const char* kHex = "0123456789abcdef";
+  std::string s;
+  for (uint8_t c : b) {
+    s += kHex[c >> 4];
+    s += kHex[c & 15];
+  }
+  return s;
+}
+
+bool pidAlive(pid_t pid) { return kill(pid, 0) == 0 || errno == EPERM; }
+
+// Removes segments left by jobs whose creating process no longer exists (a job
+// killed in the short window between creating and unlinking its segment).
+void removeStaleSegments() {
+  DIR* d = opendir("/dev/shm");
+  if (!d) return;
+  while (struct dirent* e = readdir(d)) {
+    const char* n = e->d_name;
+    if (strncmp(n, "pycomm-", 7) != 0) continue;
+    long pid = strtol(n + 7, nullptr, 10);
+    if (pid > 0 && !pidAlive(static_cast<pid_t>(pid))) shm_unlink((std::string("/") + n).c_str());
+  }
+  closedir(d);
+}
+
+}  // namespace
+
+struct ShmHeader {
+  uint32_t magic;
+  uint32_t size;
+  std::atomic<uint32_t> abortState;  // 0 running, 1 writing message, 2 aborted
+  int32_t abortRank;
+  char abortMsg[1024];
+};
+
+struct ShmPostRecord {
+  std::atomic<uint64_t> seq;  // direct sequence number this record describes
+  OpDesc desc;
+  uint64_t addr;
+  uint64_t bytes;
+  uint64_t inlineBytes;
+};
+
+struct alignas(64) ShmRankSlot {
+  std::atomic<uint32_t> doorbell;  // futex word: bumped by whoever changes state this rank waits on
+  std::atomic<uint32_t> sleepers;  // threads of this rank blocked in futex_wait
+  int32_t pid;
+  uint32_t pad;
+  uint64_t canaryAddr;              // address of canary_ in the owning process (CMA probe)
+  std::atomic<uint64_t> barrier;    // last barrier this rank arrived at
+  std::atomic<uint64_t> served;     // bytes peers have read out of this rank's buffers
+  ShmPostRecord rec[2];             // double-buffered by direct sequence number parity
+};
+
+struct alignas(64) ShmMailbox {
+  std::atomic<uint64_t> posted;    // sequence of the last message the sender posted
+  std::atomic<uint64_t> consumed;  // sequence of the last message the receiver finished
+  OpDesc desc;
+  uint64_t addr;
+  uint64_t bytes;
+};
+
+namespace {
+const uint64_t kCanary = 0x7079636f6d6d2121ULL;  // read by peers to prove CMA works
+size_t slotsOffset() { return alignUp(sizeof(ShmHeader), kAlign); }
+size_t inlineOffset(int n) { return alignUp(slotsOffset() + n * sizeof(ShmRankSlot), 4096); }
+size_t mailboxOffset(int n) { return inlineOffset(n) + static_cast<size_t>(n) * 2 * kShmInlineBytes; }
+size_t totalBytes(int n) {
+  return alignUp(mailboxOffset(n) + static_cast<size_t>(n) * n * sizeof(ShmMailbox), 4096);
+}
+}  // namespace
+
+ShmTransport::ShmTransport(Store& store, const std::string& keyPrefix, int rank, int size,
+                           std::chrono::milliseconds timeout)
+    : rank_(rank), size_(size), pids_(size), pidfds_(size, -1), sendSeq_(size, 0),
+      recvSeq_(size, 0) {
+  spinIters_ = static_cast<int>(envInt("PYCOMM_SPIN", 2000));
+  mapBytes_ = totalBytes(size);
+  int fd = -1;
+  if (rank == 0) {
+    removeStaleSegments();
+    segName_ = strCat("/pycomm-", getpid(), "-", randomHex(8));
+    fd = shm_open(segName_.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) throw Error(strCat("pycomm: shm_open(", segName_, ") failed: ", strerror(errno)));
+    if (ftruncate(fd, static_cast<off_t>(mapBytes_)) != 0) {
+      int e = errno;
+      close(fd);
+      shm_unlink(segName_.c_str());
+      throw Error(strCat("pycomm: cannot size shared segment to ", mapBytes_, " bytes: ", strerror(e)));
+    }
+    store.setString(keyPrefix + "shm/name", segName_);
+  } else {
+    segName_ = store.getString(keyPrefix + "shm/name", timeout);
+    fd = shm_open(segName_.c_str(), O_RDWR, 0600);
+    if (fd < 0) throw Error(strCat("pycomm: rank ", rank, " cannot open shared segment ", segName_, ": ", strerror(errno)));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) != mapBytes_) {
+      close(fd);
+      throw Error(strCat("pycomm: shared segment ", segName_, " has the wrong size (group size mismatch?)"));
+    }
+  }
+  base_ = mmap(nullptr, mapBytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (base_ == MAP_FAILED) {
+    base_ = nullptr;
+    if (rank == 0) shm_unlink(segName_.c_str());
+    throw Error(strCat("pycomm: mmap of shared segment failed: ", strerror(errno)));
+  }
+  header_ = static_cast<ShmHeader*>(base_);
+  if (rank == 0) {
+    header_->size = static_cast<uint32_t>(size);
+    header_->magic = kMagic;
+  }
+  ShmRankSlot* me = slot(rank);
+  me->pid = getpid();
+  me->canaryAddr = reinterpret_cast<uint64_t>(&kCanary);
+  // Every rank has mapped the segment once the counter reaches size; then it can be
+  // unlinked, so it disappears with the last process whatever way that process ends.
+  if (store.add(keyPrefix + "shm/opened", 1) == size) store.setString(keyPrefix + "shm/all", "1");
+  store.get(keyPrefix + "shm/all", timeout);
+  if (rank == 0) shm_unlink(segName_.c_str());
+  for (int r = 0; r < size; ++r) {
+    pids_[r] = slot(r)->pid;
+    if (r != rank) pidfds_[r] = static_cast<int>(syscall(SYS_pidfd_open, pids_[r], 0));
+  }
+  // Probe cross-memory attach on a peer; all ranks agree on the outcome through the store.
+  bool ok = true;
+  if (size > 1) {
+    int peer = (rank + 1) % size;
+    uint64_t v = 0;
+    struct iovec local{&v, sizeof(v)};
+    struct iovec remote{reinterpret_cast<void*>(slot(peer)->canaryAddr), sizeof(v)};
+    ok = process_vm_readv(pids_[peer], &local, 1, &remote, 1, 0) == sizeof(v) && v == kCanary;
+  }
+  store.setString(strCat(keyPrefix, "shm/cma/", rank), ok ? "1" : "0");
+  for (int r = 0; r < size; ++r) {
+    if (store.getString(strCat(keyPrefix, "shm/cma/", r), timeout) != "1") {
+      for (int& f : pidfds_) {
+        if (f >= 0) close(f);
+        f = -1;
+      }
+      munmap(base_, mapBytes_);
+      base_ = nullptr;
+      throw Error(strCat("pycomm: cross-memory attach (process_vm_readv) is not permitted between ranks (rank ",
+                         r, " failed); the shm transport needs it"));
+    }
+  }
+}
+
+ShmTransport::~ShmTransport() {
+  for (int& fd : pidfds_) {
+    if (fd >= 0) close(fd);
+    fd = -1;
+  }
+  if (base_) munmap(base_, mapBytes_);
+  base_ = nullptr;
+}
+
+uint64_t ShmTransport::bytesSent() const {
+  return slot(rank_)->served.load(std::memory_order_relaxed);
+}
+
+ShmRankSlot* ShmTransport::slot(int r) const {
+  return reinterpret_cast<ShmRankSlot*>(static_cast<char*>(base_) + slotsOffset()) + r;
+}
+
+ShmMailbox* ShmTransport::mailbox(int from, int to) const {
+  return reinterpret_cast<ShmMailbox*>(static_cast<char*>(base_) + mailboxOffset(size_)) +
+         (static_cast<size_t>(from) * size_ + to);
+}
+
+void ShmTransport::ring(int peer) {
+  ShmRankSlot* s = slot(peer);
+  s->doorbell.fetch_add(1, std::memory_order_seq_cst);
+  if (s->sleepers.load(std::memory_order_seq_cst) != 0) futexWakeAll(&s->doorbell);
+}
+
+void ShmTransport::checkAbort() const {
+  if (header_->abortState.load(std::memory_order_acquire) == 2) {
+    throw PeerError(std::string(header_->abortMsg));
+  }
+}
+
+void ShmTransport::checkPeerAlive(int peer, const OpDesc& desc, const char* what) {
+  if (peer < 0 || peer == rank_) return;
+  bool dead;
+  if (pidfds_[peer] >= 0) {
+    struct pollfd p{pidfds_[peer], POLLIN, 0};
+    dead = poll(&p, 1, 0) > 0;
+  } else {
+    dead = !pidAlive(pids_[peer]);
+  }
+  if (dead) {
+    std::string why = strCat("pycomm: rank ", peer, " (pid ", pids_[peer],
+                             ") exited while rank ", rank_, " was waiting on it in ", desc.str(),
+                             " (", what, ")");
+    abort(why);
+    throw PeerError(why);
+  }
+}
+
+template <typename Pred>
+void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadline& deadline,
+                           const char* what) {
+  for (int i = 0; i < spinIters_; ++i) {
+    if (done()) return;
+    PYCOMM_CPU_RELAX();
+  }
+  ShmRankSlot* me = slot(rank_);
+  auto lastCheck = std::chrono::steady_clock::now();
+  while (true) {
+    uint32_t bell = me->doorbell.load(std::memory_order_seq_cst);
+    if (done()) return;
+    checkAbort();
+    if (deadline.expired()) {
+      std::string why = strCat("pycomm: rank ", rank_, " timed out waiting for ",
+                               peer >= 0 ? strCat("rank ", peer) : std::string("all ranks"), " in ",
+                               desc.str(), " (", what, ")");
+      throw TimeoutError(why);
+    }
+    auto now = std::chrono::steady_clock::now();
+    if (now - lastCheck > std::chrono::milliseconds(50)) {
+      lastCheck = now;
+      if (peer >= 0) {
+        checkPeerAlive(peer, desc, what);
+      } else {
+        for (int r = 0; r < size_; ++r) checkPeerAlive(r, desc, what);
+      }
+    }
+    auto slice = std::min<std::chrono::nanoseconds>(deadline.remaining(), std::chrono::milliseconds(50));
+    me->sleepers.fetch_add(1, std::memory_order_seq_cst);
+    if (!done()) futexWait(&me->doorbell, bell, slice);
+    me->sleepers.fetch_sub(1, std::memory_order_seq_cst);
+  }
+}
+
+void ShmTransport::abort(const std::string& why) {
+  uint32_t expected = 0;
+  if (header_->abortState.compare_exchange_strong(expected, 1)) {
+    size_t n = std::min(why.size(), sizeof(header_->abortMsg) - 1);
+    memcpy(header_->abortMsg, why.data(), n);
+    header_->abortMsg[n] = 0;
+    header_->abortRank = rank_;
+    header_->abortState.store(2, std::memory_order_release);
+  }
+  for (int r = 0; r < size_; ++r) ring(r);
+}
+
+void ShmTransport::readPeer(int peer, uint64_t remote, void* local, size_t bytes) {
+  char* dst = static_cast<char*>(local);
+  size_t done = 0;
+  while (done < bytes) {
+    struct iovec l{dst + done, bytes - done};
+    struct iovec r{reinterpret_cast<void*>(remote + done), bytes - done};
+    ssize_t n = process_vm_readv(pids_[peer], &l, 1, &r, 1, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int e = errno;
+      if (e == ESRCH) throw PeerError(strCat("pycomm: rank ", peer, " exited during a transfer to rank ", rank_));
+      throw PeerError(strCat("pycomm: rank ", rank_, " cannot read ", bytes, " bytes from rank ", peer,
+                             ": ", strerror(e)));
+    }
+    if (n == 0) throw PeerError(strCat("pycomm: short read from rank ", peer));
+    done += static_cast<size_t>(n);
+  }
+  stats_.bytesRecv.fetch_add(bytes, std::memory_order_relaxed);
+  slot(peer)->served.fetch_add(bytes, std::memory_order_relaxed);
+}
+
+void ShmTransport::postSend(int peer, const void* buf, size_t bytes, const OpDesc& desc) {
+  PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "invalid peer rank ", peer);
+  checkAbort();
+  ShmMailbox* mb = mailbox(rank_, peer);
+  uint64_t seq = ++sendSeq_[peer];
+  mb->desc = desc;
+  mb->addr = reinterpret_cast<uint64_t>(buf);
+  mb->bytes = bytes;
+  mb->posted.store(seq, std::memory_order_release);
+  ring(peer);
+  stats_.messagesSent.fetch_add(1, std::memory_order_relaxed);
+}
+
+void ShmTransport::waitSendDone(int peer, const OpDesc& desc, const Deadline& deadline) {
+  ShmMailbox* mb = mailbox(rank_, peer);
+  const uint64_t seq = sendSeq_[peer];
+  // The receiver reads straight from our buffer: it stays untouched until consumed.
+  waitFor([&] { return mb->consumed.load(std::memory_order_acquire) >= seq; }, peer, desc, deadline,
+          "send");
+}
+
+void ShmTransport::completeRecv(int peer, void* buf, size_t bytes, const OpDesc& desc,
+                                const Deadline& deadline) {
+  PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "invalid peer rank ", peer);
+  ShmMailbox* mb = mailbox(peer, rank_);
+  const uint64_t seq = ++recvSeq_[peer];
+  // Wait for the sender's post: its descriptor must describe the same call.
+  waitFor([&] { return mb->posted.load(std::memory_order_acquire) >= seq; }, peer, desc, deadline,
+          "recv");
+  OpDesc theirs = mb->desc;
+  uint64_t theirBytes = mb->bytes;
+  if (!theirs.sameCall(desc) || theirBytes != bytes) {
+    try {
+      throwMismatch(rank_, peer, desc, bytes, theirs, theirBytes);
+    } catch (const MismatchError& e) {
+      abort(e.what());
+      throw;
+    }
+  }
+  if (bytes > 0) readPeer(peer, mb->addr, buf, bytes);
+  stats_.messagesRecv.fetch_add(1, std::memory_order_relaxed);
+  // Release the sender's buffer.
+  mb->consumed.store(seq, std::memory_order_release);
+  ring(peer);
+}
+
+void ShmTransport::send(int peer, const void* buf, size_t bytes, const OpDesc& desc,
+                        const Deadline& deadline) {
+  postSend(peer, buf, bytes, desc);
+  waitSendDone(peer, desc, deadline);
+}
+
+void ShmTransport::recv(int peer, void* buf, size_t bytes, const OpDesc& desc,
+                        const Deadline& deadline) {
+  checkAbort();
+  completeRecv(peer, buf, bytes, desc, deadline);
+}
+
+void ShmTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes, int recvPeer,
+                            void* recvBuf, size_t recvBytes, const OpDesc& desc,
+                            const Deadline& deadline) {
+  // Post first so the peer can pull while we pull from ours: both halves in flight.
+  postSend(sendPeer, sendBuf, sendBytes, desc);
+  completeRecv(recvPeer, recvBuf, recvBytes, desc, deadline);
+  waitSendDone(sendPeer, desc, deadline);
+}
+
+uint64_t ShmTransport::post(const OpDesc& desc, const void* addr, size_t bytes, size_t inlineBytes) {
+  checkAbort();
+  PYCOMM_ASSERT(inlineBytes <= kShmInlineBytes);
+  const uint64_t dseq = ++directSeq_;
+  ShmRankSlot* me = slot(rank_);
+  ShmPostRecord& rec = me->rec[dseq & 1];
+  // Safe to overwrite: every peer posted dseq-1 before we could finish dseq-1, and a
+  // peer posts dseq-1 only after it finished reading our record dseq-2 (same parity).
+  rec.desc = desc;
+  rec.addr = reinterpret_cast<uint64_t>(addr);
+  rec.bytes = bytes;
+  rec.inlineBytes = inlineBytes;
+  if (inlineBytes > 0) {
+    char* dst = static_cast<char*>(base_) + inlineOffset(size_) +
+                (static_cast<size_t>(rank_) * 2 + (dseq & 1)) * kShmInlineBytes;
+    memcpy(dst, addr, inlineBytes);
+  }
+  rec.seq.store(dseq, std::memory_order_release);
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_) ring(r);
+  }
+  return dseq;
+}
+
+ShmTransport::Peer ShmTransport::peerRecord(int peer, uint64_t dseq, const OpDesc& desc, size_t bytes,
+                                            const Deadline& deadline) {
+  ShmRankSlot* s = slot(peer);
+  ShmPostRecord& rec = s->rec[dseq & 1];
+  waitFor([&] { return rec.seq.load(std::memory_order_acquire) >= dseq; }, peer, desc, deadline,
+          "direct post");
+  if (rec.seq.load(std::memory_order_acquire) != dseq || !rec.desc.sameCall(desc) || rec.bytes != bytes) {
+    try {
+      throwMismatch(rank_, peer, desc, bytes, rec.desc, rec.bytes);
+    } catch (const MismatchError& e) {
+      abort(e.what());
+      throw;
+    }
+  }
+  Peer p;
+  p.addr = rec.addr;
+  p.bytes = rec.bytes;
+  if (rec.inlineBytes > 0) {
+    p.inlineData = static_cast<char*>(base_) + inlineOffset(size_) +
+                   (static_cast<size_t>(peer) * 2 + (dseq & 1)) * kShmInlineBytes;
+  }
+  return p;
+}
+
+void ShmTransport::barrier(const OpDesc& desc, const Deadline& deadline) {
+  checkAbort();
+  const uint64_t b = ++barrierSeq_;
+  slot(rank_)->barrier.store(b, std::memory_order_release);
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_) ring(r);
+  }
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_) continue;
+    ShmRankSlot* s = slot(r);
+    waitFor([&] { return s->barrier.load(std::memory_order_acquire) >= b; }, r, desc, deadline,
+            "barrier");
+  }
+}
+
+namespace {
+std::string readFirstLine(const char* path) {
+  std::ifstream f(path);
+  std::string s;
+  std::getline(f, s);
+  return s;
+}
+std::string linkTarget(const char* path) {
+  char buf[256];
+  ssize_t n = readlink(path, buf, sizeof(buf) - 1);
+  if (n < 0) return "?";
+  buf[n] = 0;
+  return buf;
+}
+}  // namespace
+
+std::string localHostKey() {
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  return strCat(host, "|", readFirstLine("/proc/sys/kernel/random/boot_id"), "|",
+                linkTarget("/proc/self/ns/net"), "|", linkTarget("/proc/self/ns/pid"), "|",
+                linkTarget("/proc/self/ns/ipc"));
+}
+
+}  // namespace pycomm

@@ -1,0 +1,116 @@
+// Shared-memory transport for ranks on one host.
+//
+// One control segment per transport (created by rank 0, named per job, unlinked as
+// soon as every rank has mapped it, so nothing is left in /dev/shm even after
+// SIGKILL). It holds, per rank, a futex doorbell and a post record, and per ordered
+// pair a mailbox. Payloads never pass through the segment: the receiver copies the
+// sender's bytes straight out of the sender's address space with process_vm_readv
+// (cross-memory attach), so every message costs one copy. Small all-reduces use
+// inline slots in the segment instead (one-shot, latency-optimised).
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/store.h"
+#include "transport/transport.h"
+
+namespace pycomm {
+
+/// Bytes a rank can publish inline in its post record (one-shot all-reduce limit).
+constexpr size_t kShmInlineBytes = 64 * 1024;
+
+struct ShmHeader;
+struct ShmRankSlot;
+struct ShmMailbox;
+
+/// Transport over a shared control segment plus cross-memory reads.
+class ShmTransport : public Transport {
+ public:
+  /// Creates/opens the group's segment through `store` (keys under `keyPrefix`).
+  /// Throws Error if cross-memory attach is not permitted (the caller falls back to TCP).
+  ShmTransport(Store& store, const std::string& keyPrefix, int rank, int size,
+               std::chrono::milliseconds timeout);
+  ~ShmTransport() override;
+
+  ShmTransport(const ShmTransport&) = delete;
+  ShmTransport& operator=(const ShmTransport&) = delete;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const char* name() const override { return "shm"; }
+
+  void send(int peer, const void* buf, size_t bytes, const OpDesc& desc,
+            const Deadline& deadline) override;
+  void recv(int peer, void* buf, size_t bytes, const OpDesc& desc,
+            const Deadline& deadline) override;
+  void sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes, int recvPeer, void* recvBuf,
+                size_t recvBytes, const OpDesc& desc, const Deadline& deadline) override;
+  void abort(const std::string& why) override;
+  /// Bytes peers have copied out of this rank's buffers (what this rank "sent").
+  uint64_t bytesSent() const override;
+
+  // ---- direct access, used by the shared-memory algorithms (algorithms/shm_direct.cc) ----
+
+  /// A peer's published record for a direct operation.
+  struct Peer {
+    const void* inlineData = nullptr;  ///< the peer's inline bytes (one-shot), or null
+    uint64_t addr = 0;                 ///< address of the peer's buffer in its process
+    size_t bytes = 0;                  ///< bytes the peer published
+  };
+
+  /// Publishes this rank's buffer for the next direct operation: its address (for
+  /// cross-memory reads) and, if `inlineBytes` > 0, a copy of the first inlineBytes
+  /// bytes in the shared segment. Returns the operation's direct sequence number.
+  uint64_t post(const OpDesc& desc, const void* addr, size_t bytes, size_t inlineBytes);
+
+  /// Waits for `peer`'s record of direct operation `dseq` and checks it matches
+  /// `desc`/`bytes` (MismatchError otherwise).
+  Peer peerRecord(int peer, uint64_t dseq, const OpDesc& desc, size_t bytes,
+                  const Deadline& deadline);
+
+  /// Copies `bytes` from address `remote` in `peer`'s process into `local`.
+  void readPeer(int peer, uint64_t remote, void* local, size_t bytes);
+
+  /// Returns once every rank has reached the same barrier (counted per transport).
+  void barrier(const OpDesc& desc, const Deadline& deadline);
+
+ private:
+  void ring(int peer);
+  template <typename Pred>
+  void waitFor(Pred done, int peer, const OpDesc& desc, const Deadline& deadline, const char* what);
+  void checkAbort() const;
+  void checkPeerAlive(int peer, const OpDesc& desc, const char* what);
+  void postSend(int peer, const void* buf, size_t bytes, const OpDesc& desc);
+  void waitSendDone(int peer, const OpDesc& desc, const Deadline& deadline);
+  void completeRecv(int peer, void* buf, size_t bytes, const OpDesc& desc, const Deadline& deadline);
+  ShmRankSlot* slot(int r) const;
+  ShmMailbox* mailbox(int from, int to) const;
+
+  int rank_;
+  int size_;
+  std::string segName_;
+  void* base_ = nullptr;
+  size_t mapBytes_ = 0;
+  ShmHeader* header_ = nullptr;
+  std::vector<pid_t> pids_;
+  std::vector<int> pidfds_;
+  std::vector<uint64_t> sendSeq_;  // per peer, messages posted to it
+  std::vector<uint64_t> recvSeq_;  // per peer, messages taken from it
+  uint64_t directSeq_ = 0;
+  uint64_t barrierSeq_ = 0;
+  int spinIters_;
+  std::chrono::steady_clock::time_point lastLiveCheck_{};
+};
+
+/// A string identifying this host and namespace: ranks with equal keys can use
+/// shared memory and cross-memory attach with each other. Differs across network
+/// namespaces too, so ranks placed in separate namespaces behave as separate hosts.
+std::string localHostKey();
+
+}  // namespace pycomm

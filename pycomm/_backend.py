@@ -1,0 +1,62 @@
+"""Registration of the ``pycomm`` torch.distributed backend and group helpers."""
+from __future__ import annotations
+
+import datetime
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from pycomm import _C
+
+BACKEND_NAME = "pycomm"
+
+
+def _create(store: Any, rank: int, size: int, timeout: datetime.timedelta) -> Any:
+    return _C.create_backend(store, rank, size, timeout)
+
+
+def register() -> None:
+    """Registers ``"pycomm"`` with torch.distributed (idempotent)."""
+    if hasattr(dist.Backend, "PYCOMM") or BACKEND_NAME in getattr(dist.Backend, "backend_list", []):
+        return
+    dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu", "cuda"])
+
+
+def _pycomm_backend(group: Optional[dist.ProcessGroup]) -> Any:
+    pg = group if group is not None else dist.group.WORLD
+    if pg is None:
+        raise RuntimeError("pycomm: the default process group is not initialised; call "
+                           "pycomm.init_process_group() or torch.distributed.init_process_group('pycomm')")
+    try:
+        be = pg._get_backend(torch.device("cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"pycomm: the group has no CPU backend ({e})") from None
+    if not isinstance(be, _C.PycommBackend):
+        raise ValueError(f"pycomm: the group's backend is {type(be).__name__}, not pycomm")
+    return be
+
+
+def is_pycomm_group(group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True if `group` (default: the world group) runs on the pycomm backend."""
+    try:
+        _pycomm_backend(group)
+        return True
+    except (ValueError, RuntimeError):
+        return False
+
+
+def stats(group: Optional[dist.ProcessGroup] = None) -> Dict[str, int]:
+    """Counters of a pycomm group on this rank.
+
+    Keys: ``collectives`` (collectives completed), ``bytes_sent`` / ``bytes_recv``
+    (payload bytes this rank put on / took off the transport, also under
+    ``bytes_sent_<transport>``), ``messages_sent``, ``rank``, ``world_size``; and
+    ``transport`` is available through :func:`transport`.
+    """
+    return dict(_pycomm_backend(group).stats())
+
+
+def transport(group: Optional[dist.ProcessGroup] = None) -> str:
+    """The transport a pycomm group uses on this rank: ``"shm"`` or ``"tcp"``."""
+    return _pycomm_backend(group).transport()
