@@ -1,0 +1,117 @@
+// CUDA reduction kernels for every dtype/op pair, over the element math of reduce_math.h
+// (so the GPU computes exactly the CPU's formulas: half types widened to float, combined,
+// rounded once). The fast path reads and writes 16-byte vectors (uint4) when all pointers
+// are 16-byte aligned; the tail and unaligned buffers take the element-wise path. Each
+// element is combined independently, so results do not depend on the launch shape.
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "core/error.h"
+#include "kernels/reduce_cuda.h"
+#include "kernels/reduce_dispatch.h"
+#include "kernels/reduce_math.h"
+
+namespace pycomm {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 65535;
+
+unsigned blocksFor(size_t work) {
+  const size_t b = (work + kThreads - 1) / kThreads;
+  return (unsigned)(b == 0 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw Error(strCat("pycomm CUDA ", what, ": ", cudaGetErrorString(e)));
+}
+
+/// 16 bytes of T, as loaded by one uint4 access.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+
+// Vector path: dst[i] = a[i] (op) b[i] over `packs` 16-byte packs.
+template <ReduceOp Op, typename T>
+__global__ void reducePackedKernel(Pack<T>* dst, const Pack<T>* a, const Pack<T>* b, size_t packs) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += (size_t)gridDim.x * blockDim.x) {
+    Pack<T> x = a[i];
+    const Pack<T> y = b[i];
+#pragma unroll
+    for (int j = 0; j < Pack<T>::kN; ++j) x.v[j] = reduceElem<Op, T>(x.v[j], y.v[j]);
+    dst[i] = x;
+  }
+}
+
+// Element path (tails, unaligned buffers).
+template <ReduceOp Op, typename T>
+__global__ void reduceElemKernel(T* dst, const T* a, const T* b, size_t count) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+    dst[i] = reduceElem<Op, T>(a[i], b[i]);
+  }
+}
+
+template <typename T>
+__global__ void avgKernel(T* buf, size_t count, int n) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+    buf[i] = avgElem<T>(buf[i], n);
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <ReduceOp Op, typename T>
+void launchReduce(T* dst, const T* a, const T* b, size_t count, cudaStream_t stream) {
+  size_t done = 0;
+  if (aligned16(dst) && aligned16(a) && aligned16(b)) {
+    const size_t packs = count / Pack<T>::kN;
+    if (packs > 0) {
+      reducePackedKernel<Op, T><<<blocksFor(packs), kThreads, 0, stream>>>(
+          reinterpret_cast<Pack<T>*>(dst), reinterpret_cast<const Pack<T>*>(a), reinterpret_cast<const Pack<T>*>(b),
+          packs);
+      done = packs * Pack<T>::kN;
+    }
+  }
+  if (done < count) {
+    reduceElemKernel<Op, T><<<blocksFor(count - done), kThreads, 0, stream>>>(dst + done, a + done, b + done,
+                                                                             count - done);
+  }
+}
+
+}  // namespace
+
+void reduce3Cuda(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op,
+                 cudaStream_t stream) {
+  checkReduceOp(dtype, op);
+  if (count == 0) return;
+  dispatchDType(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatchOp<T>(op, [&](auto opTag) {
+      constexpr ReduceOp kOp = decltype(opTag)::value;
+      launchReduce<kOp, T>(static_cast<T*>(dst), static_cast<const T*>(a), static_cast<const T*>(b), count, stream);
+    });
+  });
+  check(cudaGetLastError(), "reduce");
+}
+
+void reduceIntoCuda(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, cudaStream_t stream) {
+  reduce3Cuda(dst, dst, src, count, dtype, op, stream);
+}
+
+void finalizeAvgCuda(void* buf, size_t count, DType dtype, int n, cudaStream_t stream) {
+  if (n <= 1 || count == 0) return;
+  dispatchDType(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, bool>) {
+      throw InvalidArgument("reduce op AVG is not supported for dtype bool");
+    } else {
+      avgKernel<T><<<blocksFor(count), kThreads, 0, stream>>>(static_cast<T*>(buf), count, n);
+    }
+  });
+  check(cudaGetLastError(), "finalizeAvg");
+}
+
+}  // namespace pycomm

@@ -1,0 +1,28 @@
+// CUDA reduction entry points (reduce_cuda.cu): the same element math as the CPU loops in
+// reduce.cc (reduce_math.h), for device buffers, asynchronous on a stream. Only compiled
+// when PYCOMM_WITH_CUDA is defined; this header needs no CUDA headers.
+#pragma once
+
+#include <cstddef>
+
+#include "core/dtype.h"
+
+struct CUstream_st;
+/// Same type as the CUDA runtime's cudaStream_t (redeclaring the typedef is allowed).
+typedef struct CUstream_st* cudaStream_t;
+
+namespace pycomm {
+
+/// dst[i] = dst[i] (op) src[i] for `count` elements of `dtype` on the device, on `stream`.
+/// AVG reduces as SUM (finish with finalizeAvgCuda). Half types accumulate in float and
+/// round once. Uses 16-byte vector loads when both pointers are 16-byte aligned.
+void reduceIntoCuda(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, cudaStream_t stream);
+
+/// dst[i] = a[i] (op) b[i] on the device; dst may alias a or b.
+void reduce3Cuda(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op,
+                 cudaStream_t stream);
+
+/// buf[i] = buf[i] / n on the device (AVG finalisation; integers truncate toward zero).
+void finalizeAvgCuda(void* buf, size_t count, DType dtype, int n, cudaStream_t stream);
+
+}  // namespace pycomm
