@@ -159,6 +159,7 @@ class _Schedule:
         self.num_microbatches = num_microbatches
         self.loss_fn = loss_fn
         self.scale_loss = scale_loss
+        self.max_live = 0  # most micro-batches whose activations were held at once (last step)
 
     def actions(self) -> List[Tuple[str, int]]:
         """This stage's ordered list of ``("F", i)`` / ``("B", i)``."""
@@ -185,6 +186,7 @@ class _Schedule:
         pending: list = []       # outstanding sends
         saved: dict = {}         # micro-batch -> (inputs, outputs or loss)
         total_loss = None
+        self.max_live = 0
 
         for kind, i in self.actions():
             if kind == "F":
@@ -206,6 +208,7 @@ class _Schedule:
                         self._header_sent = True
                     st._send(out, st.next_rank, pending)
                 saved[i] = (x, out)
+                self.max_live = max(self.max_live, len(saved))
             else:
                 x, out = saved.pop(i)
                 if st.is_last:

@@ -128,6 +128,7 @@ def _train_with_pycomm(rank, world):
                 assert abs(loss.item() - ref_losses[step]) < 1e-12, (name, step)
             else:
                 assert loss is None
+            assert sched.max_live == (MICRO if name == "gpipe" else min(world - rank, MICRO))
         for (pn, got), want in zip(piece.named_parameters(), ref_pieces[rank].parameters()):
             torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{name} {pn}: {m}")
         results[name] = sum(q.numel() for q in piece.parameters())
