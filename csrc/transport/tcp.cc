@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <thread>
 
 #include "core/error.h"
@@ -292,7 +293,7 @@ struct TcpTransport::Pair {
   net::Fd fd;
   std::string addr;  // "A.B.C.D:P" of the peer's end
   // Held by whoever writes frames (the sending thread, abort()).
-  std::timed_mutex sendMu;
+  std::mutex sendMu;
   bool sendMidFrame = false;  // guarded by sendMu: an unfinished frame is on the wire
   std::string sendBroken;     // guarded by sendMu: why the send side is unusable
   std::string recvBroken;     // receiving thread only: why the receive side is unusable
@@ -631,12 +632,13 @@ void TcpTransport::failRemote(const std::string& why) {
 
 void TcpTransport::throwIoError(int peer, int err, const OpDesc& desc) const {
   throwIfFailed();  // our own abort() shut the socket: report that instead
+  const std::string& addr = pairs_[peer]->addr;
   if (err == 0 || isClosedError(err)) {
     throw PeerError(strCat("pycomm: rank ", peer, " closed the connection (dead or exited) during ",
-                           desc.str(), " [seen by rank ", rank_, "]"));
+                           desc.str(), " [seen by rank ", rank_, ", peer at ", addr, "]"));
   }
   throw PeerError(strCat("pycomm: connection to rank ", peer, " failed during ", desc.str(), ": ",
-                         std::strerror(err), " [seen by rank ", rank_, "]"));
+                         std::strerror(err), " [seen by rank ", rank_, ", peer at ", addr, "]"));
 }
 
 void TcpTransport::transfer(int sendPeer, SendProgress* s, int recvPeer, RecvProgress* r,
@@ -778,19 +780,20 @@ void TcpTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes,
                    "pycomm: tcp recv of ", recvBytes, " bytes into a null buffer");
   throwIfFailed();
 
-  std::unique_lock<std::timed_mutex> sendLock;
-  std::unique_ptr<SendProgress> s;
-  std::unique_ptr<RecvProgress> r;
+  std::unique_lock<std::mutex> sendLock;
+  // On the stack: no allocation per message.
+  std::optional<SendProgress> s;
+  std::optional<RecvProgress> r;
   Pair* sp = nullptr;
   Pair* rp = nullptr;
   if (sendPeer != -1) {
     sp = pairs_[sendPeer].get();
-    sendLock = std::unique_lock<std::timed_mutex>(sp->sendMu);
+    sendLock = std::unique_lock<std::mutex>(sp->sendMu);
     if (!sp->sendBroken.empty()) {
       throw PeerError(strCat("pycomm: connection to rank ", sendPeer,
                              " is unusable after an earlier error: ", sp->sendBroken));
     }
-    s = std::make_unique<SendProgress>(tcp_wire::FrameKind::kData, desc, sendBuf, sendBytes);
+    s.emplace(tcp_wire::FrameKind::kData, desc, sendBuf, sendBytes);
   }
   if (recvPeer != -1) {
     rp = pairs_[recvPeer].get();
@@ -798,10 +801,10 @@ void TcpTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes,
       throw PeerError(strCat("pycomm: connection from rank ", recvPeer,
                              " is unusable after an earlier error: ", rp->recvBroken));
     }
-    r = std::make_unique<RecvProgress>(recvBuf, recvBytes, desc);
+    r.emplace(recvBuf, recvBytes, desc);
   }
   try {
-    transfer(sendPeer, s.get(), recvPeer, r.get(), desc, deadline);
+    transfer(sendPeer, s ? &*s : nullptr, recvPeer, r ? &*r : nullptr, desc, deadline);
   } catch (const std::exception& e) {
     // A frame cut in the middle leaves the stream out of step: refuse to reuse it. A
     // timeout before any byte moved leaves it intact.
@@ -837,8 +840,12 @@ void TcpTransport::abort(const std::string& why) {
     if (pair == nullptr || !pair->fd.valid()) continue;
     // Senders notice the flag within one poll slice and leave the lock; only at a
     // frame boundary may the ABORT frame go out without corrupting the stream.
-    std::unique_lock<std::timed_mutex> lk(pair->sendMu, std::defer_lock);
-    if (lk.try_lock_for(kAbortLockWait) && !pair->sendMidFrame) {
+    // (A try_lock() loop rather than timed_mutex::try_lock_for, which TSan of GCC 12
+    // does not model and reports as a bad unlock.)
+    std::unique_lock<std::mutex> lk(pair->sendMu, std::defer_lock);
+    Deadline lockWait = Deadline::after(kAbortLockWait);
+    while (!lk.try_lock() && !lockWait.expired()) std::this_thread::sleep_for(milliseconds(1));
+    if (lk.owns_lock() && !pair->sendMidFrame) {
       SendProgress f(tcp_wire::FrameKind::kAbort, OpDesc{}, reason.data(), reason.size());
       Deadline d = Deadline::after(kAbortSendWait);
       int err = 0;

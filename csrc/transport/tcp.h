@@ -110,7 +110,9 @@ class TcpTransport : public Transport {
   /// Connects rank `rank` of `size` to every other rank, rendezvousing through
   /// `store` under keys that start with `keyPrefix`. Gives up with TimeoutError after
   /// `timeout` (which is also the figure timeout messages quote); throws
-  /// InvalidArgument for a bad rank/size or listen-address setting.
+  /// InvalidArgument for a bad rank/size or listen-address setting. `keyPrefix` must
+  /// be fresh for every group instance: keys are never deleted, and a stale address
+  /// or secret left by an earlier group would be read by this one.
   TcpTransport(Store& store, const std::string& keyPrefix, int rank, int size,
                std::chrono::milliseconds timeout);
 
