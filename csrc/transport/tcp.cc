@@ -210,8 +210,8 @@ void onMessage(Handshake& h, const MeshContext& ctx) {
       auto want = tcp_wire::handshakeMac(ctx.secret, tcp_wire::kSecretSize, false, h.peer,
                                          ctx.rank, ctx.size, h.theirNonce, h.myNonce);
       if (!constantTimeEqual(want.data(), h.in, want.size())) {
-        throw HandshakeFailed{strCat("authentication failed (wrong MAC from a client claiming rank ",
-                                     h.peer, ")")};
+        throw HandshakeFailed{strCat(
+            "authentication failed (wrong MAC from a client claiming rank ", h.peer, ")")};
       }
       auto mac = tcp_wire::handshakeMac(ctx.secret, tcp_wire::kSecretSize, true, h.peer, ctx.rank,
                                         ctx.size, h.theirNonce, h.myNonce);
@@ -257,7 +257,9 @@ bool pumpHandshake(Handshake& h, const MeshContext& ctx, short revents) {
       if (h.outOff < h.outLen) continue;
       // Whole message out: move to the step after it.
       switch (h.step) {
-        case Step::kSendHello: expectIn(h, sizeof(tcp_wire::Challenge), Step::kRecvChallenge); break;
+        case Step::kSendHello:
+          expectIn(h, sizeof(tcp_wire::Challenge), Step::kRecvChallenge);
+          break;
         case Step::kSendProof: expectIn(h, tcp_wire::kMacSize, Step::kRecvAccept); break;
         case Step::kSendChallenge: expectIn(h, tcp_wire::kMacSize, Step::kRecvProof); break;
         case Step::kSendAccept: h.step = Step::kDone; return true;

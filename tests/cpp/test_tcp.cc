@@ -40,7 +40,9 @@ OpDesc makeDesc(CollType coll, uint64_t seq, uint64_t count) {
   return d;
 }
 
-uint8_t pattern(int rank, size_t i) { return static_cast<uint8_t>((i * 131 + rank * 7 + i / 251) & 0xff); }
+uint8_t pattern(int rank, size_t i) {
+  return static_cast<uint8_t>((i * 131 + rank * 7 + i / 251) & 0xff);
+}
 
 std::vector<uint8_t> filled(int rank, size_t n) {
   std::vector<uint8_t> v(n);
@@ -78,7 +80,8 @@ net::Fd dial(const std::string& hostPort) {
   sockaddr_in a = net::parseHostPort(hostPort);
   net::Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   EXPECT_TRUE(fd.valid());
-  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0) << std::strerror(errno);
+  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0)
+      << std::strerror(errno);
   return fd;
 }
 
@@ -311,7 +314,8 @@ TEST(TcpTransport, DestroyedPeerFailsWaiterQuickly) {
       auto start = Clock::now();
       uint8_t b[8];
       msg = messageOf([&] {
-        t[0]->recv(2, b, sizeof(b), makeDesc(CollType::kAllReduce, 7, 2), Deadline::after(kTimeout));
+        t[0]->recv(2, b, sizeof(b), makeDesc(CollType::kAllReduce, 7, 2),
+                   Deadline::after(kTimeout));
       });
       waited = std::chrono::duration<double>(Clock::now() - start).count();
     }
@@ -445,10 +449,11 @@ TEST(TcpTransport, StrangersDoNotStopTheMesh) {
   });
 }
 
-// Speaks the handshake as "rank 1" with a given secret and claimed ranks; returns
-// true if rank 0 accepted (sent its own proof back).
-bool tryHandshake(const std::string& addr, const uint8_t* secret, int claimFrom, int macFrom,
-                  int size) {
+// Speaks the connecting side of the handshake to rank 0 at `addr`, claiming rank
+// `claimFrom` but proving with a MAC made for `macFrom` under `secret`. Returns the
+// connection if rank 0 accepted it (sent its own proof back), else an empty Fd.
+net::Fd handshakeAs(const std::string& addr, const uint8_t* secret, int claimFrom, int macFrom,
+                    int size) {
   net::Fd fd = dial(addr);
   tcp_wire::Hello hello{};
   hello.magic = tcp_wire::kHelloMagic;
@@ -457,16 +462,72 @@ bool tryHandshake(const std::string& addr, const uint8_t* secret, int claimFrom,
   hello.toRank = 0;
   hello.size = size;
   net::randomBytes(hello.nonce, sizeof(hello.nonce));
-  if (::send(fd.get(), &hello, sizeof(hello), MSG_NOSIGNAL) != sizeof(hello)) return false;
+  if (::send(fd.get(), &hello, sizeof(hello), MSG_NOSIGNAL) != sizeof(hello)) return net::Fd();
   tcp_wire::Challenge ch;
-  if (!readExactly(fd.get(), &ch, sizeof(ch), 5000)) return false;
+  if (!readExactly(fd.get(), &ch, sizeof(ch), 5000)) return net::Fd();
   EXPECT_EQ(ch.magic, tcp_wire::kChallengeMagic);
   auto mac = tcp_wire::handshakeMac(secret, tcp_wire::kSecretSize, false, macFrom, 0, size,
                                     hello.nonce, ch.nonce);
   ::send(fd.get(), mac.data(), mac.size(), MSG_NOSIGNAL);
   uint8_t reply[tcp_wire::kMacSize];
-  if (readExactly(fd.get(), reply, sizeof(reply), 5000)) return true;
-  return false;
+  if (!readExactly(fd.get(), reply, sizeof(reply), 5000)) return net::Fd();
+  auto want = tcp_wire::handshakeMac(secret, tcp_wire::kSecretSize, true, macFrom, 0, size,
+                                     hello.nonce, ch.nonce);
+  EXPECT_EQ(std::memcmp(reply, want.data(), sizeof(reply)), 0);
+  return fd;
+}
+
+bool tryHandshake(const std::string& addr, const uint8_t* secret, int claimFrom, int macFrom,
+                  int size) {
+  return handshakeAs(addr, secret, claimFrom, macFrom, size).valid();
+}
+
+// Rank 0 is a real transport; "rank 1" is the test speaking the wire protocol with
+// the real secret, then sending `frame`. Returns what rank 0's recv() raised.
+std::string recvAfterRawFrame(const std::vector<uint8_t>& frame) {
+  MemStore store;
+  std::unique_ptr<TcpTransport> t0;
+  net::Fd fake;
+  runRanks(2, [&](int w) {
+    if (w == 0) {
+      t0 = std::make_unique<TcpTransport>(store, kPrefix, 0, 2, kTimeout);
+    } else {
+      std::string addr = store.getString(TcpTransport::addressKey(kPrefix, 0), kTimeout);
+      auto secret = store.get(TcpTransport::secretKey(kPrefix), kTimeout);
+      fake = handshakeAs(addr, secret.data(), 1, 1, 2);
+    }
+  });
+  EXPECT_TRUE(fake.valid());
+  ::send(fake.get(), frame.data(), frame.size(), MSG_NOSIGNAL);
+  std::vector<uint8_t> buf(64);
+  OpDesc d = makeDesc(CollType::kAllReduce, 1, 64);
+  auto recvOnce = [&] {
+    return messageOf([&] { t0->recv(1, buf.data(), buf.size(), d, Deadline::after(kTimeout)); });
+  };
+  std::string msg = recvOnce();
+  // The stream is out of step afterwards: the next call is refused, not misread.
+  std::string again = recvOnce();
+  EXPECT_NE(again.find("unusable after an earlier error"), std::string::npos) << again;
+  return msg;
+}
+
+TEST(TcpTransport, BadMagicIsInvalidFrame) {
+  std::vector<uint8_t> junk(sizeof(tcp_wire::FrameHeader) + 64, 0xab);
+  std::string msg = recvAfterRawFrame(junk);
+  EXPECT_NE(msg.find("invalid frame from rank 1"), std::string::npos) << msg;
+}
+
+TEST(TcpTransport, HugeAbortReasonIsInvalidFrameNotAnAllocation) {
+  tcp_wire::FrameHeader h;
+  std::memset(static_cast<void*>(&h), 0, sizeof(h));
+  h.magic = tcp_wire::kFrameMagic;
+  h.version = tcp_wire::kVersion;
+  h.kind = static_cast<uint16_t>(tcp_wire::FrameKind::kAbort);
+  h.bytes = uint64_t(1) << 40;
+  std::vector<uint8_t> frame(sizeof(h));
+  std::memcpy(frame.data(), &h, sizeof(h));
+  std::string msg = recvAfterRawFrame(frame);
+  EXPECT_NE(msg.find("invalid frame from rank 1"), std::string::npos) << msg;
 }
 
 TEST(TcpTransport, WrongSecretAndReplayedProofAreRejected) {
