@@ -182,14 +182,14 @@ def _tp2_pp2(rank, world):
     return _check_shards(piece, dense[g.pp_rank], g.tp_rank, g.tp)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dp2_tp2_equals_single_process(backend):
-    # 10 parameter shards per rank: embedding, two MLPs (4 each), output head.
-    out = run_ranks(4, _dp2_tp2, backend=backend)
-    assert out == [out[0]] * 4 and out[0] == 10
+def _both(rank, world):
+    # One process group per backend: spawning ranks is the slow part here.
+    return _dp2_tp2(rank, world), _tp2_pp2(rank, world)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tp2_pp2_equals_single_process(backend):
-    out = run_ranks(4, _tp2_pp2, backend=backend)
-    assert out[0] == out[1] == 5 and out[2] == out[3] == 5
+def test_hybrid_equals_single_process(backend):
+    """dp 2 x tp 2, then tp 2 x pp 2 (1F1B), on 4 ranks."""
+    out = run_ranks(4, _both, backend=backend)
+    # 10 parameter shards per rank in dp x tp; 5 per pipeline stage in tp x pp.
+    assert out == [(10, 5)] * 4
