@@ -1,0 +1,359 @@
+"""pycomm-bench: arithmetic, output format, files, --compare, pycomm variants, emulated cluster."""
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pycomm import bench  # pycomm/bench.py does not need the extension itself
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PY = sys.executable
+
+ROW_RE = re.compile(r"^\s+\d+\s+\d+\s+\S+\s+\S+\s+-?\d+\s")
+
+
+def run_bench(*argv, timeout=90, env=None):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    e.update(env or {})
+    return subprocess.run([PY, "-m", "pycomm.bench", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=e)
+
+
+def rows_of(stdout):
+    """Data rows as lists of fields (13 standard columns, +4 with --compare)."""
+    return [line.split() for line in stdout.splitlines() if ROW_RE.match(line)]
+
+
+def avg_busbw(stdout):
+    m = re.search(r"^# Avg bus bandwidth\s*: ([0-9.eE+-]+)", stdout, re.M)
+    assert m, stdout
+    return float(m.group(1))
+
+
+def _pycomm_backend_problem():
+    code = ("import pycomm, torch.distributed as dist; "
+            "assert 'pycomm' in dist.Backend.backend_list, 'not registered'")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+_PYCOMM_WHY = _pycomm_backend_problem()
+needs_pycomm = pytest.mark.skipif(bool(_PYCOMM_WHY),
+                                  reason=f"pycomm backend not registered by `import pycomm`: {_PYCOMM_WHY}")
+
+
+# ---- arithmetic and formatting (no processes) ---------------------------------------
+
+def test_parse_size_and_sweep():
+    assert bench.parse_size("8") == 8
+    assert bench.parse_size("1K") == 1024
+    assert bench.parse_size("64M") == 64 << 20
+    assert bench.parse_size("1G") == 1 << 30
+    assert bench.parse_size("2KB") == 2048
+    with pytest.raises(ValueError):
+        bench.parse_size("lots")
+    assert bench.sweep_sizes(8, 128, 2) == [8, 16, 32, 64, 128]
+    assert bench.sweep_sizes(1024, 64 << 20, 4)[-1] == 64 << 20
+    assert bench.sweep_sizes(8, 100, 4) == [8, 32]
+    with pytest.raises(ValueError):
+        bench.sweep_sizes(8, 100, 1)
+
+
+def test_busbw_factors():
+    assert bench.bus_factor("all_reduce", 4) == pytest.approx(1.5)
+    assert bench.bus_factor("all_reduce", 2) == pytest.approx(1.0)
+    for c in ("reduce_scatter", "all_gather", "all_to_all"):
+        assert bench.bus_factor(c, 4) == pytest.approx(0.75)
+        assert bench.bus_factor(c, 8) == pytest.approx(0.875)
+    assert bench.bus_factor("broadcast", 8) == 1.0
+    assert bench.bus_factor("all_reduce", 1) == 0.0
+
+
+def test_bandwidth_arithmetic():
+    # 1 GB in 0.5 s: algbw 2 GB/s; all_reduce over 4 ranks moves 2(n-1)/n = 1.5x that per rank.
+    algbw, busbw = bench.bandwidths("all_reduce", 10**9, 0.5, 4)
+    assert algbw == pytest.approx(2.0) and busbw == pytest.approx(3.0)
+    algbw, busbw = bench.bandwidths("all_gather", 64 << 20, 1e-3, 8)
+    assert algbw == pytest.approx((64 << 20) / 1e9 / 1e-3)
+    assert busbw == pytest.approx(algbw * 7 / 8)
+    assert bench.bandwidths("broadcast", 1000, 1e-6, 3) == pytest.approx((1.0, 1.0))
+
+
+def test_counts_whole_array():
+    # size is the whole array: per-rank blocks for reduce_scatter/all_gather/all_to_all.
+    assert bench.counts_for("all_reduce", 1024, 4, 4) == (256, 1024)
+    assert bench.counts_for("all_gather", 1024, 4, 4) == (64, 1024)
+    assert bench.counts_for("reduce_scatter", 1000, 4, 3) == (83, 996)
+    assert bench.counts_for("all_to_all", 8, 4, 4) == (0, 0)
+
+
+def test_format_row_columns():
+    m = {"time_us": 12.345, "algbw": 1.234, "busbw": 2.345, "wrong": 0}
+    row = {"size": 1024, "count": 256, "type": "float", "redop": "sum", "root": -1, "oop": m, "ip": None}
+    f = bench.format_row(row).split()
+    assert f == ["1024", "256", "float", "sum", "-1", "12.35", "1.23", "2.35", "0", "N/A", "N/A", "N/A", "N/A"]
+    row.update(cmp={"time_us": 24.0, "busbw": 1.0, "wrong": 0}, ratio=2.345)
+    assert bench.format_row(row).split()[-4:] == ["24.00", "1.00", "0", "2.35"]
+    hdr = bench.header_lines()
+    assert "out-of-place" in hdr[0] and "in-place" in hdr[0]
+    assert hdr[1].split() == ["#", "size", "count", "type", "redop", "root"] + ["time", "algbw", "busbw", "#wrong"] * 2
+
+
+@pytest.mark.parametrize("coll", bench.COLLECTIVES)
+@pytest.mark.parametrize("op", ["sum", "prod", "min", "max", "avg"])
+def test_reference_matches_simulation(coll, op):
+    # The reference the check uses agrees with a direct simulation of the collective.
+    n, count = 3, 7
+    dn = "float"
+    total = count * n if coll in ("reduce_scatter", "all_gather", "all_to_all") else count
+    inp_len = count if coll in ("all_reduce", "broadcast", "all_gather") else total
+    inputs = [bench.rank_values(r, n, 0, inp_len, dn, op) for r in range(n)]
+    stack = torch.stack(inputs)
+    red = {"sum": stack.sum(0), "avg": stack.sum(0) / n, "prod": stack.prod(0),
+           "min": stack.min(0).values, "max": stack.max(0).values}[op]
+    for r in range(n):
+        if coll == "all_reduce":
+            want = red
+        elif coll == "reduce_scatter":
+            want = red[r * count:(r + 1) * count]
+        elif coll == "all_gather":
+            want = torch.cat(inputs)
+        elif coll == "broadcast":
+            want = inputs[1]
+        else:
+            want = torch.cat([inputs[j][r * count:(r + 1) * count] for j in range(n)])
+        got = bench.reference(coll, op, dn, r, n, count, 0, want.numel(), root=1)
+        assert torch.equal(got, want), (coll, op, r)
+        # Chunked reference (what count_wrong does for big buffers) agrees too.
+        parts = [bench.reference(coll, op, dn, r, n, count, s, min(5, want.numel() - s), root=1)
+                 for s in range(0, want.numel(), 5)]
+        assert torch.equal(torch.cat(parts), want)
+
+
+@pytest.mark.parametrize("dtype", list(bench.DTYPES))
+def test_inputs_exact_in_dtype(dtype):
+    dt = getattr(torch, bench.DTYPES[dtype])
+    for op in bench.OPS:
+        for n in (2, 8):
+            ref = bench.reference("all_reduce", op, dtype, 0, n, 1000, 0, 1000)
+            v = bench.rank_values(1, n, 0, 1000, dtype, op)
+            assert torch.equal(v.to(dt).to(torch.float64), v)
+            if op != "avg":  # reduction results are exact too
+                assert torch.equal(ref.to(dt).to(torch.float64), ref), (dtype, op, n)
+
+
+def test_count_wrong_detects_errors():
+    n, count = 2, 100
+    good = bench.reference("all_reduce", "sum", "float", 0, n, count, 0, count).to(torch.float32)
+    assert bench.count_wrong(good, "all_reduce", "sum", "float", 0, n, count) == 0
+    bad = good.clone()
+    bad[3] += 1
+    bad[50] = float("nan")
+    assert bench.count_wrong(bad, "all_reduce", "sum", "float", 0, n, count) == 2
+
+
+def test_plot_and_missing_matplotlib(tmp_path, monkeypatch, capsys):
+    m = {"time_us": 10.0, "algbw": 1.0, "busbw": 1.5, "wrong": 0}
+    rows = [{"backend": "pycomm", "compression": None, "size": s, "oop": m, "ip": m,
+             "cmp_backend": "gloo", "cmp": m, "ratio": 1.0} for s in (1024, 4096)]
+    meta = {"collective": "all_reduce", "dtype": "float", "op": "sum", "nranks": 2, "torch": "x",
+            "date": "d", "machine": "m"}
+    if shutil.which("true") and _has_matplotlib():
+        assert bench.write_plot(str(tmp_path / "a.png"), rows, meta)
+        assert (tmp_path / "a.png").stat().st_size > 1000
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert bench.write_plot(str(tmp_path / "b.png"), rows, meta) is False
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def test_bad_flags_rejected():
+    p = run_bench("all_reduce", "--backend", "gloo", "-d", "complex")
+    assert p.returncode == 2 and "unknown dtype" in p.stderr
+    p = run_bench("all_gather", "--backend", "gloo", "--compression", "onebit")
+    assert p.returncode == 2 and "all_reduce only" in p.stderr
+
+
+# ---- real runs with Gloo ----------------------------------------------------------------
+
+def test_gloo_sweep_checked_with_files(tmp_path):
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    p = run_bench("all_reduce", "--backend", "gloo", "--ranks", "2", "-b", "8", "-e", "64K", "-f", "8",
+                  "-n", "3", "-w", "1", "-c", "1", "--csv", str(csv_path), "--json", str(json_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert re.search(r"#\s+size\s+count\s+type\s+redop\s+root\s+time\s+algbw\s+busbw\s+#wrong"
+                     r"\s+time\s+algbw\s+busbw\s+#wrong", out), out
+    rows = rows_of(out)
+    assert [int(r[0]) for r in rows] == [8, 64, 512, 4096, 32768]
+    for r in rows:
+        assert len(r) == 13
+        assert int(r[1]) * 4 == int(r[0]) and r[2] == "float" and r[3] == "sum" and r[4] == "-1"
+        assert r[8] == "0" and r[12] == "0"  # #wrong out-of-place and in-place
+        t, algbw, busbw = float(r[5]), float(r[6]), float(r[7])
+        assert t > 0 and busbw == pytest.approx(algbw, abs=0.011)  # 2 ranks: factor 1
+    assert avg_busbw(out) >= 0
+    assert "# Out of bounds values : 0 OK" in out
+    with open(csv_path) as f:
+        crow = list(csv.DictReader(f))
+    assert len(crow) == 5 and crow[0]["collective"] == "all_reduce" and crow[-1]["size"] == "32768"
+    assert float(crow[-1]["oop_busbw"]) >= 0 and crow[-1]["oop_wrong"] == "0"
+    doc = json.loads(json_path.read_text())
+    assert doc["meta"]["nranks"] == 2 and doc["meta"]["backend"] == "gloo" and doc["meta"]["torch"]
+    assert len(doc["rows"]) == 5 and doc["summary"]["wrong_total"] == 0
+    assert doc["rows"][0]["oop"]["time_us"] > 0
+
+
+@pytest.mark.parametrize("coll,extra", [
+    ("reduce_scatter", ["-o", "max", "-d", "half"]),
+    ("all_gather", ["-d", "int8"]),
+    ("broadcast", ["-r", "1", "-d", "bfloat16"]),
+    ("all_to_all", ["-d", "int64"]),
+])
+def test_gloo_other_collectives_checked(coll, extra):
+    p = run_bench(coll, "--backend", "gloo", "--ranks", "3", "-b", "96", "-e", "6K", "-f", "8",
+                  "-n", "2", "-w", "1", *extra)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = rows_of(p.stdout)
+    assert rows, p.stdout
+    for r in rows:
+        assert r[8] == "0", p.stdout
+        assert r[12] in ("0", "N/A"), p.stdout
+        assert (r[12] == "N/A") == (coll == "all_to_all")  # no in-place all_to_all
+    if coll == "broadcast":
+        assert rows[0][4] == "1"
+
+
+def test_gloo_int_avg_and_progress():
+    # Gloo refuses integer AVG: the bench measures SUM + divide, says so, and still checks.
+    p = run_bench("all_reduce", "--backend", "gloo", "--ranks", "2", "-b", "8", "-e", "1K", "-f", "4",
+                  "-n", "2", "-w", "0", "-o", "avg", "-d", "int32", "--progress")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert all(r[8] == "0" and r[12] == "0" for r in rows_of(p.stdout))
+    assert "refused AVG" in p.stdout
+    assert re.search(r"\[[#.]+\] \d+/\d+", p.stderr), p.stderr
+
+
+def test_compare_gloo_prints_ratio():
+    p = run_bench("all_reduce", "--backend", "gloo", "--compare", "gloo", "--ranks", "2", "-b", "1K",
+                  "-e", "64K", "-f", "8", "-n", "2", "-w", "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ratio" in p.stdout
+    rows = rows_of(p.stdout)
+    assert len(rows) == 3
+    for r in rows:
+        assert len(r) == 17 and r[15] == "0"
+        if float(r[14]) > 0:
+            assert float(r[16]) > 0
+    assert re.search(r"# busbw ratio gloo/gloo \(out-of-place\): geomean [0-9.]+x", p.stdout), p.stdout
+    assert re.search(r"# Avg bus bandwidth \(gloo\) : ", p.stdout)
+
+
+def test_runs_as_torchrun_rank():
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(bench._free_port()), "-m", "pycomm.bench", "all_gather", "--backend", "gloo",
+                        "-b", "1K", "-e", "1K", "-n", "2", "-w", "0"],
+                       capture_output=True, text=True, timeout=90, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = rows_of(p.stdout)
+    assert len(rows) == 1 and rows[0][8] == "0"  # printed once (rank 0), checked
+
+
+def test_compression_skips_or_runs():
+    backend = "gloo" if _PYCOMM_WHY else "pycomm"
+    p = run_bench("all_reduce", "--backend", backend, "--compression", "fp16", "--ranks", "2", "-b", "4K",
+                  "-e", "4K", "-n", "2", "-w", "1", "--json", os.devnull)
+    assert p.returncode == 0, p.stdout + p.stderr
+    if "# skipped" in p.stdout:
+        assert "pycomm.compression" in p.stdout
+        return
+    rows = rows_of(p.stdout)
+    assert len(rows) == 1 and rows[0][3] == "avg" and rows[0][8] == "N/A"
+
+
+# ---- the pycomm backend --------------------------------------------------------------------
+
+def test_pycomm_backend_unavailable_is_clear():
+    if not _PYCOMM_WHY:
+        pytest.skip("pycomm backend is registered here; nothing to report")
+    p = run_bench("all_reduce", "--ranks", "2", "-b", "8", "-e", "8")
+    assert p.returncode == 3 and "backend 'pycomm' unavailable" in p.stderr
+
+
+@needs_pycomm
+@pytest.mark.parametrize("coll", bench.COLLECTIVES)
+def test_pycomm_backend_checked(coll):
+    p = run_bench(coll, "--backend", "pycomm", "--ranks", "3", "-b", "96", "-e", "96K", "-f", "32",
+                  "-n", "2", "-w", "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = rows_of(p.stdout)
+    assert rows and all(r[8] == "0" and r[12] in ("0", "N/A") for r in rows), p.stdout
+
+
+@needs_pycomm
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_pycomm_compare_gloo(transport):
+    p = run_bench("all_reduce", "--backend", "pycomm", "--compare", "gloo", "--transport", transport,
+                  "--ranks", "2", "-b", "4K", "-e", "256K", "-f", "8", "-n", "3", "-w", "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = rows_of(p.stdout)
+    assert rows and all(len(r) == 17 and r[8] == "0" and r[15] == "0" for r in rows), p.stdout
+    assert "transport " + transport in p.stdout
+    assert "# busbw ratio pycomm/gloo" in p.stdout
+
+
+# ---- emulated cluster -----------------------------------------------------------------------
+
+def _netns_ok():
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return "needs root and iproute2"
+    probe = f"pcm{os.getpid()}c998h0"
+    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if p.returncode:
+        return "cannot create network namespaces: " + p.stderr.strip()
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ""
+
+
+_NETNS_WHY = _netns_ok()
+
+
+@pytest.mark.skipif(bool(_NETNS_WHY), reason=_NETNS_WHY or "ok")
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("pycomm", marks=needs_pycomm)])
+def test_bench_on_emulated_cluster(backend, tmp_path):
+    before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    jp = tmp_path / "c.json"
+    p = run_bench("all_reduce", "--backend", backend, "--hosts", "2", "--ranks", "2", "--link", "1gbit",
+                  "--latency", "100us", "-b", "1K", "-e", "1M", "-f", "32", "-n", "3", "-w", "1",
+                  "--json", str(jp), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "# emulated cluster: 2 hosts, link 1gbit" in p.stdout
+    rows = rows_of(p.stdout)
+    assert len(rows) == 3 and all(r[8] == "0" and r[12] == "0" for r in rows), p.stdout
+    # One 1 Gbit/s link per host: a 1 MiB all_reduce between two hosts can't beat 125 MB/s busbw
+    # by much (each rank sends and receives half the array twice over its own link).
+    assert float(rows[-1][7]) < 0.2, p.stdout
+    meta = json.loads(jp.read_text())["meta"]
+    assert meta["hosts"] == 2 and meta["netem"]["addrs"]
+    after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert after <= before | set(), f"namespaces left behind: {after - before}"
+    assert math.isfinite(avg_busbw(p.stdout))
