@@ -4,10 +4,12 @@
 namespace pycomm {
 void initBackendBindings(pybind11::module_& m);      // backend.cpp
 void initCompressionBindings(pybind11::module_& m);  // compression_bindings.cpp
+void initBucketBindings(pybind11::module_& m);       // bucket_bindings.cpp
 }  // namespace pycomm
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pycomm native core: collectives, transports, compression kernels";
   pycomm::initBackendBindings(m);
   pycomm::initCompressionBindings(m);
+  pycomm::initBucketBindings(m);
 }
