@@ -9,6 +9,11 @@ void initBucketBindings(pybind11::module_& m);       // bucket_bindings.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pycomm native core: collectives, transports, compression kernels";
+#ifdef PYCOMM_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
   pycomm::initBackendBindings(m);
   pycomm::initCompressionBindings(m);
   pycomm::initBucketBindings(m);
