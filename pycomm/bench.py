@@ -790,6 +790,15 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
             print(f"# busbw ratio {args.backend}{'+' + args.compression if args.compression else ''}/{args.compare} "
                   f"(out-of-place): geomean {geo:.2f}x, min {lo['ratio']:.2f}x at {_human(lo['size'])}B, "
                   f"max {hi['ratio']:.2f}x at {_human(hi['size'])}B", file=out)
+    if comp is not None and rows and rows[-1]["oop"].get("wire_bytes"):
+        last = rows[-1]
+        plain = 2 * (world - 1) * (last["size"] // world)  # what a ring all_reduce sends per rank
+        wire = last["oop"]["wire_bytes"]
+        summary.update({"wire_bytes_largest": wire, "ring_bytes_largest": plain})
+        print(f"# {args.compression}: {wire} B sent per rank at {_human(last['size'])}B vs {plain} B "
+              f"uncompressed ring ({plain / max(wire, 1):.1f}x less); relative error "
+              + (f"{last['oop']['relerr']:.3g}" if last["oop"]["relerr"] is not None else "not checked (-c 0)"),
+              file=out)
     print("#", file=out)
     out.flush()
     if args.csv:
@@ -1023,9 +1032,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"# skipped: --compression {args.compression} needs pycomm.compression "
                   f"({type(e).__name__}: {e})")
             return 0
-    if args.hosts:
-        return launch_cluster(args, argv)
-    return launch_local(args, argv)
+    try:
+        if args.hosts:
+            return launch_cluster(args, argv)
+        return launch_local(args, argv)
+    except KeyboardInterrupt:
+        print("pycomm-bench: interrupted; ranks stopped" + (", emulated cluster removed" if args.hosts else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
