@@ -25,7 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, backend, pg_timeout, env, fn, args, queue):
+def _entry(rank, world_size, port, backend, pg_timeout, env, fn, args, queue, hang_after):
+    import faulthandler
+    import sys
+
+    # A rank that hangs prints where it is before the parent kills it.
+    faulthandler.dump_traceback_later(hang_after, exit=False, file=sys.stderr)
     try:
         os.environ.update(env)
         import torch
@@ -60,7 +65,7 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, backend: Opti
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, pg_timeout, dict(env or {}),
-                                              fn, args, queue), daemon=True)
+                                              fn, args, queue, max(1.0, timeout - 3)), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
