@@ -7,7 +7,6 @@ runs torch.distributed.pipelining's own schedules on the backend under test.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
 import os
