@@ -47,8 +47,14 @@ std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPre
 Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout)
     : rank_(rank), size_(size), timeout_(timeout), sendSeq_(size, 0), recvSeq_(size, 0) {
   PYCOMM_CHECK_ARG(size >= 1 && rank >= 0 && rank < size, "invalid rank ", rank, " for group size ", size);
-  coll_ = makeTransport(store, "c/", rank, size, timeout);
-  p2p_ = makeTransport(store, "p/", rank, size, timeout);
+  // Keys must be fresh for every group instance (transports read what they find):
+  // torch reuses a store prefix when a group is destroyed and created again (the
+  // default group after destroy_process_group(), for one), so each rank counts the
+  // groups it has built under this prefix; ranks build them in the same order.
+  const int64_t gen = store.add(strCat("pycomm/instances/", rank), 1);
+  const std::string prefix = strCat("g", gen, "/");
+  coll_ = makeTransport(store, prefix + "c/", rank, size, timeout);
+  p2p_ = makeTransport(store, prefix + "p/", rank, size, timeout);
   algos_ = std::make_unique<Collectives>(*coll_, AlgoConfig::fromEnv());
   collQueue_ = std::make_unique<WorkQueue>("pycomm-coll");
   sendQueue_ = std::make_unique<WorkQueue>("pycomm-send");
