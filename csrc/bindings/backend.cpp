@@ -214,7 +214,8 @@ class PycommBackend : public c10d::Backend {
                     for (size_t i = 0; i < st.size(); ++i) {
                       c.allReduce(st[i].data(), st[i].buf.numel(), ops[i].first, ops[i].second, d, dl);
                     }
-                  });
+                  },
+                  -1, {}, ops.empty() ? ReduceOp::kSum : ops[0].second);
   }
 
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
@@ -248,7 +249,8 @@ class PycommBackend : public c10d::Backend {
                     for (size_t i = 0; i < st.size(); ++i) {
                       c.reduce(st[i].data(), st[i].buf.numel(), ops[i].first, ops[i].second, root, d, dl);
                     }
-                  });
+                  },
+                  -1, {}, ops.empty() ? ReduceOp::kSum : ops[0].second);
   }
 
   c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
@@ -575,7 +577,7 @@ class PycommBackend : public c10d::Backend {
       desc.dtype = toDType(staged[0].buf.scalar_type(), rank_);
       desc.count = count >= 0 ? static_cast<uint64_t>(count) : static_cast<uint64_t>(staged[0].buf.numel());
     }
-    (void)op;
+    desc.op = op;  // part of the header: ranks reducing with different ops are a mismatch
     if (copyBack.empty()) copyBack = staged;
     auto c = group_->submitCollective(
         [fn = std::move(fn), desc, copyBack = std::move(copyBack), staged](Collectives& cs, const Deadline& dl) {
