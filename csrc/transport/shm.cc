@@ -109,6 +109,7 @@ struct alignas(64) ShmRankSlot {
   uint32_t pad;
   uint64_t canaryAddr;              // address of canary_ in the owning process (CMA probe)
   std::atomic<uint64_t> barrier;    // last barrier this rank arrived at
+  OpDesc barrierDesc[2];            // the call of each barrier, by barrier number parity
   std::atomic<uint64_t> served;     // bytes peers have read out of this rank's buffers
   ShmPostRecord rec[2];             // double-buffered by direct sequence number parity
 };
@@ -446,6 +447,10 @@ ShmTransport::Peer ShmTransport::peerRecord(int peer, uint64_t dseq, const OpDes
 void ShmTransport::barrier(const OpDesc& desc, const Deadline& deadline) {
   checkAbort();
   const uint64_t b = ++barrierSeq_;
+  // The barrier carries the call: ranks that skipped every other check (a broadcast
+  // whose ranks disagree on the root both act as root) meet here and compare. Safe to
+  // overwrite slot b&1: every peer has left barrier b-2, which used it.
+  slot(rank_)->barrierDesc[b & 1] = desc;
   slot(rank_)->barrier.store(b, std::memory_order_release);
   for (int r = 0; r < size_; ++r) {
     if (r != rank_) ring(r);
@@ -455,6 +460,16 @@ void ShmTransport::barrier(const OpDesc& desc, const Deadline& deadline) {
     ShmRankSlot* s = slot(r);
     waitFor([&] { return s->barrier.load(std::memory_order_acquire) >= b; }, r, desc, deadline,
             "barrier");
+    // A peer past b is at b+1 at most (it waits for us there), which uses the other slot.
+    const OpDesc theirs = s->barrierDesc[b & 1];
+    if (!theirs.sameCall(desc)) {
+      try {
+        throwMismatch(rank_, r, desc, 0, theirs, 0);
+      } catch (const MismatchError& e) {
+        abort(e.what());
+        throw;
+      }
+    }
   }
 }
 
