@@ -10,8 +10,45 @@
 
 #include "core/error.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PYCOMM_X86 1
+#endif
+
 namespace pycomm {
 namespace {
+
+#if defined(PYCOMM_X86)
+// Half conversions with the F16C instructions (round to nearest even, like floatToHalf;
+// only NaN payload bits may differ), chosen at run time so the build needs no -mf16c.
+const bool kHasF16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+
+__attribute__((target("avx,f16c"))) void halfCompressF16c(const float* x, float* residual, size_t n,
+                                                          uint16_t* out) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    if (residual) v = _mm256_add_ps(v, _mm256_loadu_ps(residual + i));
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+    if (residual) _mm256_storeu_ps(residual + i, _mm256_sub_ps(v, _mm256_cvtph_ps(h)));
+  }
+  for (; i < n; ++i) {
+    const float v = x[i] + (residual ? residual[i] : 0.0f);
+    out[i] = floatToHalf(v);
+    if (residual) residual[i] = v - halfToFloat(out[i]);
+  }
+}
+
+__attribute__((target("avx,f16c"))) void halfDecompressF16c(const uint16_t* in, size_t n, float* out) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) out[i] = halfToFloat(in[i]);
+}
+#endif
 
 constexpr size_t kLanes = 16;
 
@@ -44,10 +81,26 @@ void packSigns(float* v, size_t count, size_t chunk, double absSum, bool update,
   for (size_t w = 0; w < full; ++w) {
     float* p = v + 32 * w;
     uint32_t word = 0;
+#if defined(PYCOMM_X86)
+    // Same rule as oneBitSign: bit = !(x < 0), four lanes per movemask; the sent value is
+    // scale with its sign flipped where x < 0.
+    const __m128 zero = _mm_setzero_ps();
+    const __m128 sv = _mm_set1_ps(scale);
+    const __m128 signBit = _mm_set1_ps(-0.0f);
+    uint32_t neg = 0;
+    for (uint32_t j = 0; j < 32; j += 4) {
+      const __m128 x = _mm_loadu_ps(p + j);
+      const __m128 lt = _mm_cmplt_ps(x, zero);
+      neg |= (uint32_t)_mm_movemask_ps(lt) << j;
+      if (update) _mm_storeu_ps(p + j, _mm_sub_ps(x, _mm_xor_ps(sv, _mm_and_ps(lt, signBit))));
+    }
+    word = ~neg;
+#else
     for (uint32_t j = 0; j < 32; ++j) word |= oneBitSign(p[j]) << j;
     if (update) {
       for (uint32_t j = 0; j < 32; ++j) p[j] -= oneBitValue((word >> j) & 1u, scale);
     }
+#endif
     std::memcpy(bits + 4 * w, &word, 4);
   }
   for (size_t w = full; w < words; ++w) {
@@ -72,11 +125,24 @@ void unpackSigns(const uint8_t* in, size_t count, float* out, bool accumulate) {
     uint32_t word;
     std::memcpy(&word, bits + 4 * w, 4);
     float* p = out + 32 * w;
+#if defined(PYCOMM_X86)
+    // Four lanes at a time: lane j's bit selects +scale (set) or -scale (clear).
+    const __m128i laneBits = _mm_set_epi32(8, 4, 2, 1);
+    const __m128 sv = _mm_set1_ps(scale);
+    const __m128 signBit = _mm_set1_ps(-0.0f);
+    for (uint32_t j = 0; j < 32; j += 4) {
+      const __m128i nib = _mm_set1_epi32((int)((word >> j) & 0xFu));
+      const __m128 set = _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_and_si128(nib, laneBits), laneBits));
+      const __m128 val = _mm_xor_ps(sv, _mm_andnot_ps(set, signBit));
+      _mm_storeu_ps(p + j, accumulate ? _mm_add_ps(_mm_loadu_ps(p + j), val) : val);
+    }
+#else
     if (accumulate) {
       for (uint32_t j = 0; j < 32; ++j) p[j] += oneBitValue((word >> j) & 1u, scale);
     } else {
       for (uint32_t j = 0; j < 32; ++j) p[j] = oneBitValue((word >> j) & 1u, scale);
     }
+#endif
   }
   if (full * 32 < count) {
     uint32_t word;
@@ -375,6 +441,13 @@ void halfServerReduceT(const uint16_t* in, int numPayloads, size_t chunk, size_t
 
 void halfCompress(const float* x, float* residual, size_t n, size_t outCount, bool bf16, uint16_t* out) {
   PYCOMM_CHECK_ARG(outCount >= n, "halfCompress: outCount < n");
+#if defined(PYCOMM_X86)
+  if (!bf16 && kHasF16c) {
+    halfCompressF16c(x, residual, n, out);
+    for (size_t i = n; i < outCount; ++i) out[i] = 0;
+    return;
+  }
+#endif
   if (bf16) {
     halfCompressT<true>(x, residual, n, out);
   } else {
@@ -395,6 +468,12 @@ void halfServerReduce(const uint16_t* in, int numPayloads, size_t chunk, size_t 
 }
 
 void halfDecompress(const uint16_t* in, size_t n, bool bf16, float* out) {
+#if defined(PYCOMM_X86)
+  if (!bf16 && kHasF16c) {
+    halfDecompressF16c(in, n, out);
+    return;
+  }
+#endif
   if (bf16) {
     for (size_t i = 0; i < n; ++i) out[i] = bf16ToFloat(in[i]);
   } else {
