@@ -61,6 +61,16 @@ constexpr int kSocketBuffer = 4 << 20;
 // How long abort() waits for a sender to leave a frame boundary / to push the ABORT.
 constexpr milliseconds kAbortLockWait{250};
 constexpr milliseconds kAbortSendWait{100};
+// A status frame (a FrameHeader with kind kStatusKind and no payload) carries the
+// sender's current call. A rank stuck in a collective for kStatusAfter sends one to
+// every peer, again every kStatusEvery, and meanwhile peeks at what its other peers
+// sent: a call with the same sequence number that differs is a mismatch, found even
+// when the mismatched ranks never exchange data directly (they would otherwise wait
+// for each other until the timeout). Frames of kStatusKind are consumed wherever
+// they are met; they never reach the caller.
+constexpr uint16_t kStatusKind = 3;
+constexpr milliseconds kStatusAfter{300};
+constexpr milliseconds kStatusEvery{1000};
 
 int pollMs(const Deadline& d, milliseconds cap = kPollSlice) {
   auto left = std::chrono::duration_cast<milliseconds>(d.remaining()).count() + 1;
@@ -291,6 +301,53 @@ short wantedEvents(const Handshake& h) {
 
 // ---------------------------------------------------------------------------------
 
+struct TcpTransport::SendProgress {
+  tcp_wire::FrameHeader hdr;
+  const uint8_t* payload;
+  size_t bytes;
+  size_t done = 0;  // of sizeof(hdr) + bytes
+
+  SendProgress(tcp_wire::FrameKind kind, const OpDesc& desc, const void* buf, size_t n)
+      : payload(static_cast<const uint8_t*>(buf)), bytes(n) {
+    // Zero everything first: OpDesc has tail padding, and no stack bytes go on the wire.
+    std::memset(static_cast<void*>(&hdr), 0, sizeof(hdr));
+    hdr.magic = tcp_wire::kFrameMagic;
+    hdr.version = tcp_wire::kVersion;
+    hdr.kind = static_cast<uint16_t>(kind);
+    hdr.desc = desc;
+    hdr.bytes = n;
+  }
+  bool finished() const { return done == sizeof(hdr) + bytes; }
+
+  // Writes what the socket takes. Returns true when the frame is out, false when the
+  // socket is full; otherwise returns the errno in `err`.
+  bool step(int fd, int* err) {
+    while (!finished()) {
+      iovec iov[2];
+      int n = 0;
+      if (done < sizeof(hdr)) {
+        iov[n++] = {reinterpret_cast<uint8_t*>(&hdr) + done, sizeof(hdr) - done};
+        if (bytes > 0) iov[n++] = {const_cast<uint8_t*>(payload), bytes};
+      } else {
+        size_t off = done - sizeof(hdr);
+        iov[n++] = {const_cast<uint8_t*>(payload) + off, bytes - off};
+      }
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = n;
+      ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+        *err = errno;
+        return false;
+      }
+      done += static_cast<size_t>(w);
+    }
+    return true;
+  }
+};
+
 struct TcpTransport::Pair {
   net::Fd fd;
   std::string addr;  // "A.B.C.D:P" of the peer's end
@@ -299,6 +356,9 @@ struct TcpTransport::Pair {
   bool sendMidFrame = false;  // guarded by sendMu: an unfinished frame is on the wire
   std::string sendBroken;     // guarded by sendMu: why the send side is unusable
   std::string recvBroken;     // receiving thread only: why the receive side is unusable
+  // guarded by sendMu: a status frame the socket took only part of (sendMidFrame is
+  // set until it is out; the next frame on this socket finishes it first)
+  std::unique_ptr<SendProgress> pendingCtl;
 };
 
 std::string TcpTransport::addressKey(const std::string& keyPrefix, int rank) {
@@ -550,53 +610,6 @@ void TcpTransport::connectMesh(Store& store, const std::string& keyPrefix) {
 // ---------------------------------------------------------------------------------
 // Data path.
 
-struct TcpTransport::SendProgress {
-  tcp_wire::FrameHeader hdr;
-  const uint8_t* payload;
-  size_t bytes;
-  size_t done = 0;  // of sizeof(hdr) + bytes
-
-  SendProgress(tcp_wire::FrameKind kind, const OpDesc& desc, const void* buf, size_t n)
-      : payload(static_cast<const uint8_t*>(buf)), bytes(n) {
-    // Zero everything first: OpDesc has tail padding, and no stack bytes go on the wire.
-    std::memset(static_cast<void*>(&hdr), 0, sizeof(hdr));
-    hdr.magic = tcp_wire::kFrameMagic;
-    hdr.version = tcp_wire::kVersion;
-    hdr.kind = static_cast<uint16_t>(kind);
-    hdr.desc = desc;
-    hdr.bytes = n;
-  }
-  bool finished() const { return done == sizeof(hdr) + bytes; }
-
-  // Writes what the socket takes. Returns true when the frame is out, false when the
-  // socket is full; otherwise returns the errno in `err`.
-  bool step(int fd, int* err) {
-    while (!finished()) {
-      iovec iov[2];
-      int n = 0;
-      if (done < sizeof(hdr)) {
-        iov[n++] = {reinterpret_cast<uint8_t*>(&hdr) + done, sizeof(hdr) - done};
-        if (bytes > 0) iov[n++] = {const_cast<uint8_t*>(payload), bytes};
-      } else {
-        size_t off = done - sizeof(hdr);
-        iov[n++] = {const_cast<uint8_t*>(payload) + off, bytes - off};
-      }
-      msghdr msg{};
-      msg.msg_iov = iov;
-      msg.msg_iovlen = n;
-      ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
-        *err = errno;
-        return false;
-      }
-      done += static_cast<size_t>(w);
-    }
-    return true;
-  }
-};
-
 struct TcpTransport::RecvProgress {
   enum class Phase { kHeader, kPayload, kAbortReason, kDone };
   Phase phase = Phase::kHeader;
@@ -647,13 +660,100 @@ void TcpTransport::transfer(int sendPeer, SendProgress* s, int recvPeer, RecvPro
                             const OpDesc& desc, const Deadline& deadline) {
   const int sfd = s ? pairs_[sendPeer]->fd.get() : -1;
   const int rfd = r ? pairs_[recvPeer]->fd.get() : -1;
+  Pair* const spair = s ? pairs_[sendPeer].get() : nullptr;
   bool sDone = (s == nullptr);
   bool rDone = (r == nullptr);
+  // Stall handling (see kStatusKind): collectives only; p2p calls on different pairs
+  // are unordered and their sequence numbers are per pair.
+  const bool collective = desc.coll != CollType::kSend;
+  auto nextStatus = Clock::now() + kStatusAfter;
+  bool stalled = false;
+  std::vector<int> watch;  // peers whose incoming frames we peek at (allocated once stalled)
+
+  auto checkCall = [&](int peer, const OpDesc& theirs) {
+    if (collective && theirs.coll != CollType::kSend && theirs.seq == desc.seq &&
+        !theirs.sameCall(desc)) {
+      throw MismatchError(strCat("pycomm: collective mismatch between rank ", rank_, " and rank ",
+                                 peer, ": rank ", rank_, " runs ", desc.str(), ", rank ", peer,
+                                 " runs ", theirs.str()));
+    }
+  };
+  // Writes a status frame to every peer whose send side is at a frame boundary.
+  auto sendStatus = [&] {
+    for (int p = 0; p < size_; ++p) {
+      Pair* pair = pairs_[p].get();
+      if (pair == nullptr || !pair->fd.valid()) continue;
+      std::unique_lock<std::mutex> lk;
+      if (pair == spair) {
+        if (!sDone) continue;  // our data frame is still going out on this socket (lock held)
+      } else {
+        lk = std::unique_lock<std::mutex>(pair->sendMu, std::try_to_lock);
+        if (!lk.owns_lock()) continue;
+      }
+      if (!pair->sendBroken.empty()) continue;
+      int err = 0;
+      if (pair->pendingCtl) {
+        if (pair->pendingCtl->step(pair->fd.get(), &err)) {
+          pair->pendingCtl.reset();
+          pair->sendMidFrame = false;
+        }
+        continue;
+      }
+      if (pair->sendMidFrame) continue;
+      SendProgress f(static_cast<tcp_wire::FrameKind>(kStatusKind), desc, nullptr, 0);
+      if (!f.step(pair->fd.get(), &err) && err == 0 && f.done > 0) {
+        pair->pendingCtl = std::make_unique<SendProgress>(f);
+        pair->sendMidFrame = true;
+      }
+      // A failed write is for the data path to report, if this peer matters to it.
+    }
+  };
+  // Looks at the frames waiting on peer p's socket without disturbing data frames.
+  // Returns whether p is worth watching further.
+  auto inspect = [&](int p) -> bool {
+    const int fd = pairs_[p]->fd.get();
+    tcp_wire::FrameHeader h;
+    while (true) {
+      ssize_t got = ::recv(fd, &h, sizeof(h), MSG_PEEK | MSG_DONTWAIT);
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) return errno == EAGAIN || errno == EWOULDBLOCK;
+      if (got == 0) return false;  // closed: the data path reports it if it waits on p
+      if (static_cast<size_t>(got) < sizeof(h)) return true;  // the rest is on its way
+      if (h.magic != tcp_wire::kFrameMagic || h.version != tcp_wire::kVersion) return false;
+      if (h.kind == kStatusKind && h.bytes == 0) {
+        ssize_t n;
+        do {
+          n = ::recv(fd, &h, sizeof(h), MSG_DONTWAIT);  // exactly the bytes peeked
+        } while (n < 0 && errno == EINTR);
+        checkCall(p, h.desc);
+        continue;
+      }
+      if (h.kind == static_cast<uint16_t>(tcp_wire::FrameKind::kAbort) &&
+          h.bytes <= tcp_wire::kMaxAbortReason) {
+        char buf[sizeof(h) + tcp_wire::kMaxAbortReason];
+        const size_t want = sizeof(h) + static_cast<size_t>(h.bytes);
+        ssize_t n = ::recv(fd, buf, want, MSG_PEEK | MSG_DONTWAIT);
+        if (n < static_cast<ssize_t>(want)) return true;  // wait for the whole reason
+        ::recv(fd, buf, want, MSG_DONTWAIT);
+        std::string why = strCat("pycomm: rank ", p, " aborted: ",
+                                 std::string(buf + sizeof(h), static_cast<size_t>(h.bytes)));
+        failRemote(why);
+        throw PeerError(why);
+      }
+      if (h.kind == static_cast<uint16_t>(tcp_wire::FrameKind::kData)) checkCall(p, h.desc);
+      return false;  // a data frame: the data path takes it when its turn comes
+    }
+  };
+
   while (true) {
     throwIfFailed();
     if (!sDone) {
       int err = 0;
-      sDone = s->step(sfd, &err);
+      if (spair->pendingCtl && spair->pendingCtl->step(sfd, &err)) {
+        spair->pendingCtl.reset();  // a status frame goes out whole before our data
+        spair->sendMidFrame = false;
+      }
+      if (err == 0 && !spair->pendingCtl) sDone = s->step(sfd, &err);
       if (err != 0) throwIoError(sendPeer, err, desc);
     }
     while (!rDone) {
@@ -699,6 +799,15 @@ void TcpTransport::transfer(int sendPeer, SendProgress* s, int recvPeer, RecvPro
                                  std::hex, h.magic, std::dec, ", version ", h.version,
                                  ") while rank ", rank_, " expected ", r->expected.str()));
         }
+        if (h.kind == kStatusKind) {
+          if (h.bytes != 0) {
+            throw PeerError(strCat("pycomm: invalid frame from rank ", recvPeer,
+                                   " (status frame with ", h.bytes, " bytes)"));
+          }
+          checkCall(recvPeer, h.desc);
+          r->hdrHave = 0;  // not ours to deliver: read the next header
+          continue;
+        }
         if (h.kind == static_cast<uint16_t>(tcp_wire::FrameKind::kAbort)) {
           if (h.bytes > tcp_wire::kMaxAbortReason) {
             throw PeerError(strCat("pycomm: invalid frame from rank ", recvPeer,
@@ -742,6 +851,27 @@ void TcpTransport::transfer(int sendPeer, SendProgress* s, int recvPeer, RecvPro
                                 " ms waiting for rank ", peer, " in ", desc.str(), " [", detail,
                                 "]"));
     }
+    if (collective && Clock::now() >= nextStatus) {
+      if (!stalled) {
+        stalled = true;
+        for (int p = 0; p < size_; ++p) {
+          if (p != rank_ && !(!rDone && p == recvPeer) && pairs_[p] && pairs_[p]->fd.valid()) {
+            watch.push_back(p);
+          }
+        }
+      }
+      sendStatus();
+      nextStatus = Clock::now() + kStatusEvery;
+    }
+    if (stalled) {
+      for (size_t i = 0; i < watch.size();) {
+        if (inspect(watch[i])) {
+          ++i;
+        } else {
+          watch.erase(watch.begin() + static_cast<std::ptrdiff_t>(i));
+        }
+      }
+    }
     pollfd fds[2];
     nfds_t n = 0;
     if (!sDone) fds[n++] = {sfd, POLLOUT, 0};
@@ -753,7 +883,14 @@ void TcpTransport::transfer(int sendPeer, SendProgress* s, int recvPeer, RecvPro
       }
     }
     // Slices of at most kPollSlice so the deadline and abort() are noticed.
-    int rc = ::poll(fds, n, pollMs(deadline));
+    int rc;
+    if (stalled && !watch.empty()) {
+      std::vector<pollfd> all(fds, fds + n);
+      for (int p : watch) all.push_back({pairs_[p]->fd.get(), POLLIN, 0});
+      rc = ::poll(all.data(), all.size(), pollMs(deadline));
+    } else {
+      rc = ::poll(fds, n, pollMs(deadline));
+    }
     if (rc < 0 && errno != EINTR) {
       throw Error(strCat("pycomm: poll failed: ", std::strerror(errno)));
     }
