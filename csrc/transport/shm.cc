@@ -110,6 +110,11 @@ struct alignas(64) ShmRankSlot {
   uint64_t canaryAddr;              // address of canary_ in the owning process (CMA probe)
   std::atomic<uint64_t> barrier;    // last barrier this rank arrived at
   OpDesc barrierDesc[2];            // the call of each barrier, by barrier number parity
+  // The collective this rank is blocked in (published when a wait turns slow), so that
+  // stuck ranks compare calls even when the mismatched ones never meet in a
+  // mailbox or post record. A seqlock: `callVer` is odd while the words change.
+  std::atomic<uint64_t> callVer;
+  std::atomic<uint64_t> callWords[sizeof(OpDesc) / 8];
   std::atomic<uint64_t> served;     // bytes peers have read out of this rank's buffers
   ShmPostRecord rec[2];             // double-buffered by direct sequence number parity
 };
@@ -261,6 +266,35 @@ void ShmTransport::checkPeerAlive(int peer, const OpDesc& desc, const char* what
   }
 }
 
+namespace {
+
+void publishCall(ShmRankSlot* me, const OpDesc& desc) {
+  uint64_t w[sizeof(OpDesc) / 8];
+  memcpy(w, &desc, sizeof(w));
+  bool same = true;
+  for (size_t i = 0; i < sizeof(OpDesc) / 8; ++i) same = same && me->callWords[i].load(std::memory_order_relaxed) == w[i];
+  if (same) return;
+  const uint64_t v = me->callVer.load(std::memory_order_relaxed);
+  me->callVer.store(v + 1, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);
+  for (size_t i = 0; i < sizeof(OpDesc) / 8; ++i) me->callWords[i].store(w[i], std::memory_order_relaxed);
+  me->callVer.store(v + 2, std::memory_order_release);
+}
+
+// False when the peer was changing its record (try again later).
+bool readCall(const ShmRankSlot* s, OpDesc* out) {
+  const uint64_t v1 = s->callVer.load(std::memory_order_acquire);
+  if (v1 & 1) return false;
+  uint64_t w[sizeof(OpDesc) / 8];
+  for (size_t i = 0; i < sizeof(OpDesc) / 8; ++i) w[i] = s->callWords[i].load(std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (s->callVer.load(std::memory_order_relaxed) != v1) return false;
+  memcpy(static_cast<void*>(out), w, sizeof(w));
+  return true;
+}
+
+}  // namespace
+
 template <typename Pred>
 void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadline& deadline,
                            const char* what) {
@@ -269,6 +303,9 @@ void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadli
     PYCOMM_CPU_RELAX();
   }
   ShmRankSlot* me = slot(rank_);
+  // Collectives only: p2p sequence numbers are per pair and p2p calls are unordered.
+  const bool collective = desc.coll != CollType::kSend;
+  if (collective) publishCall(me, desc);
   auto lastCheck = std::chrono::steady_clock::now();
   while (true) {
     uint32_t bell = me->doorbell.load(std::memory_order_seq_cst);
@@ -283,6 +320,17 @@ void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadli
     auto now = std::chrono::steady_clock::now();
     if (now - lastCheck > std::chrono::milliseconds(50)) {
       lastCheck = now;
+      for (int r = 0; collective && r < size_; ++r) {
+        OpDesc theirs;
+        if (r == rank_ || !readCall(slot(r), &theirs)) continue;
+        if (theirs.coll != CollType::kSend && theirs.seq == desc.seq && !theirs.sameCall(desc)) {
+          std::string why = strCat("pycomm: collective mismatch between rank ", rank_, " and rank ",
+                                   r, ": rank ", rank_, " runs ", desc.str(), ", rank ", r,
+                                   " runs ", theirs.str());
+          abort(why);
+          throw MismatchError(why);
+        }
+      }
       if (peer >= 0) {
         checkPeerAlive(peer, desc, what);
       } else {
