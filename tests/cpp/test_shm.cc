@@ -347,6 +347,18 @@ TEST_P(ShmCollectiveMismatch, EveryRankRaises) {
         OpDesc d = makeDesc(CollType::kBroadcast, 1, 1000);
         d.root = root;
         coll.broadcast(v.data(), v.size(), root, d, dl);
+      } else if (what == "gather") {
+        // The odd rank posts a direct record; the others use mailboxes: they never meet
+        // in one place, and only the published calls of stuck ranks show the mismatch.
+        std::vector<float> v(64, 1.0f), all(64 * c.ranks);
+        if (odd) {
+          coll.allReduce(v.data(), 64, DType::kFloat32, ReduceOp::kSum,
+                         makeDesc(CollType::kAllReduce, 1, 64, DType::kFloat32), dl);
+        } else {
+          OpDesc d = makeDesc(CollType::kGather, 1, 256);
+          d.root = 0;
+          coll.gather(v.data(), all.data(), 256, 0, d, dl);
+        }
       } else if (what == "coll") {
         std::vector<float> v(64, 1.0f);
         if (odd) {
@@ -358,6 +370,9 @@ TEST_P(ShmCollectiveMismatch, EveryRankRaises) {
                          makeDesc(CollType::kAllReduce, 1, 64, DType::kFloat32), dl);
         }
       }
+      // A rank whose part of the call never involved the odd rank may complete it;
+      // its next call must fail with the mismatch then.
+      coll.barrier(makeDesc(CollType::kBarrier, 2, 0), dl);
     });
   });
   for (int r = 0; r < c.ranks; ++r) {
@@ -369,7 +384,8 @@ INSTANTIATE_TEST_SUITE_P(Shm, ShmCollectiveMismatch,
                          ::testing::Values(MismatchCase{"count_small", 2}, MismatchCase{"count_small", 3},
                                            MismatchCase{"count_large", 3}, MismatchCase{"dtype", 3},
                                            MismatchCase{"op", 3}, MismatchCase{"root", 2},
-                                           MismatchCase{"root", 3}, MismatchCase{"coll", 3}),
+                                           MismatchCase{"root", 3}, MismatchCase{"coll", 3},
+                                           MismatchCase{"gather", 3}),
                          [](const auto& info) {
                            return std::string(info.param.name) + "_" + std::to_string(info.param.ranks);
                          });
