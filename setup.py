@@ -42,7 +42,15 @@ sources = _sources("*.cc") + _sources("*.cpp")
 define_macros = []
 cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
 extra = {"cxx": cxx_flags}
+include_dirs = [os.path.join(ROOT, "csrc")]
 if use_cuda:
+    # torch's CUDA headers include cuSPARSE/cuBLAS headers that a bare toolkit may lack;
+    # the pip wheels torch depends on (nvidia-*) ship them.
+    import torch
+
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "*", "include")))
     sources += _sources("*.cu")
     define_macros.append(("PYCOMM_WITH_CUDA", "1"))
     extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DPYCOMM_WITH_CUDA=1"]
@@ -53,7 +61,7 @@ else:
 ext = Ext(
     name="pycomm._C",
     sources=sources,
-    include_dirs=[os.path.join(ROOT, "csrc")],
+    include_dirs=include_dirs,
     define_macros=define_macros,
     extra_compile_args=extra,
     extra_link_args=["-lrt", "-pthread"],
