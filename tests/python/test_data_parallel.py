@@ -121,3 +121,161 @@ def test_parity_with_torch_ddp(world):
     for r in range(1, world):
         for k in res[0]:
             assert res[r][k] == res[0][k], f"rank {r} diverged in case {k}"
+
+
+# --------------------------------------------------------------------------- compressors, AMP
+
+
+def _body_compressors_amp(rank, world):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pycomm.data_parallel import DataParallel
+    from test_ddp_hooks import COMPRESSORS, assert_trained_in_sync, make_compressor, student, train
+
+    out = {}
+    for name in COMPRESSORS:
+        comp = make_compressor(name)
+        model = DataParallel(student(seed=rank), compression=comp, bucket_cap_mb=0.002, first_bucket_mb=0.001)
+        losses, flat = train(model, rank)
+        assert_trained_in_sync(losses, flat, f"DataParallel {name}")
+        assert set(comp.state_dict()["states"]) <= set(range(len(model.bucket_layout()))), "keys = bucket indices"
+        out[name] = (losses[0], losses[-1])
+
+    # AMP: autocast (bfloat16 on CPU) + GradScaler, same result as torch DDP on Gloo.
+    gloo = dist.new_group(backend="gloo")
+    base = student(seed=rank)
+    ours = DataParallel(copy.deepcopy(base), bucket_cap_mb=0.002, first_bucket_mb=0.001)
+    ref = DDP(copy.deepcopy(base), process_group=gloo)
+    from test_ddp_hooks import regression_task
+
+    x, y = regression_task(rank)
+    for model in (ours, ref):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for _ in range(4):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    _compare(ours.module, ref.module, "AMP")
+
+    # Mixed dtypes: a float64 layer gets buckets of its own class.
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4).double())
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = net[0], net[1]
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)).double())
+
+    ours = DataParallel(copy.deepcopy(Mixed()))
+    ref = DDP(copy.deepcopy(Mixed()), process_group=gloo)
+    layout = ours.bucket_layout()
+    assert layout == [["b.bias", "b.weight"], ["a.bias", "a.weight"]], layout
+    for model in (ours, ref):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            opt.zero_grad()
+            x, y = _data(rank, step)
+            torch.nn.functional.mse_loss(model(x), y.double()).backward()
+            opt.step()
+    _compare(ours.module, ref.module, "mixed dtypes")
+    return out
+
+
+def test_every_compressor_trains_and_amp_parity():
+    res = run_ranks(2, _body_compressors_amp, timeout=150)
+    assert res[0] == res[1]
+
+
+# --------------------------------------------------------------------------- overlap, timeline
+
+
+class DelayedAllReduce:
+    """Stands in for a slow link: an exact all-reduce whose completion is reported
+    `delay_s` after the collective itself finished (a compressor-shaped wrapper)."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def all_reduce(self, tensor, group=None, key=None, op="avg", async_op=False):
+        import torch.distributed as dist
+
+        self.calls += 1
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=group, async_op=True)
+        fut = torch.futures.Future()
+
+        def finish():
+            try:
+                work.wait()
+                fut.set_result(tensor)
+            except Exception as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+
+        threading.Timer(self.delay_s, finish).start()
+        return fut
+
+
+def _body_overlap(rank, world, trace):
+    import torch.distributed as dist
+
+    from pycomm import timeline
+    from pycomm.data_parallel import DataParallel
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [torch.nn.Linear(64, 64), torch.nn.Tanh()]
+    net = torch.nn.Sequential(*layers)
+    slow = DelayedAllReduce(0.05)
+    # ~16.6 KB per layer: one layer per bucket, six buckets.
+    model = DataParallel(net, compression=slow, bucket_cap_mb=0.01, first_bucket_mb=0.01)
+    assert len(model.bucket_layout()) == 6
+    x = torch.randn(32, 64)
+    for _ in range(3):
+        model.zero_grad()
+        model(x).square().mean().backward()
+    assert slow.calls == 18
+    path = timeline.rank_path(trace, dist.get_rank())
+    events = timeline.load(path)
+    return events
+
+
+def test_overlap_from_timeline(tmp_path):
+    trace = str(tmp_path / "trace.json")
+    res = run_ranks(2, _body_overlap, trace, env={"PYCOMM_TIMELINE": trace}, timeout=120)
+    assert sorted(os.listdir(tmp_path)) == ["trace.rank0.json", "trace.rank1.json"]
+    for rank, events in enumerate(res):
+        assert any(e.get("ph") == "M" and e.get("args", {}).get("name") == f"rank {rank}" for e in events)
+        backward = [e for e in events if e.get("name") == "backward"]
+        assert len(backward) == 3
+        for it, bw in enumerate(backward):
+            # The events of this iteration: those inside [backward start, next backward start).
+            start = bw["ts"]
+            end = bw["ts"] + bw["dur"]
+            nxt = backward[it + 1]["ts"] if it + 1 < len(backward) else float("inf")
+            mine = [e for e in events if start <= e.get("ts", -1) < nxt and e.get("tid", 0) >= 100]
+            ready = {e["tid"] - 100: e["ts"] for e in mine if e["name"] == "ready"}
+            comm = {e["tid"] - 100: e for e in mine if e["name"] == "communicate"}
+            issue = {e["tid"] - 100: e for e in mine if e["name"] == "compress+issue"}
+            assert sorted(ready) == list(range(6)) and sorted(comm) == list(range(6)), (ready, comm)
+            # Bucket 0 (the last layer's gradients) started communicating before backward
+            # finished and before the last bucket's gradients existed ...
+            assert issue[0]["ts"] < end
+            assert comm[0]["ts"] < ready[5]
+            # ... and was still in flight while the rest of backward ran (slow link).
+            assert comm[0]["ts"] + comm[0]["dur"] > ready[5]
+            # Buckets launch in index order, each after it became ready.
+            for b in range(6):
+                assert ready[b] <= issue[b]["ts"]
+                if b:
+                    assert issue[b - 1]["ts"] <= issue[b]["ts"]
+            wb = [e for e in mine if e["name"] == "write-back"]
+            assert len(wb) == 6 and min(e["ts"] for e in wb) >= end
