@@ -46,14 +46,20 @@ def is_pycomm_group(group: Optional[dist.ProcessGroup] = None) -> bool:
         return False
 
 
-def stats(group: Optional[dist.ProcessGroup] = None) -> Dict[str, int]:
-    """Counters of a pycomm group on this rank.
+def stats(group: Any = None) -> Dict[str, int]:
+    """Counters of a pycomm group on this rank (``group="all"``: every pycomm group
+    this process has created, live or destroyed, summed — what compressors and
+    DataParallel send on their side groups included).
 
     Keys: ``collectives`` (collectives completed), ``bytes_sent`` / ``bytes_recv``
     (payload bytes this rank put on / took off the transport, also under
     ``bytes_sent_<transport>``), ``messages_sent``, ``rank``, ``world_size``; and
     ``transport`` is available through :func:`transport`.
     """
+    if isinstance(group, str):
+        if group != "all":
+            raise ValueError(f"pycomm.stats: group must be a ProcessGroup, None or 'all', not {group!r}")
+        return dict(_C.process_stats())
     return dict(_pycomm_backend(group).stats())
 
 

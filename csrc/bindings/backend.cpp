@@ -8,8 +8,10 @@
 #include <torch/csrc/distributed/c10d/Work.hpp>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
+#include <mutex>
 
 #include "core/error.h"
 #include "engine/group.h"
@@ -175,6 +177,22 @@ class PycommWork : public c10d::Work {
 
 // ---- Backend ---------------------------------------------------------------------------------
 
+class PycommBackend;
+
+namespace {
+// Process-wide view over every pycomm group of this process, for
+// pycomm.stats(group="all"): the live groups plus what finished groups sent.
+struct ProcessTotals {
+  std::mutex mu;
+  std::vector<const PycommBackend*> live;
+  std::map<std::string, uint64_t> finished;
+};
+ProcessTotals& processTotals() {
+  static ProcessTotals* t = new ProcessTotals();  // never destroyed: backends may outlive statics
+  return *t;
+}
+}  // namespace
+
 /// torch.distributed backend "pycomm": every collective runs on the group's
 /// communication thread; send/recv on their own threads.
 class PycommBackend : public c10d::Backend {
@@ -184,9 +202,32 @@ class PycommBackend : public c10d::Backend {
       : c10d::Backend(rank, size) {
     C10dStore adapter(store);
     group_ = std::make_unique<Group>(adapter, rank, size, timeout);
+    auto& t = processTotals();
+    std::lock_guard<std::mutex> g(t.mu);
+    t.live.push_back(this);
   }
 
-  ~PycommBackend() override { group_.reset(); }
+  ~PycommBackend() override {
+    {
+      auto& t = processTotals();
+      std::lock_guard<std::mutex> g(t.mu);
+      t.live.erase(std::remove(t.live.begin(), t.live.end(), this), t.live.end());
+      for (const auto& [k, v] : group_->stats()) t.finished[k] += v;
+    }
+    group_.reset();
+  }
+
+  /// Counters summed over every pycomm group this process has created.
+  static std::map<std::string, uint64_t> processStats() {
+    auto& t = processTotals();
+    std::lock_guard<std::mutex> g(t.mu);
+    auto s = t.finished;
+    for (const PycommBackend* b : t.live) {
+      for (const auto& [k, v] : b->group_->stats()) s[k] += v;
+    }
+    s["groups_live"] = t.live.size();
+    return s;
+  }
 
   const std::string getBackendName() const override { return "pycomm"; }
 
@@ -597,6 +638,8 @@ void initBackendBindings(pybind11::module_& m) {
       .def("transport", &PycommBackend::transportName, "Transport in use: 'shm' or 'tcp'")
       .def("abort_group", &PycommBackend::abortGroup, py::arg("why"),
            "Fails every pending and future operation of the group on every rank");
+  m.def("process_stats", &PycommBackend::processStats,
+        "Counters summed over every pycomm group of this process (live and destroyed)");
   m.def(
       "create_backend",
       [](const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,

@@ -488,6 +488,9 @@ ShmTransport::Peer ShmTransport::peerRecord(int peer, uint64_t dseq, const OpDes
   if (rec.inlineBytes > 0) {
     p.inlineData = static_cast<char*>(base_) + inlineOffset(size_) +
                    (static_cast<size_t>(peer) * 2 + (dseq & 1)) * kShmInlineBytes;
+    // Inline data is traffic too: the reader consumes it, the owner "sent" it.
+    stats_.bytesRecv.fetch_add(rec.inlineBytes, std::memory_order_relaxed);
+    s->served.fetch_add(rec.inlineBytes, std::memory_order_relaxed);
   }
   return p;
 }
