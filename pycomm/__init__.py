@@ -24,6 +24,10 @@ __version__ = "0.1.0"
 
 register()
 
+from pycomm import compression  # noqa: E402
+from pycomm.data_parallel import DataParallel  # noqa: E402
+from pycomm.ddp_hooks import DDPHookState, ddp_comm_hook  # noqa: E402
+
 
 def init_process_group(backend: str = "pycomm", timeout: Optional[datetime.timedelta] = None, **kwargs: Any) -> None:
     """``torch.distributed.init_process_group`` with pycomm as the default backend.
@@ -48,4 +52,5 @@ def compressed_all_reduce(tensor: Any, compression: Any, op: str = "avg", group:
 __all__ = [
     "init_process_group", "all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all",
     "send", "recv", "barrier", "stats", "transport", "is_pycomm_group", "compressed_all_reduce", "as_tensor",
+    "compression", "DataParallel", "DDPHookState", "ddp_comm_hook",
 ]
