@@ -1,0 +1,195 @@
+"""The Python surface: numpy/DLPack interop, bad input, subgroups, torch DDP on the
+pycomm backend against Gloo, torchrun, and ranks on separate (emulated) hosts."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dist_util import free_port, run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _body_api(rank, ws):
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import pycomm
+
+    # numpy arrays are reduced in place (zero-copy through torch.from_numpy)
+    a = np.arange(11, dtype=np.float64) * (rank + 1)
+    pycomm.all_reduce(a, op="sum")
+    assert np.array_equal(a, np.arange(11) * ws * (ws + 1) / 2)
+    b = np.full(5, rank, dtype=np.int32)
+    pycomm.all_reduce(b, op="max")
+    assert (b == ws - 1).all()
+    c = np.full(3, float(rank))
+    pycomm.broadcast(c, src=ws - 1)
+    assert (c == ws - 1).all()
+    out = np.empty(2 * ws, dtype=np.float32)
+    pycomm.all_gather(out, np.full(2, rank, dtype=np.float32))
+    assert np.array_equal(out, np.repeat(np.arange(ws, dtype=np.float32), 2))
+    # a DLPack producer other than numpy/torch
+    t = torch.ones(4)
+    pycomm.all_reduce(t.__dlpack__() and t, op="avg")
+    assert torch.all(t == 1)
+    ro = np.ones(3)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        pycomm.all_reduce(ro)
+    with pytest.raises(ValueError, match="unknown reduce op"):
+        pycomm.all_reduce(torch.ones(2), op="median")
+
+    # bad input: a clear exception naming what and which rank, and the group stays usable
+    with pytest.raises(TypeError, match=rf"pycomm rank {rank}: unsupported dtype"):
+        dist.all_reduce(torch.ones(3, dtype=torch.int16))
+    with pytest.raises((ValueError, RuntimeError), match="sparse"):
+        dist.all_reduce(torch.ones(3).to_sparse())
+    with pytest.raises(ValueError, match="BAND is not supported for dtype float32"):
+        dist.all_reduce(torch.ones(3), op=dist.ReduceOp.BAND)
+    with pytest.raises(ValueError, match="AVG is not supported for dtype bool"):
+        dist.all_reduce(torch.ones(3, dtype=torch.bool), op=dist.ReduceOp.AVG)
+    if ws > 1:
+        with pytest.raises(ValueError, match="output list has"):
+            dist.all_gather([torch.empty(3)] * (ws + 1), torch.ones(3))
+        with pytest.raises(ValueError, match="expected"):
+            dist.all_gather_into_tensor(torch.empty(3 * ws + 1), torch.ones(3))
+        with pytest.raises((ValueError, RuntimeError)):
+            dist.reduce_scatter_tensor(torch.empty(2), torch.ones(3 * ws))
+    x = torch.ones(6)
+    dist.all_reduce(x)
+    assert torch.all(x == ws)
+
+    # subgroups: even ranks and odd ranks reduce independently, and the world still works
+    evens = list(range(0, ws, 2))
+    odds = list(range(1, ws, 2))
+    ge = dist.new_group(evens, backend="pycomm")
+    go = dist.new_group(odds, backend="pycomm") if odds else None
+    mine, members = (ge, evens) if rank % 2 == 0 else (go, odds)
+    y = torch.full((1001,), float(rank))
+    dist.all_reduce(y, group=mine)
+    assert torch.all(y == sum(members))
+    assert pycomm.stats(mine)["world_size"] == len(members)
+    assert pycomm.stats("all")["groups_live"] >= 2
+    z = torch.ones(2)
+    dist.all_reduce(z)
+    assert torch.all(z == ws)
+    return pycomm.transport()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_api_numpy_bad_input_subgroups(transport):
+    res = run_ranks(3, _body_api, env={"PYCOMM_TRANSPORT": transport}, timeout=180)
+    assert res == [transport] * 3
+
+
+def _body_ddp(rank, ws):
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    gloo = dist.new_group(backend="gloo")
+    params = {}
+    for name, grp in (("pycomm", None), ("gloo", gloo)):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(13, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+        ddp = DDP(net, process_group=grp, bucket_cap_mb=0.001)  # several buckets
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(100 + rank)
+        for _ in range(5):
+            x = torch.randn(8, 13, generator=g)
+            opt.zero_grad()
+            ddp(x).pow(2).mean().backward()
+            opt.step()
+        params[name] = torch.cat([p.detach().flatten() for p in net.parameters()])
+    diff = (params["pycomm"] - params["gloo"]).abs().max().item()
+    assert diff <= 1e-6, f"torch DDP on pycomm differs from Gloo by {diff}"
+    return params["pycomm"].tolist()
+
+
+def test_torch_ddp_on_pycomm_matches_gloo():
+    res = run_ranks(3, _body_ddp, timeout=180)
+    assert all(r == res[0] for r in res)
+
+
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import torch, torch.distributed as dist, pycomm
+    dist.init_process_group("pycomm")
+    r, n = dist.get_rank(), dist.get_world_size()
+    t = torch.full((100003,), float(r))
+    dist.all_reduce(t)
+    assert torch.all(t == n * (n - 1) / 2), t[:4]
+    dist.barrier()
+    if r == 0:
+        print("TORCHRUN_OK", n, pycomm.transport())
+    dist.destroy_process_group()
+""")
+
+
+def test_torchrun_env_init(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", str(script)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "TORCHRUN_OK 3 shm" in p.stdout
+
+
+CROSS_HOST_SCRIPT = textwrap.dedent("""
+    import datetime, os, sys, torch, torch.distributed as dist, pycomm
+    rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), n, rank == 0,
+                          timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("pycomm", store=store, rank=rank, world_size=n, timeout=datetime.timedelta(seconds=60))
+    assert pycomm.transport() == "tcp", pycomm.transport()
+    for count in (0, 1, 7, 65537, 1 << 20):
+        t = torch.arange(count, dtype=torch.float64) + rank
+        dist.all_reduce(t)
+        ref = torch.arange(count, dtype=torch.float64) * n + n * (n - 1) / 2
+        assert torch.equal(t, ref), count
+    out = torch.empty(3 * n)
+    dist.all_gather_into_tensor(out, torch.full((3,), float(rank)))
+    assert torch.equal(out, torch.arange(n).repeat_interleave(3).float())
+    dist.barrier()
+    print("HOST_OK", rank, flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def _netns_available() -> bool:
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _netns_available(), reason="needs root and iproute2 network namespaces")
+def test_ranks_on_separate_emulated_hosts_use_tcp(tmp_path):
+    """Three ranks in three network namespaces (one per emulated host, 1 Gbit/s links):
+    pycomm sees different hosts, picks TCP, and the collectives are right."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from netem import Cluster
+
+    script = tmp_path / "host_job.py"
+    script.write_text(CROSS_HOST_SCRIPT)
+    with Cluster(hosts=3, link="1gbit") as cl:
+        port = free_port()
+        procs = []
+        for r in range(3):
+            env = dict(os.environ, RANK=str(r), WORLD_SIZE="3", MASTER_ADDR=cl.addr(0), MASTER_PORT=str(port),
+                       PYCOMM_SOCKET_IFNAME=cl.ifname, PYTHONPATH=ROOT)
+            procs.append(cl.run(r, [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        outs = []
+        for p in procs:
+            try:
+                o, e = p.communicate(timeout=180)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                o, e = p.communicate()
+            outs.append((p.returncode, o, e))
+    for r, (rc, o, e) in enumerate(outs):
+        o = o.decode() if isinstance(o, bytes) else (o or "")
+        e = e.decode() if isinstance(e, bytes) else (e or "")
+        assert rc == 0 and f"HOST_OK {r}" in o, f"rank {r}: rc={rc}\n{o[-2000:]}\n{e[-3000:]}"
