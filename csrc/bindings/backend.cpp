@@ -214,7 +214,16 @@ class PycommBackend : public c10d::Backend {
       t.live.erase(std::remove(t.live.begin(), t.live.end(), this), t.live.end());
       for (const auto& [k, v] : group_->stats()) t.finished[k] += v;
     }
-    group_.reset();
+    // Joining the worker threads must not happen under the GIL: a worker that drops
+    // the last reference to a tensor of a finished (or failed) operation takes the
+    // GIL to release its Python object, and destroy_process_group() gets here with
+    // the GIL held.
+    if (Py_IsInitialized() && PyGILState_Check()) {
+      pybind11::gil_scoped_release noGil;
+      group_.reset();
+    } else {
+      group_.reset();
+    }
   }
 
   /// Counters summed over every pycomm group this process has created.
