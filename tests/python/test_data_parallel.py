@@ -279,3 +279,27 @@ def test_overlap_from_timeline(tmp_path):
                     assert issue[b - 1]["ts"] <= issue[b]["ts"]
             wb = [e for e in mine if e["name"] == "write-back"]
             assert len(wb) == 6 and min(e["ts"] for e in wb) >= end
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+def _body_cuda(rank, world):
+    from pycomm.data_parallel import DataParallel
+
+    out = []
+    for device in ("cpu", "cuda:0"):
+        model = DataParallel(Net(seed=rank).to(device), bucket_cap_mb=0.0005, first_bucket_mb=0.0002)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for step in range(3):
+            opt.zero_grad()
+            x, y = _data(rank, step)
+            torch.nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+        out.append(_flat(model.module).cpu())
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_module_matches_cpu():
+    run_ranks(2, _body_cuda, timeout=120)

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Step time of data-parallel training: pycomm DataParallel (exact and with every
+compressor) next to torch DDP on Gloo (plain, fp16 hook, PowerSGD hook, pycomm's hook),
+in the same run, plus the overlap figure (step vs compute-only and comm-only).
+
+    python benchmarks/bench_data_parallel.py                        # 4 ranks on this host
+    python benchmarks/bench_data_parallel.py --steps 3 --warmup 2   # shorter
+    python benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit # emulated 1 Gbit/s cluster
+    python benchmarks/bench_data_parallel.py --modes dp,dp_onebit,ddp_gloo --json out.json
+
+Model: an MLP of ``--depth`` square ``--width`` layers between a ``--width``/4 input and
+output (default 6 x 2048: ~27M parameters, ~108 MB of float32 gradients), batch
+``--batch``, plain SGD. Each rank runs one process (``torch.set_num_threads(1)``).
+The modes run one after the other; compute-only is re-measured right before each.
+
+Columns: ``step`` = median over the timed steps of the slowest rank's step time
+(forward + backward + gradient averaging + optimizer step); ``compute`` = the same
+without communication; ``comm`` = the gradient averaging alone (the same buckets and
+compressor, no compute); ``overlap`` = step / max(compute, comm) (1.0 = perfect
+overlap; compute + comm over max(...) would be no overlap at all).
+
+``--hosts H`` runs the ranks inside H network namespaces joined by a ``tc``-shaped
+bridge (benchmarks/netem.py; root and iproute2 needed), pycomm over TCP.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+DP_COMPRESSORS = {
+    "dp": None, "dp_fp16": "FP16", "dp_bf16": "BF16", "dp_onebit": "OneBit", "dp_topk": "TopK",
+    "dp_qsgd": "QSGD", "dp_powersgd": "PowerSGD",
+}
+DDP_MODES = ["ddp_gloo", "ddp_gloo_fp16", "ddp_gloo_powersgd", "ddp_gloo_pycomm_onebit", "ddp_pycomm"]
+ALL_MODES = ["ddp_gloo"] + list(DP_COMPRESSORS) + DDP_MODES[1:]
+
+
+def make_compressor(name: Optional[str]) -> Any:
+    import pycomm.compression as C
+
+    if name is None:
+        return None
+    return {"FP16": C.FP16, "BF16": C.BF16, "OneBit": C.OneBit, "TopK": lambda: C.TopK(ratio=0.01),
+            "QSGD": lambda: C.QSGD(bits=8), "PowerSGD": lambda: C.PowerSGD(rank=4)}[name]()
+
+
+def build_model(width: int, depth: int) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    io = max(1, width // 4)
+    layers: List[Any] = [torch.nn.Linear(io, width), torch.nn.ReLU()]
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    layers.append(torch.nn.Linear(width, io))
+    return torch.nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _time_steps(step: Callable[[], None], warmup: int, steps: int, barrier_group: Any) -> float:
+    """Median over steps of the slowest rank's time for step()."""
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for i in range(warmup + steps):
+        dist.barrier(group=barrier_group)
+        t0 = time.perf_counter()
+        step()
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=barrier_group)
+        if i >= warmup:
+            times.append(dt.item())
+    return statistics.median(times)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import pycomm  # noqa: F401  (registers the backend)
+    from pycomm.data_parallel import DataParallel
+    from pycomm.ddp_hooks import DDPHookState, ddp_comm_hook
+
+    torch.set_num_threads(1)
+    dist.init_process_group("pycomm")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gloo = dist.new_group(backend="gloo")
+    io = max(1, args.width // 4)
+    x = torch.randn(args.batch, io, generator=torch.Generator().manual_seed(rank))
+    results: Dict[str, Dict[str, float]] = {}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    def train_step(model: Any, opt: Any) -> Callable[[], None]:
+        def step() -> None:
+            opt.zero_grad(set_to_none=False)
+            model(x).square().mean().backward()
+            opt.step()
+        return step
+
+    # Compute only: the bare module.
+    net = build_model(args.width, args.depth)
+    nparams = sum(p.numel() for p in net.parameters())
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    compute = _time_steps(train_step(net, opt), args.warmup, args.steps, gloo)
+    del net, opt
+    gc.collect()
+    if rank == 0:
+        print(f"# model: {nparams / 1e6:.1f}M parameters ({nparams * 4 / 1e6:.0f} MB fp32 grads), batch "
+              f"{args.batch}, {world} ranks; compute-only step {compute * 1e3:.1f} ms", flush=True)
+
+    for mode in modes:
+        net = build_model(args.width, args.depth)
+        # Compute-only again, right before this mode: the load on a shared machine drifts.
+        opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+        compute_here = _time_steps(train_step(net, opt), 1, args.steps, gloo)
+        del opt
+        comm_fn: Optional[Callable[[], None]] = None
+        if mode in DP_COMPRESSORS:
+            comp = make_compressor(DP_COMPRESSORS[mode])
+            model = DataParallel(net, compression=comp)
+            buckets = [b.flat for b in model._buckets]
+            comp_only = make_compressor(DP_COMPRESSORS[mode])
+
+            def comm_fn(buckets=buckets, comp_only=comp_only) -> None:
+                if comp_only is None:
+                    futs = [dist.all_reduce(b, op=dist.ReduceOp.AVG, async_op=True).get_future() for b in buckets]
+                else:
+                    futs = [comp_only.all_reduce(b, key=i, op="avg", async_op=True) for i, b in enumerate(buckets)]
+                for f in futs:
+                    f.wait()
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            pg = None if mode == "ddp_pycomm" else gloo
+            # torch's PowerSGD hook chains all-reduces from future callbacks; on Gloo those
+            # callbacks run on Gloo's threads in any order, so with several buckets ranks can
+            # issue them in different orders (Gloo aborts: "Received data size doesn't match").
+            # One bucket avoids the race (and the overlap).
+            cap = {"bucket_cap_mb": 1 << 14} if mode == "ddp_gloo_powersgd" else {}
+            model = DDP(net, process_group=pg, **cap)
+            if mode == "ddp_gloo_fp16":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                model.register_comm_hook(gloo, default_hooks.fp16_compress_hook)
+            elif mode == "ddp_gloo_powersgd":
+                from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+                st = powerSGD_hook.PowerSGDState(process_group=gloo, matrix_approximation_rank=4,
+                                                 start_powerSGD_iter=2, min_compression_rate=2)
+                model.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
+            elif mode == "ddp_gloo_pycomm_onebit":
+                model.register_comm_hook(DDPHookState(make_compressor("OneBit"), group=gloo), ddp_comm_hook)
+            elif mode not in ("ddp_gloo", "ddp_pycomm"):
+                raise SystemExit(f"unknown mode {mode}; choose from {', '.join(ALL_MODES)}")
+            if mode == "ddp_gloo":
+                # Comm only for DDP: its default layout (25 MB buckets) all-reduced on Gloo.
+                from pycomm import _C
+
+                params = list(net.parameters())
+                planned = _C.bucket_plan([p.numel() for p in params], [4] * len(params), [0] * len(params),
+                                         25 << 20, 1 << 20)
+                flats = [torch.zeros(n) for _, _, n, _ in planned]
+
+                def comm_fn(flats=flats) -> None:
+                    works = [dist.all_reduce(f, group=gloo, async_op=True) for f in flats]
+                    for w in works:
+                        w.wait()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up.
+        step_t = _time_steps(train_step(model, opt), max(args.warmup, 2), args.steps, gloo)
+        comm_t = _time_steps(comm_fn, 1, args.steps, gloo) if comm_fn is not None else float("nan")
+        results[mode] = {"step_ms": step_t * 1e3, "compute_ms": compute_here * 1e3, "comm_ms": comm_t * 1e3}
+        if rank == 0:
+            r = results[mode]
+            ov = r["step_ms"] / max(r["compute_ms"], r["comm_ms"]) if comm_fn is not None else float("nan")
+            print(f"{mode:24s} step {r['step_ms']:9.1f} ms   compute-only {r['compute_ms']:8.1f} ms   "
+                  f"comm-only {r['comm_ms']:9.1f} ms   overlap {ov:5.2f}", flush=True)
+        if hasattr(model, "remove_hooks"):
+            model.remove_hooks()
+        del model, opt, net
+        gc.collect()
+
+    if rank == 0:
+        base = results.get("ddp_gloo", {}).get("step_ms")
+        lines = ["", "| mode | step (ms) | vs DDP Gloo | compute only (ms) | comm only (ms) | "
+                 "step / max(compute, comm) |", "|---|---|---|---|---|---|"]
+        for mode, r in results.items():
+            speed = f"{base / r['step_ms']:.2f}x" if base else "-"
+            comm = r["comm_ms"]
+            ov = r["step_ms"] / max(r["compute_ms"], comm) if comm == comm else float("nan")
+            lines.append(f"| {mode} | {r['step_ms']:.1f} | {speed} | {r['compute_ms']:.1f} | "
+                         f"{'-' if comm != comm else f'{comm:.1f}'} | {'-' if ov != ov else f'{ov:.2f}'} |")
+        print("\n".join(lines), flush=True)
+        if args.json:
+            meta = {"ranks": world, "params": nparams, "batch": args.batch, "steps": args.steps,
+                    "netem": json.loads(os.environ.get("PYCOMM_BENCH_NETEM", "null"))}
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "compute_ms": compute * 1e3, "results": results}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _load_netem() -> Any:
+    spec = importlib.util.spec_from_file_location("pycomm_netem", os.path.join(HERE, "netem.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["pycomm_netem"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def launch(args: argparse.Namespace, argv: List[str]) -> int:
+    n = args.ranks
+    env_base = {"WORLD_SIZE": str(n), "PYCOMM_BENCH_DP_WORKER": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv
+    procs = []
+    if args.hosts:
+        netem = _load_netem()
+        with netem.Cluster(hosts=args.hosts, link=args.link, latency=args.latency) as cluster:
+            extra = {"MASTER_ADDR": cluster.addr(0), "MASTER_PORT": "29511", "PYCOMM_TRANSPORT": "tcp",
+                     "PYCOMM_SOCKET_IFNAME": cluster.ifname, "GLOO_SOCKET_IFNAME": cluster.ifname,
+                     "PYCOMM_BENCH_NETEM": json.dumps(cluster.describe())}
+            for r in range(n):
+                h = r * args.hosts // n
+                env = {**env_base, **extra, "RANK": str(r), "LOCAL_RANK": "0"}
+                procs.append(cluster.run(h, cmd, env=env))
+            return max(p.wait() for p in procs)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for r in range(n):
+        env = dict(os.environ)
+        env.update(env_base)
+        env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "LOCAL_RANK": str(r)})
+        procs.append(subprocess.Popen(cmd, env=env))
+    return max(p.wait() for p in procs)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated: " + ", ".join(ALL_MODES))
+    ap.add_argument("--json", default="", help="write the results here (rank 0)")
+    ap.add_argument("--hosts", type=int, default=0, help="emulated hosts (netem); 0 = this host, shm")
+    ap.add_argument("--link", default="1gbit", help="per-host link rate with --hosts (tc syntax)")
+    ap.add_argument("--latency", default="100us", help="one-way latency with --hosts")
+    args = ap.parse_args(argv)
+    if os.environ.get("PYCOMM_BENCH_DP_WORKER") == "1":
+        worker(args)
+        return 0
+    return launch(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
