@@ -29,10 +29,11 @@ WORLD = 3
 LATE_RANK = 2        # joins late, so ranks 0 and 1 keep listening while the strangers come
 LATE_BY = 4.0
 
-# Keys as the ranks see them: torch's prefixes for the default group ("default_pg",
-# group "0", device "cpu"), then pycomm's (first group instance "g1", collective
-# transport "c", tcp "t"): see TcpTransport::addressKey.
-ADDR_KEY = "default_pg/0//cpu//g1/c/t/addr/{}"
+# Keys as the ranks see them: torch's prefixes for the default group created with an
+# explicit store (group "0", device "cpu"; init_method="env://" would add
+# "default_pg/"), then pycomm's (first group instance "g1", collective transport "c",
+# tcp "t"): see Group::Group and TcpTransport::addressKey.
+ADDR_KEY = "0//cpu//g1/c/t/addr/{}"
 
 
 def late_tcp_job(rank, ws, store, late_rank, late_by):
@@ -43,6 +44,7 @@ def late_tcp_job(rank, ws, store, late_rank, late_by):
 
     if rank == late_rank:
         time.sleep(late_by)
+    init_started = time.time()
     start = time.monotonic()
     dist.init_process_group("pycomm", store=store, rank=rank, world_size=ws,
                             timeout=datetime.timedelta(seconds=30))
@@ -58,7 +60,7 @@ def late_tcp_job(rank, ws, store, late_rank, late_by):
     ok = ok and bool((b == torch.arange(5000, dtype=torch.float32)).all())
     dist.barrier()
     dist.destroy_process_group()
-    return {"ok": ok, "init_s": init_s}
+    return {"ok": ok, "init_s": init_s, "init_started": init_started}
 
 
 def _connect(host, port, timeout=3.0):
@@ -147,6 +149,8 @@ def test_strangers_during_setup_do_not_disturb_the_job():
     assert all(r["status"] == "ok" for r in results), rc.describe(results)
     assert all(r["payload"]["ok"] for r in results), results
     assert "attack_done_at" in report, report
+    # ... all of it while the mesh was still forming.
+    assert report["attack_done_at"] < results[LATE_RANK]["payload"]["init_started"], report
     # The strangers were turned away, each at the first thing it got wrong.
     assert report["bad_magic_refused"] == [True, True], report
     assert report["bad_rank_refused"] == [True, True], report
