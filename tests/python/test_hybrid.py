@@ -10,8 +10,6 @@ trained on full batches in one process (float64).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
 
@@ -28,35 +26,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def _load(name: str):
-    """pycomm.<name>; by file path if the package's __init__ cannot be imported here."""
-    try:
-        return importlib.import_module(f"pycomm.{name}")
-    except ImportError:
-        key = f"_pycomm_{name}"
-        if key not in sys.modules:
-            spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "pycomm", f"{name}.py"))
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[key] = mod
-            spec.loader.exec_module(mod)
-        return sys.modules[key]
-
-
-def _backends() -> list:
-    out = ["gloo"]
-    try:
-        import pycomm  # noqa: F401  (registers the backend)
-        if "pycomm" in dist.Backend.backend_list:
-            out.append("pycomm")
-    except Exception:  # noqa: BLE001 - backend not built yet
-        pass
-    return out
-
-
-BACKENDS = _backends()
-tp = _load("tensor_parallel")
-pipeline = _load("pipeline")
-parallel = _load("parallel")
+BACKENDS = ["gloo", "pycomm"]  # the same checks on Gloo and on pycomm
+import pycomm.tensor_parallel as tp  # noqa: E402
+import pycomm.pipeline as pipeline  # noqa: E402
+import pycomm.parallel as parallel  # noqa: E402
 
 V, D, H, SEQ, BATCH, STEPS, LR = 16, 8, 16, 5, 8, 3, 0.5
 TOL = dict(rtol=1e-10, atol=1e-12)

@@ -7,8 +7,6 @@ runs torch.distributed.pipelining's own schedules on the backend under test.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
 
@@ -25,33 +23,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def _load(name: str):
-    """pycomm.<name>; by file path if the package's __init__ cannot be imported here."""
-    try:
-        return importlib.import_module(f"pycomm.{name}")
-    except ImportError:
-        key = f"_pycomm_{name}"
-        if key not in sys.modules:
-            spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "pycomm", f"{name}.py"))
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[key] = mod
-            spec.loader.exec_module(mod)
-        return sys.modules[key]
-
-
-def _backends() -> list:
-    out = ["gloo"]
-    try:
-        import pycomm  # noqa: F401  (registers the backend)
-        if "pycomm" in dist.Backend.backend_list:
-            out.append("pycomm")
-    except Exception:  # noqa: BLE001 - backend not built yet
-        pass
-    return out
-
-
-BACKENDS = _backends()
-pipeline = _load("pipeline")
+BACKENDS = ["gloo", "pycomm"]  # the same checks on Gloo and on pycomm
+import pycomm.pipeline as pipeline  # noqa: E402
 
 STEPS, BATCH, MICRO, LR = 3, 8, 4, 0.1
 WIDTHS = [6, 9, 5, 7, 3]  # input width, then the output width of each of 4 pieces
