@@ -259,7 +259,7 @@ class PycommBackend : public c10d::Backend {
     std::vector<Staged> st;
     for (auto& t : tensors) st.push_back(stage(t, true, rank_, "all_reduce tensor"));
     auto ops = reduceArgs(st, opts.reduceOp);
-    return submit(c10d::OpType::ALLREDUCE, "pycomm:all_reduce", CollType::kAllReduce, tensors, st, -1,
+    return submit(opts.asyncOp, c10d::OpType::ALLREDUCE, "pycomm:all_reduce", CollType::kAllReduce, tensors, st, -1,
                   [st, ops](Collectives& c, const OpDesc& d, const Deadline& dl) {
                     for (size_t i = 0; i < st.size(); ++i) {
                       c.allReduce(st[i].data(), st[i].buf.numel(), ops[i].first, ops[i].second, d, dl);
@@ -278,7 +278,7 @@ class PycommBackend : public c10d::Backend {
     checkRoot(opts.rootRank, "broadcast");
     std::vector<Staged> st;
     for (auto& t : tensors) st.push_back(stage(t, true, rank_, "broadcast tensor"));
-    return submit(c10d::OpType::BROADCAST, "pycomm:broadcast", CollType::kBroadcast, tensors, st,
+    return submit(opts.asyncOp, c10d::OpType::BROADCAST, "pycomm:broadcast", CollType::kBroadcast, tensors, st,
                   static_cast<int>(opts.rootRank),
                   [st, root = static_cast<int>(opts.rootRank)](Collectives& c, const OpDesc& d,
                                                                const Deadline& dl) {
@@ -292,7 +292,7 @@ class PycommBackend : public c10d::Backend {
     std::vector<Staged> st;
     for (auto& t : tensors) st.push_back(stage(t, true, rank_, "reduce tensor"));
     auto ops = reduceArgs(st, opts.reduceOp);
-    return submit(c10d::OpType::REDUCE, "pycomm:reduce", CollType::kReduce, tensors, st,
+    return submit(opts.asyncOp, c10d::OpType::REDUCE, "pycomm:reduce", CollType::kReduce, tensors, st,
                   static_cast<int>(opts.rootRank),
                   [st, ops, root = static_cast<int>(opts.rootRank)](Collectives& c, const OpDesc& d,
                                                                     const Deadline& dl) {
@@ -305,7 +305,7 @@ class PycommBackend : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                            std::vector<at::Tensor>& inputs,
-                                           const c10d::AllgatherOptions&) override {
+                                           const c10d::AllgatherOptions& opts) override {
     TORCH_CHECK_VALUE(inputs.size() == 1 && outputs.size() == 1, "pycomm rank ", rank_,
                       ": all_gather takes one input tensor and one output list");
     auto& outs = outputs[0];
@@ -317,7 +317,7 @@ class PycommBackend : public c10d::Backend {
     at::Tensor flat = at::empty({static_cast<int64_t>(size_) * inputs[0].numel()},
                                 inputs[0].options().device(at::kCPU));
     std::vector<at::Tensor> outsCopy = outs;
-    return submit(c10d::OpType::ALLGATHER, "pycomm:all_gather", CollType::kAllGather, outs, {in}, -1,
+    return submit(opts.asyncOp, c10d::OpType::ALLGATHER, "pycomm:all_gather", CollType::kAllGather, outs, {in}, -1,
                   [in, flat, outsCopy](Collectives& c, const OpDesc& d, const Deadline& dl) {
                     c.allGather(in.data(), flat.data_ptr(), in.bytes(), d, dl);
                     auto parts = flat.chunk(static_cast<int64_t>(outsCopy.size()));
@@ -343,7 +343,7 @@ class PycommBackend : public c10d::Backend {
   }
 
   c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
-                                                 const c10d::AllgatherOptions&) override {
+                                                 const c10d::AllgatherOptions& opts) override {
     TORCH_CHECK_VALUE(output.numel() == input.numel() * size_, "pycomm rank ", rank_,
                       ": all_gather_into_tensor output has ", output.numel(), " elements, expected ",
                       input.numel() * size_, " (input ", input.numel(), " x ", size_, " ranks)");
@@ -351,7 +351,7 @@ class PycommBackend : public c10d::Backend {
     Staged in = stage(input, false, rank_, "all_gather input");
     Staged out = stage(output, true, rank_, "all_gather output");
     std::vector<at::Tensor> outs{output};
-    return submit(c10d::OpType::_ALLGATHER_BASE, "pycomm:all_gather_into_tensor", CollType::kAllGather,
+    return submit(opts.asyncOp, c10d::OpType::_ALLGATHER_BASE, "pycomm:all_gather_into_tensor", CollType::kAllGather,
                   outs, {in, out}, -1,
                   [in, out](Collectives& c, const OpDesc& d, const Deadline& dl) {
                     c.allGather(in.data(), out.data(), in.bytes(), d, dl);
@@ -389,7 +389,7 @@ class PycommBackend : public c10d::Backend {
     at::Tensor flat = rank_ == root ? at::empty({static_cast<int64_t>(size_) * inputs[0].numel()},
                                                 inputs[0].options().device(at::kCPU))
                                     : at::Tensor();
-    return submit(c10d::OpType::GATHER, "pycomm:gather", CollType::kGather, outs, {in}, root,
+    return submit(opts.asyncOp, c10d::OpType::GATHER, "pycomm:gather", CollType::kGather, outs, {in}, root,
                   [in, flat, outs, root](Collectives& c, const OpDesc& d, const Deadline& dl) {
                     c.gather(in.data(), flat.defined() ? flat.data_ptr() : nullptr, in.bytes(), root, d, dl);
                     if (flat.defined()) {
@@ -419,7 +419,7 @@ class PycommBackend : public c10d::Backend {
                         ": scatter input list must be empty on non-root ranks");
     }
     Staged out = stage(outputs[0], true, rank_, "scatter output");
-    return submit(c10d::OpType::SCATTER, "pycomm:scatter", CollType::kScatter, outputs, {out}, root,
+    return submit(opts.asyncOp, c10d::OpType::SCATTER, "pycomm:scatter", CollType::kScatter, outputs, {out}, root,
                   [out, flat, root](Collectives& c, const OpDesc& d, const Deadline& dl) {
                     c.scatter(flat.defined() ? flat.data_ptr() : nullptr, out.data(), out.bytes(), root, d, dl);
                   },
@@ -452,7 +452,7 @@ class PycommBackend : public c10d::Backend {
     if (out.buf.data_ptr() == in.buf.data_ptr() && out.bytes() > 0) out.buf = out.buf.clone(), out.copyBack = true;
     auto ops = reduceArgs({out}, opts.reduceOp);
     std::vector<at::Tensor> outs{output};
-    return submit(c10d::OpType::_REDUCE_SCATTER_BASE, "pycomm:reduce_scatter", CollType::kReduceScatter,
+    return submit(opts.asyncOp, c10d::OpType::_REDUCE_SCATTER_BASE, "pycomm:reduce_scatter", CollType::kReduceScatter,
                   outs, {in, out}, -1,
                   [in, out, ops](Collectives& c, const OpDesc& d, const Deadline& dl) {
                     c.reduceScatter(in.data(), out.data(), out.buf.numel(), ops[0].first, ops[0].second, d, dl);
@@ -473,7 +473,7 @@ class PycommBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
                                                std::vector<int64_t>& outputSplits,
                                                std::vector<int64_t>& inputSplits,
-                                               const c10d::AllToAllOptions&) override {
+                                               const c10d::AllToAllOptions& opts) override {
     checkSameDType(output, input, "all_to_all_single");
     const bool equal = outputSplits.empty() && inputSplits.empty();
     auto splits = [&](const at::Tensor& t, const std::vector<int64_t>& sp, const char* which) {
@@ -508,7 +508,7 @@ class PycommBackend : public c10d::Backend {
     Staged in = stage(input, false, rank_, "all_to_all input");
     Staged out = stage(output, true, rank_, "all_to_all output");
     std::vector<at::Tensor> outs{output};
-    return submit(c10d::OpType::ALLTOALL_BASE, "pycomm:all_to_all_single", CollType::kAllToAll, outs,
+    return submit(opts.asyncOp, c10d::OpType::ALLTOALL_BASE, "pycomm:all_to_all_single", CollType::kAllToAll, outs,
                   {in, out}, -1,
                   [in, out, sendOff, sendBytes, recvOff, recvBytes](Collectives& c, const OpDesc& d,
                                                                     const Deadline& dl) {
@@ -518,7 +518,7 @@ class PycommBackend : public c10d::Backend {
   }
 
   c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
-                                          const c10d::AllToAllOptions&) override {
+                                          const c10d::AllToAllOptions& opts) override {
     TORCH_CHECK_VALUE(static_cast<int>(outputs.size()) == size_ && static_cast<int>(inputs.size()) == size_,
                       "pycomm rank ", rank_, ": all_to_all needs ", size_, " input and output tensors");
     std::vector<size_t> sendOff(size_), sendBytes(size_), recvOff(size_), recvBytes(size_);
@@ -541,7 +541,7 @@ class PycommBackend : public c10d::Backend {
                                    outputs[0].options().device(at::kCPU));
     std::vector<at::Tensor> outs = outputs;
     Staged in{inFlat, inFlat, false};
-    return submit(c10d::OpType::ALLTOALL, "pycomm:all_to_all", CollType::kAllToAll, outs, {in}, -1,
+    return submit(opts.asyncOp, c10d::OpType::ALLTOALL, "pycomm:all_to_all", CollType::kAllToAll, outs, {in}, -1,
                   [inFlat, outFlat, outs, sendOff, sendBytes, recvOff, recvBytes](
                       Collectives& c, const OpDesc& d, const Deadline& dl) {
                     c.allToAll(inFlat.data_ptr(), sendOff, sendBytes, outFlat.data_ptr(), recvOff, recvBytes, d,
@@ -555,8 +555,8 @@ class PycommBackend : public c10d::Backend {
                   0);
   }
 
-  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions&) override {
-    return submit(c10d::OpType::BARRIER, "pycomm:barrier", CollType::kBarrier, {}, {}, -1,
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override {
+    return submit(opts.asyncOp, c10d::OpType::BARRIER, "pycomm:barrier", CollType::kBarrier, {}, {}, -1,
                   [](Collectives& c, const OpDesc& d, const Deadline& dl) { c.barrier(d, dl); });
   }
 
@@ -615,7 +615,7 @@ class PycommBackend : public c10d::Backend {
 
   // Queues `fn`; staged outputs in `copyBack` (default: all of `staged`) are written
   // back to their original tensors on the communication thread after the collective.
-  c10::intrusive_ptr<c10d::Work> submit(c10d::OpType type, const char* name, CollType coll,
+  c10::intrusive_ptr<c10d::Work> submit(bool asyncOp, c10d::OpType type, const char* name, CollType coll,
                                         std::vector<at::Tensor> outputs, std::vector<Staged> staged, int root,
                                         CollFn fn, int64_t count = -1, std::vector<Staged> copyBack = {},
                                         ReduceOp op = ReduceOp::kSum) {
@@ -629,7 +629,9 @@ class PycommBackend : public c10d::Backend {
     }
     desc.op = op;  // part of the header: ranks reducing with different ops are a mismatch
     if (copyBack.empty()) copyBack = staged;
-    auto c = group_->submitCollective(
+    // A synchronous call (async_op=False) runs on the caller's thread when the comm
+    // thread is idle: no hand-off to the worker and back for small, latency-bound calls.
+    auto c = group_->submitCollective(!asyncOp,
         [fn = std::move(fn), desc, copyBack = std::move(copyBack), staged](Collectives& cs, const Deadline& dl) {
           fn(cs, desc, dl);
           for (auto& s : copyBack) s.finish();

@@ -71,8 +71,8 @@ Group::~Group() {
 }
 
 std::shared_ptr<Completion> Group::submitCollective(
-    std::function<void(Collectives&, const Deadline&)> fn) {
-  return collQueue_->push([this, fn = std::move(fn)] {
+    bool runInline, std::function<void(Collectives&, const Deadline&)> fn) {
+  auto task = [this, fn = std::move(fn)] {
     const Deadline deadline = Deadline::after(timeout_);
     try {
       fn(*algos_, deadline);
@@ -85,7 +85,8 @@ std::shared_ptr<Completion> Group::submitCollective(
       p2p_->abort(e.what());
       throw;
     }
-  });
+  };
+  return runInline ? collQueue_->runInlineOrPush(std::move(task)) : collQueue_->push(std::move(task));
 }
 
 std::shared_ptr<Completion> Group::submitSend(int peer, const void* buf, size_t bytes, uint32_t tag,

@@ -48,8 +48,10 @@ class Group {
   /// Queues a collective; `fn` runs on the communication thread with the group's
   /// algorithms and a deadline of now + timeout. Failures abort the group's
   /// transport so every rank's pending and future operations fail too.
+  /// With `runInline`, the collective runs on the calling thread if no other
+  /// collective is queued or running (issue order is kept either way).
   std::shared_ptr<Completion> submitCollective(
-      std::function<void(Collectives&, const Deadline&)> fn);
+      bool runInline, std::function<void(Collectives&, const Deadline&)> fn);
 
   /// Queues a point-to-point send (on the send thread) or receive (on the receive
   /// thread); sends and receives progress independently, so any order that matches

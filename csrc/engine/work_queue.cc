@@ -71,6 +71,34 @@ std::shared_ptr<Completion> WorkQueue::push(std::function<void()> task) {
   return c;
 }
 
+std::shared_ptr<Completion> WorkQueue::runInlineOrPush(std::function<void()> task) {
+  auto c = std::make_shared<Completion>();
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_) throw Error("pycomm: operation submitted to a process group that was shut down");
+    if (!queue_.empty() || busy_) {
+      queue_.emplace_back(std::move(task), c);
+      cv_.notify_one();
+      return c;
+    }
+    busy_ = true;  // the worker will not start anything until we are done
+  }
+  std::exception_ptr err;
+  try {
+    task();
+  } catch (...) {
+    err = std::current_exception();
+  }
+  task = nullptr;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    busy_ = false;
+  }
+  cv_.notify_all();
+  c->finish(err);
+  return c;
+}
+
 void WorkQueue::shutdown(const std::string& why) {
   std::deque<std::pair<std::function<void()>, std::shared_ptr<Completion>>> left;
   {
@@ -89,10 +117,11 @@ void WorkQueue::loop() {
     std::pair<std::function<void()>, std::shared_ptr<Completion>> item;
     {
       std::unique_lock<std::mutex> g(mu_);
-      cv_.wait(g, [&] { return stop_ || !queue_.empty(); });
+      cv_.wait(g, [&] { return stop_ || (!queue_.empty() && !busy_); });
       if (queue_.empty()) return;  // stopping
       item = std::move(queue_.front());
       queue_.pop_front();
+      busy_ = true;
     }
     std::exception_ptr err;
     try {
@@ -101,6 +130,11 @@ void WorkQueue::loop() {
       err = std::current_exception();
     }
     item.first = nullptr;  // release captured buffers before waking the waiter
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      busy_ = false;
+    }
+    cv_.notify_all();
     item.second->finish(err);
   }
 }

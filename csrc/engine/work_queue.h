@@ -55,6 +55,11 @@ class WorkQueue {
   /// exception it threw, if any).
   std::shared_ptr<Completion> push(std::function<void()> task);
 
+  /// Runs `task` right here on the calling thread if nothing is queued or running
+  /// (a synchronous caller then skips two thread hand-offs); otherwise queues it
+  /// behind the others, exactly like push(). Order is preserved either way.
+  std::shared_ptr<Completion> runInlineOrPush(std::function<void()> task);
+
   /// Stops accepting tasks, fails queued ones with `why`, joins the thread.
   void shutdown(const std::string& why);
 
@@ -66,6 +71,7 @@ class WorkQueue {
   std::condition_variable cv_;
   std::deque<std::pair<std::function<void()>, std::shared_ptr<Completion>>> queue_;
   bool stop_ = false;
+  bool busy_ = false;  // a task is running (on the worker or inline on a caller)
   std::thread thread_;
 };
 

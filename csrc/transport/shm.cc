@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -301,6 +302,8 @@ void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadli
   for (int i = 0; i < spinIters_; ++i) {
     if (done()) return;
     PYCOMM_CPU_RELAX();
+    // With more ranks than cores the peer we wait for may need this core.
+    if ((i & 127) == 127) sched_yield();
   }
   ShmRankSlot* me = slot(rank_);
   // Collectives only: p2p sequence numbers are per pair and p2p calls are unordered.

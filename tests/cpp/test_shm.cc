@@ -493,7 +493,7 @@ TEST(ShmGroup, RebuiltOnTheSameStoreAndFailedCollectiveAbortsEveryRank) {
       v[r].assign(1000, 1.0f);
       const uint64_t seq = g[r]->nextSeq();
       float* p = v[r].data();
-      c[r] = g[r]->submitCollective([p, seq](Collectives& cs, const Deadline& dl) {
+      c[r] = g[r]->submitCollective(false, [p, seq](Collectives& cs, const Deadline& dl) {
         cs.allReduce(p, 1000, DType::kFloat32, ReduceOp::kSum,
                      makeDesc(CollType::kAllReduce, seq, 1000, DType::kFloat32), dl);
       });
@@ -509,7 +509,7 @@ TEST(ShmGroup, RebuiltOnTheSameStoreAndFailedCollectiveAbortsEveryRank) {
         const uint64_t seq = g[r]->nextSeq();
         float* p = v[r].data();
         size_t n = r == 2 ? 999 : 1000;
-        c[r] = g[r]->submitCollective([p, seq, n](Collectives& cs, const Deadline& dl) {
+        c[r] = g[r]->submitCollective(false, [p, seq, n](Collectives& cs, const Deadline& dl) {
           cs.allReduce(p, n, DType::kFloat32, ReduceOp::kSum,
                        makeDesc(CollType::kAllReduce, seq, n, DType::kFloat32), dl);
         });
