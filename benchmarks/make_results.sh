@@ -27,15 +27,16 @@ ALL=("$@")
 for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 compression_kernels compressed_1gbit dp_step; do
   want "${ALL[@]}" || continue
   case $name in
-    collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 4 -n 20 -w 5 --compare gloo --no-progress ;;
-    collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 -b 8 -e 64M -f 4 -n 20 -w 5 --compare gloo --no-progress ;;
-    collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp -b 8 -e 64M -f 4 -n 20 -w 5 --compare gloo --no-progress ;;
+    collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
+    collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
+    collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     compression_kernels) run $name "$PY" benchmarks/bench_compression_kernels.py ;;
     compressed_1gbit)
       for c in none fp16 onebit topk qsgd powersgd; do
         extra=(); [ "$c" != none ] && extra=(--compression "$c")
         run "${name}_$c" "$PY" -m pycomm.bench all_reduce --hosts 4 --link 1gbit -b 100M -e 100M -n 3 -w 1 "${extra[@]}" --no-progress
       done ;;
-    dp_step) run $name "$PY" benchmarks/bench_data_parallel.py ;;
+    dp_step) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit
+             run ${name}_10gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 10gbit ;;
   esac
 done
