@@ -172,6 +172,13 @@ void checkDivisor(int divisor) { PYCOMM_CHECK_ARG(divisor >= 1, "divisor must be
 /// Quantises block v[0:count) (count <= kQsgdBlock; zeros past count up to `padded`) and
 /// writes levels at `levelsOut` (byte or nibble layout, relative to the block start `first`
 /// inside the chunk, `first` even). Updates v to the quantisation error when `update`.
+// The hash-based stochastic rounding vectorises well only with 32-bit integer
+// multiplies (SSE4.1/AVX2): build an AVX2 clone next to the baseline one, picked at
+// load time by the CPU (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(__SANITIZE_THREAD__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 float quantizeBlock(float* v, size_t count, size_t padded, size_t first, int bits, uint32_t seed,
                     uint32_t indexBase, bool update, uint8_t* data) {
   float maxAbs = 0.0f;
@@ -179,11 +186,19 @@ float quantizeBlock(float* v, size_t count, size_t padded, size_t first, int bit
   const int levels = qsgdLevels(bits);
   const float inv = maxAbs > 0.0f ? (float)levels / maxAbs : 0.0f;
   if (bits == 8) {
-    int8_t* q = reinterpret_cast<int8_t*>(data) + first;
-    for (size_t j = 0; j < count; ++j) {
-      const int l = qsgdQuantize(v[j], inv, levels, counterUniform(seed, indexBase + (uint32_t)j));
-      q[j] = (int8_t)l;
-      if (update) v[j] -= qsgdDequantize(l, maxAbs, levels);
+    int8_t* __restrict__ q = reinterpret_cast<int8_t*>(data) + first;
+    float* __restrict__ w = v;
+    // Two branch-free loops (with and without the residual update) so both vectorise.
+    if (update) {
+      for (size_t j = 0; j < count; ++j) {
+        const int l = qsgdQuantize(w[j], inv, levels, counterUniform(seed, indexBase + (uint32_t)j));
+        q[j] = (int8_t)l;
+        w[j] -= qsgdDequantize(l, maxAbs, levels);
+      }
+    } else {
+      for (size_t j = 0; j < count; ++j) {
+        q[j] = (int8_t)qsgdQuantize(w[j], inv, levels, counterUniform(seed, indexBase + (uint32_t)j));
+      }
     }
     for (size_t j = count; j < padded; ++j) q[j] = 0;
   } else {

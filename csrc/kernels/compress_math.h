@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/half_math.h"
@@ -75,11 +76,12 @@ PYCOMM_HD uint64_t splitMix64(uint64_t x) {
 /// QSGD stochastic rounding of x to a signed level in [-levels, levels], given
 /// inv = levels / scale (0 when the block is all zeros) and u uniform in [0, 1):
 /// E[level] * scale / levels == x (unbiased) for |x| <= scale.
+/// Branch-free (so the CPU loops vectorise): trunc == floor for a >= 0, then clamp
+/// and give the level x's sign.
 PYCOMM_HD int qsgdQuantize(float x, float inv, int levels, float u) {
-  const float a = (x < 0.0f ? -x : x) * inv;
-  int q = (int)(a + u);  // floor for a + u >= 0
-  q = q > levels ? levels : q;
-  return x < 0.0f ? -q : q;
+  const float a = fabsf(x) * inv + u;
+  const float q = fminf(truncf(a), (float)levels);
+  return (int)copysignf(q, x);
 }
 
 /// Value of a QSGD level: level * scale / levels.
