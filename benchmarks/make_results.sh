@@ -24,7 +24,7 @@ run() {  # run NAME CMD...
 
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
-for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 compression_kernels compressed_1gbit dp_step; do
+for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step; do
   want "${ALL[@]}" || continue
   case $name in
     collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
@@ -35,6 +35,11 @@ for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 compression_ke
       for c in none fp16 onebit topk qsgd powersgd; do
         extra=(); [ "$c" != none ] && extra=(--compression "$c")
         run "${name}_$c" "$PY" -m pycomm.bench all_reduce --hosts 4 --link 1gbit -b 100M -e 100M -n 3 -w 1 "${extra[@]}" --no-progress
+      done ;;
+    compressed_10gbit)
+      for c in none fp16 onebit topk; do
+        extra=(); [ "$c" != none ] && extra=(--compression "$c")
+        run "${name}_$c" "$PY" -m pycomm.bench all_reduce --hosts 4 --link 10gbit -b 100M -e 100M -n 3 -w 1 "${extra[@]}" --no-progress
       done ;;
     dp_step) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit
              run ${name}_10gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 10gbit ;;

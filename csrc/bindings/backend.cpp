@@ -200,8 +200,10 @@ class PycommBackend : public c10d::Backend {
   PycommBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                 std::chrono::milliseconds timeout)
       : c10d::Backend(rank, size) {
-    C10dStore adapter(store);
-    group_ = std::make_unique<Group>(adapter, rank, size, timeout);
+    // The store adapter lives as long as the group: the TCP transport leaves abort
+    // reasons in it for peers.
+    store_ = std::make_unique<C10dStore>(store);
+    group_ = std::make_unique<Group>(*store_, rank, size, timeout);
     auto& t = processTotals();
     std::lock_guard<std::mutex> g(t.mu);
     t.live.push_back(this);
@@ -639,6 +641,7 @@ class PycommBackend : public c10d::Backend {
     return c10::make_intrusive<PycommWork>(rank_, type, name, std::move(outputs), c, desc.seq);
   }
 
+  std::unique_ptr<C10dStore> store_;  // declared first: destroyed after group_
   std::unique_ptr<Group> group_;
 };
 

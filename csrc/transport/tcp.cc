@@ -369,7 +369,7 @@ std::string TcpTransport::secretKey(const std::string& keyPrefix) { return keyPr
 
 TcpTransport::TcpTransport(Store& store, const std::string& keyPrefix, int rank, int size,
                            std::chrono::milliseconds timeout)
-    : rank_(rank), size_(size), timeout_(timeout) {
+    : rank_(rank), size_(size), timeout_(timeout), store_(&store), keyPrefix_(keyPrefix) {
   PYCOMM_CHECK_ARG(size >= 1, "pycomm: tcp transport needs size >= 1, got ", size);
   PYCOMM_CHECK_ARG(rank >= 0 && rank < size, "pycomm: rank ", rank, " out of range for size ",
                    size);
@@ -649,6 +649,17 @@ void TcpTransport::throwIoError(int peer, int err, const OpDesc& desc) const {
   throwIfFailed();  // our own abort() shut the socket: report that instead
   const std::string& addr = pairs_[peer]->addr;
   if (err == 0 || isClosedError(err)) {
+    // A peer that aborted leaves its reason in the store before closing its sockets.
+    std::string reason;
+    try {
+      reason = store_->getString(strCat(keyPrefix_, "abort/", peer), milliseconds(300));
+    } catch (...) {
+      reason.clear();  // not aborted (dead or exited), or the store is gone with it
+    }
+    if (!reason.empty()) {
+      throw PeerError(strCat("pycomm: rank ", peer, " aborted: ", reason, " [seen by rank ", rank_, " during ",
+                             desc.str(), "]"));
+    }
     throw PeerError(strCat("pycomm: rank ", peer, " closed the connection (dead or exited) during ",
                            desc.str(), " [seen by rank ", rank_, ", peer at ", addr, "]"));
   }
@@ -974,6 +985,12 @@ void TcpTransport::abort(const std::string& why) {
     }
   }
   std::string reason = why.substr(0, tcp_wire::kMaxAbortReason);
+  // Out of band first, so it is there before any peer sees our sockets close.
+  try {
+    store_->setString(strCat(keyPrefix_, "abort/", rank_), reason);
+  } catch (...) {
+    // The store may be gone (its host died); the ABORT frames below still go out.
+  }
   for (int p = 0; p < size_; ++p) {
     Pair* pair = pairs_[p].get();
     if (pair == nullptr || !pair->fd.valid()) continue;

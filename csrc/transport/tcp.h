@@ -175,6 +175,11 @@ class TcpTransport : public Transport {
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
+  // The rendezvous store, kept (it outlives the transport: the backend owns it) so an
+  // aborting rank can leave its reason where peers that only see its socket close
+  // can read it, even when no ABORT frame could be sent (a frame was half sent).
+  Store* store_ = nullptr;
+  std::string keyPrefix_;
   std::string listenAddress_;
   int socketBuffer_ = 0;  // SO_SNDBUF/SO_RCVBUF to request (0: leave kernel autotuning)
   std::vector<std::unique_ptr<Pair>> pairs_;  // indexed by peer rank; null for self
