@@ -125,7 +125,7 @@ def main() -> int:
     print(f"\n== all_reduce sweep: pycomm vs Gloo, {args.ranks} ranks on this host (nccl-tests columns)\n",
           flush=True)
     cmd = [sys.executable, "-m", "pycomm.bench", "all_reduce", "--ranks", str(args.ranks), "-b", "8", "-e", "64M",
-           "-f", "8", "-n", "10", "-w", "3", "--compare", "gloo", "--no-progress"]
+           "-f", "2", "-n", "10", "-w", "3", "--compare", "gloo", "--no-progress"]
     return subprocess.call(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"))
 
 
