@@ -97,6 +97,9 @@ def main() -> int:
         port = s.getsockname()[1]
     print(f"== pycomm demo: {args.ranks} ranks train an MLP on sklearn digits with pycomm.DataParallel",
           flush=True)
+    # Huge pages for large tensors (inherited by the spawned ranks): the shm transport's
+    # cross-memory reads pin 2 MiB pages instead of 4 KiB ones (docs/USER_GUIDE.md).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=rank_main, args=(r, args.ranks, port, args.epochs, q)) for r in range(args.ranks)]

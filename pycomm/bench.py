@@ -724,7 +724,8 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
         print(f"# minBytes {args.minbytes} maxBytes {args.maxbytes} step: {args.stepfactor}(factor) "
               f"warmup iters: {args.warmup} iters: {args.iters} validation: {int(bool(args.check))}", file=out)
         print(f"# {meta['machine']}, torch {meta['torch']}, {meta['date']}"
-              + (f", transport {meta['transport']}" if meta["transport"] else ""), file=out)
+              + (f", transport {meta['transport']}" if meta["transport"] else "")
+              + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}", file=out)
         if args.hosts:
             nm = meta.get("netem", {})
             lat = args.latency if nm.get("latency_applied", True) else f"{args.latency} (NOT applied: no sch_netem)"
@@ -827,6 +828,9 @@ def _child_argv() -> List[str]:
     return [sys.executable, os.path.abspath(__file__)]
 
 
+_THP_DEFAULT = [True]  # set from --thp in main()
+
+
 def _child_env(extra: Dict[str, str]) -> Dict[str, str]:
     env = dict(os.environ)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -834,6 +838,13 @@ def _child_env(extra: Dict[str, str]) -> Dict[str, str]:
     env.setdefault("PYCOMM_BENCH_COMMAND", "pycomm-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
+    # torch's CPU allocator backs large tensors with transparent huge pages when this is
+    # set before the process starts; cross-memory reads (the shm transport) then pin
+    # 2 MiB pages instead of 4 KiB ones, about twice as fast. --thp 0 turns it off.
+    if _THP_DEFAULT[0]:
+        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    else:
+        env["THP_MEM_ALLOC_ENABLE"] = "0"
     return env
 
 
@@ -973,6 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed all_reduce through pycomm.compression")
     p.add_argument("--transport", choices=("shm", "tcp"), default=None, help="sets PYCOMM_TRANSPORT")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
+    p.add_argument("--thp", type=int, choices=(0, 1), default=1,
+                   help="launched ranks set THP_MEM_ALLOC_ENABLE (huge pages for large tensors; both backends)")
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout (s)")
     p.add_argument("--launch-timeout", type=float, default=None, help="kill all ranks after this many seconds")
     o = ap.add_argument_group("output")
@@ -1014,6 +1027,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     args = ap.parse_args(argv)
+    _THP_DEFAULT[0] = bool(args.thp)
     _validate(ap, args)
     if args.compression and "-o" not in argv and "--op" not in argv:
         args.op = "avg"
