@@ -62,8 +62,8 @@ Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout
 }
 
 Group::~Group() {
-  // Queued work fails; a running operation is woken by the abort (peers see it too
-  // unless they have shut down cleanly themselves).
+  // Queued work fails with `why`; an operation already running finishes, or fails at
+  // its deadline, before the threads are joined (see docs/RELIABILITY.md).
   const std::string why = strCat("pycomm: rank ", rank_, " destroyed its process group");
   collQueue_->shutdown(why);
   sendQueue_->shutdown(why);
