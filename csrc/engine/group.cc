@@ -89,15 +89,24 @@ std::shared_ptr<Completion> Group::submitCollective(
   return runInline ? collQueue_->runInlineOrPush(std::move(task)) : collQueue_->push(std::move(task));
 }
 
+namespace {
+// Header of the next point-to-point message between this rank and `peer`, numbered
+// per direction so each send pairs with the matching receive.
+OpDesc p2pDesc(std::vector<uint64_t>& seqs, int peer, size_t bytes, uint32_t tag) {
+  OpDesc desc;
+  desc.coll = CollType::kSend;
+  desc.seq = ++seqs[peer];
+  desc.tag = tag;
+  desc.count = bytes;
+  return desc;
+}
+}  // namespace
+
 std::shared_ptr<Completion> Group::submitSend(int peer, const void* buf, size_t bytes, uint32_t tag,
                                               std::function<void()> keepAlive) {
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "send: invalid destination rank ", peer,
                    " (this is rank ", rank_, " of ", size_, ")");
-  OpDesc desc;
-  desc.coll = CollType::kSend;
-  desc.seq = ++sendSeq_[peer];
-  desc.tag = tag;
-  desc.count = bytes;
+  const OpDesc desc = p2pDesc(sendSeq_, peer, bytes, tag);
   return sendQueue_->push([this, peer, buf, bytes, desc, keepAlive = std::move(keepAlive)] {
     p2p_->send(peer, buf, bytes, desc, Deadline::after(timeout_));
   });
@@ -107,11 +116,7 @@ std::shared_ptr<Completion> Group::submitRecv(int peer, void* buf, size_t bytes,
                                               std::function<void()> keepAlive) {
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "recv: invalid source rank ", peer,
                    " (this is rank ", rank_, " of ", size_, ")");
-  OpDesc desc;
-  desc.coll = CollType::kSend;
-  desc.seq = ++recvSeq_[peer];
-  desc.tag = tag;
-  desc.count = bytes;
+  const OpDesc desc = p2pDesc(recvSeq_, peer, bytes, tag);
   return recvQueue_->push([this, peer, buf, bytes, desc, keepAlive = std::move(keepAlive)] {
     p2p_->recv(peer, buf, bytes, desc, Deadline::after(timeout_));
   });

@@ -203,19 +203,16 @@ ShmTransport::ShmTransport(Store& store, const std::string& keyPrefix, int rank,
   store.setString(strCat(keyPrefix, "shm/cma/", rank), ok ? "1" : "0");
   for (int r = 0; r < size; ++r) {
     if (store.getString(strCat(keyPrefix, "shm/cma/", r), timeout) != "1") {
-      for (int& f : pidfds_) {
-        if (f >= 0) close(f);
-        f = -1;
-      }
-      munmap(base_, mapBytes_);
-      base_ = nullptr;
+      release();  // the destructor does not run for a constructor that throws
       throw Error(strCat("pycomm: cross-memory attach (process_vm_readv) is not permitted between ranks (rank ",
                          r, " failed); the shm transport needs it"));
     }
   }
 }
 
-ShmTransport::~ShmTransport() {
+ShmTransport::~ShmTransport() { release(); }
+
+void ShmTransport::release() {
   for (int& fd : pidfds_) {
     if (fd >= 0) close(fd);
     fd = -1;

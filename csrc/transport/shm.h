@@ -81,6 +81,7 @@ class ShmTransport : public Transport {
   void barrier(const OpDesc& desc, const Deadline& deadline);
 
  private:
+  void release();  // closes the pidfds and unmaps the segment (idempotent)
   void ring(int peer);
   template <typename Pred>
   void waitFor(Pred done, int peer, const OpDesc& desc, const Deadline& deadline, const char* what);

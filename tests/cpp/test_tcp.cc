@@ -31,31 +31,9 @@ using Clock = std::chrono::steady_clock;
 constexpr milliseconds kTimeout{20000};
 constexpr char kPrefix[] = "grp0/tcp/";
 
-OpDesc makeDesc(CollType coll, uint64_t seq, uint64_t count) {
-  OpDesc d;
-  d.coll = coll;
-  d.seq = seq;
-  d.count = count;
-  d.dtype = DType::kUInt8;
-  return d;
-}
-
-uint8_t pattern(int rank, size_t i) {
-  return static_cast<uint8_t>((i * 131 + rank * 7 + i / 251) & 0xff);
-}
-
-std::vector<uint8_t> filled(int rank, size_t n) {
-  std::vector<uint8_t> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = pattern(rank, i);
-  return v;
-}
-
-bool matches(const std::vector<uint8_t>& v, int rank) {
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (v[i] != pattern(rank, i)) return false;
-  }
-  return true;
-}
+using testing::filled;
+using testing::makeDesc;
+using testing::matches;
 
 // Builds an n-rank mesh (constructors run concurrently, as on real ranks).
 std::vector<std::unique_ptr<TcpTransport>> makeMesh(MemStore& store, int n,

@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "core/store.h"
+#include "transport/transport.h"
 
 namespace pycomm {
 namespace testing {
@@ -48,6 +49,36 @@ class MemStore : public Store {
   std::condition_variable cv_;
   std::map<std::string, std::vector<uint8_t>> data_;
 };
+
+/// Descriptor of a test message (what a collective would put in the header).
+inline OpDesc makeDesc(CollType coll, uint64_t seq, uint64_t count, DType dt = DType::kUInt8) {
+  OpDesc d;
+  d.coll = coll;
+  d.seq = seq;
+  d.count = count;
+  d.dtype = dt;
+  return d;
+}
+
+/// Byte i of rank `rank`'s test payload (distinct per rank, not periodic in 256).
+inline uint8_t pattern(int rank, size_t i) {
+  return static_cast<uint8_t>((i * 131 + rank * 7 + i / 251) & 0xff);
+}
+
+/// A payload of n bytes filled with pattern(rank, i).
+inline std::vector<uint8_t> filled(int rank, size_t n) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = pattern(rank, i);
+  return v;
+}
+
+/// True if v holds rank's pattern.
+inline bool matches(const std::vector<uint8_t>& v, int rank) {
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v[i] != pattern(rank, i)) return false;
+  }
+  return true;
+}
 
 /// Runs fn(rank) on `n` threads and rethrows the first exception any rank raised.
 inline void runRanks(int n, const std::function<void(int)>& fn) {
