@@ -326,7 +326,7 @@ void oneBitDecompress(const uint8_t* in, size_t numChunks, size_t chunk, size_t 
 // ---------------------------------------------------------------- QSGD
 
 void qsgdCompress(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, int bits,
-                  uint32_t seed, uint8_t* out) {
+                  uint32_t seed, uint8_t* out, uint32_t indexBase) {
   checkChunk(chunk);
   checkBits(bits);
   PYCOMM_CHECK_ARG(n <= chunk * numChunks, "qsgdCompress: ", n, " elements do not fit");
@@ -349,14 +349,14 @@ void qsgdCompress(const float* x, float* residual, size_t n, size_t chunk, size_
       } else if (!residual) {
         std::memcpy(buf, x + g, m * sizeof(float));
       }
-      const float scale = quantizeBlock(v, m, padded, first, bits, seed, (uint32_t)g, residual != nullptr, data);
+      const float scale = quantizeBlock(v, m, padded, first, bits, seed, indexBase + (uint32_t)g, residual != nullptr, data);
       std::memcpy(p + 4 * b, &scale, 4);
     }
   }
 }
 
 void qsgdServerReduce(const uint8_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
-                      float* residual, int bits, uint32_t seed, uint8_t* out) {
+                      float* residual, int bits, uint32_t seed, uint8_t* out, uint32_t indexBase) {
   checkChunk(chunk);
   checkBits(bits);
   checkDivisor(divisor);
@@ -383,7 +383,7 @@ void qsgdServerReduce(const uint8_t* in, int numPayloads, size_t chunk, size_t c
     } else {
       for (size_t j = 0; j < m; ++j) v[j] = buf[j] / div;
     }
-    const float scale = quantizeBlock(v, m, padded, first, bits, seed, (uint32_t)first, residual != nullptr, data);
+    const float scale = quantizeBlock(v, m, padded, first, bits, seed, indexBase + (uint32_t)first, residual != nullptr, data);
     std::memcpy(out + 4 * b, &scale, 4);
   }
 }

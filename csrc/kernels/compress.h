@@ -51,14 +51,17 @@ void oneBitDecompress(const uint8_t* in, size_t numChunks, size_t chunk, size_t 
 
 /// Worker step: v = x (+ residual); per kQsgdBlock block scale = max |v|; each element is
 /// stochastically rounded to one of 2*levels+1 levels with the counter RNG keyed by
-/// (seed, element index), which is unbiased; residual (if given) = v - dequantised(v).
+/// (seed, indexBase + element index), which is unbiased; residual (if given) = v -
+/// dequantised(v). indexBase lets a caller compress a slice of a larger tensor and draw
+/// the same random numbers as a whole-tensor call.
 void qsgdCompress(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, int bits,
-                  uint32_t seed, uint8_t* out);
+                  uint32_t seed, uint8_t* out, uint32_t indexBase = 0);
 
 /// Server step: v = (sum of dequantised payloads) / divisor (+ residual), re-quantised
-/// (RNG keyed by seed and the chunk-local index); residual (optional) = the server error.
+/// (RNG keyed by seed and indexBase + the chunk-local index); residual (optional) = the
+/// server error.
 void qsgdServerReduce(const uint8_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
-                      float* residual, int bits, uint32_t seed, uint8_t* out);
+                      float* residual, int bits, uint32_t seed, uint8_t* out, uint32_t indexBase = 0);
 
 /// Dequantises numChunks payloads into the first n elements (out = or out +=).
 void qsgdDecompress(const uint8_t* in, size_t numChunks, size_t chunk, size_t n, int bits, float* out,
@@ -111,10 +114,11 @@ void oneBitDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, siz
                           bool accumulate, CUstream_st* stream);
 /// CUDA qsgdCompress.
 void qsgdCompressCuda(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, int bits,
-                      uint32_t seed, uint8_t* out, CUstream_st* stream);
+                      uint32_t seed, uint8_t* out, CUstream_st* stream, uint32_t indexBase = 0);
 /// CUDA qsgdServerReduce.
 void qsgdServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
-                          float* residual, int bits, uint32_t seed, uint8_t* out, CUstream_st* stream);
+                          float* residual, int bits, uint32_t seed, uint8_t* out, CUstream_st* stream,
+                          uint32_t indexBase = 0);
 /// CUDA qsgdDecompress.
 void qsgdDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, size_t n, int bits, float* out,
                         bool accumulate, CUstream_st* stream);

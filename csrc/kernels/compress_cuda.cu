@@ -172,7 +172,8 @@ __device__ void quantizeBlockD(float v0, float v1, size_t j0, size_t m, int bits
 
 // Grid: (blocks per chunk, numChunks); block b of chunk c covers kQsgdBlock elements.
 __global__ void qsgdCompressKernel(const float* x, float* residual, size_t n, size_t chunk, int bits,
-                                   uint32_t seed, uint8_t* out, size_t payload, size_t blocks) {
+                                   uint32_t seed, uint8_t* out, size_t payload, size_t blocks,
+                                   uint32_t indexBase) {
   const size_t c = blockIdx.y, b = blockIdx.x;
   const size_t count = validCountD(n, chunk, c);
   const size_t first = b * kQsgdBlock;
@@ -187,7 +188,7 @@ __global__ void qsgdCompressKernel(const float* x, float* residual, size_t n, si
   float d0, d1;
   // Threads past the padded block write nothing (their levels would land in the next block).
   const bool inBlock = j0 < padded;
-  quantizeBlockD(v0, v1, j0, m, bits, seed, (uint32_t)(g + j0), p + 4 * b,
+  quantizeBlockD(v0, v1, j0, m, bits, seed, indexBase + (uint32_t)(g + j0), p + 4 * b,
                  inBlock ? p + 4 * blocks + (bits == 8 ? first : first / 2) : nullptr, &d0, &d1);
   if (residual) {
     if (j0 < m) residual[g + j0] = v0 - d0;
@@ -209,7 +210,7 @@ __device__ float dequantAt(const uint8_t* data, size_t j, float scale, int bits)
 
 __global__ void qsgdServerKernel(const uint8_t* in, int numPayloads, size_t chunk, size_t count, float div,
                                  float* residual, int bits, uint32_t seed, uint8_t* out, size_t payload,
-                                 size_t blocks) {
+                                 size_t blocks, uint32_t indexBase) {
   const size_t b = blockIdx.x;
   const size_t first = b * kQsgdBlock;
   const size_t padded = chunk - first < kQsgdBlock ? chunk - first : kQsgdBlock;
@@ -228,7 +229,7 @@ __global__ void qsgdServerKernel(const uint8_t* in, int numPayloads, size_t chun
   }
   float d0, d1;
   const bool inBlock = j0 < padded;
-  quantizeBlockD(v[0], v[1], j0, m, bits, seed, (uint32_t)(first + j0), out + 4 * b,
+  quantizeBlockD(v[0], v[1], j0, m, bits, seed, indexBase + (uint32_t)(first + j0), out + 4 * b,
                  inBlock ? out + 4 * blocks + (bits == 8 ? first : first / 2) : nullptr, &d0, &d1);
   if (residual) {
     if (j0 < m) residual[first + j0] = v[0] - d0;
@@ -486,24 +487,25 @@ void oneBitDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, siz
 }
 
 void qsgdCompressCuda(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, int bits,
-                      uint32_t seed, uint8_t* out, CUstream_st* stream) {
+                      uint32_t seed, uint8_t* out, CUstream_st* stream, uint32_t indexBase) {
   PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && n <= chunk * numChunks && (bits == 8 || bits == 4),
                    "qsgdCompressCuda: bad arguments");
   const size_t blocks = qsgdNumBlocks(chunk);
   dim3 grid((unsigned)blocks, (unsigned)numChunks);
   qsgdCompressKernel<<<grid, kQsgdThreads, 0, stream>>>(x, residual, n, chunk, bits, seed, out,
-                                                        qsgdPayloadBytes(chunk, bits), blocks);
+                                                        qsgdPayloadBytes(chunk, bits), blocks, indexBase);
   check(cudaGetLastError(), "qsgdCompress");
 }
 
 void qsgdServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
-                          float* residual, int bits, uint32_t seed, uint8_t* out, CUstream_st* stream) {
+                          float* residual, int bits, uint32_t seed, uint8_t* out, CUstream_st* stream,
+                          uint32_t indexBase) {
   PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && count <= chunk && (bits == 8 || bits == 4) && divisor >= 1,
                    "qsgdServerReduceCuda: bad arguments");
   const size_t blocks = qsgdNumBlocks(chunk);
   qsgdServerKernel<<<(unsigned)blocks, kQsgdThreads, 0, stream>>>(in, numPayloads, chunk, count, (float)divisor,
                                                                   residual, bits, seed, out,
-                                                                  qsgdPayloadBytes(chunk, bits), blocks);
+                                                                  qsgdPayloadBytes(chunk, bits), blocks, indexBase);
   check(cudaGetLastError(), "qsgdServerReduce");
 }
 
