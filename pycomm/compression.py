@@ -36,13 +36,14 @@ State (error residuals, PowerSGD's Q, the QSGD random-stream step) is kept per
 from __future__ import annotations
 
 import math
+import os
 import threading
 from typing import Any, Dict, Generator, Hashable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from pycomm import _C
+from pycomm import _C, _backend
 
 __all__ = [
     "Compressor",
@@ -171,6 +172,45 @@ def ring_all_reduce_bytes(numel: int, world_size: int, element_size: int = 4) ->
     if world_size <= 1 or numel == 0:
         return 0
     return 2 * (world_size - 1) * -(-numel // world_size) * element_size
+
+
+# --------------------------------------------------------------------------- native path
+
+#: Run compressed all-reduces on pycomm groups through the pipelined C++ exchange
+#: (``PYCOMM_COMPRESS_NATIVE=0`` turns it off: every group then uses the generic path
+#: over torch.distributed collectives, with bitwise-identical results).
+NATIVE: bool = os.environ.get("PYCOMM_COMPRESS_NATIVE", "1") != "0"
+
+
+def _native_backend(group: Optional[dist.ProcessGroup], tensor: torch.Tensor) -> Any:
+    """The group's pycomm backend when the native path applies (CPU tensor), else None."""
+    if not NATIVE or tensor.device.type != "cpu":
+        return None
+    try:
+        return _backend._pycomm_backend(group)
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _run_native(backend: Any, tensor: torch.Tensor, args: Dict[str, Any], divisor: int,
+                async_op: bool) -> Union[torch.Tensor, torch.futures.Future]:
+    flat = _out_buffer(tensor)
+    if flat.data_ptr() != tensor.data_ptr():
+        flat.copy_(tensor.reshape(-1))
+    work = backend.compressed_all_reduce(flat, args["codec"], args["bits"], args["error_feedback"], args["chunk"],
+                                         divisor, args["worker"], args["server"], args.get("worker_seed", 0),
+                                         args.get("server_seed", 0), async_op)
+    if not async_op:
+        work.wait()
+        _write_back(tensor, flat)
+        return tensor
+
+    def done(f: torch.futures.Future) -> torch.Tensor:
+        f.value()  # raises the collective's error
+        _write_back(tensor, flat)
+        return tensor
+
+    return work.get_future().then(done)
 
 
 # --------------------------------------------------------------------------- async scheduling
@@ -357,6 +397,11 @@ class Compressor:
         rank = dist.get_rank(group)
         if key is None:
             key = "shape=" + "x".join(str(d) for d in tensor.shape)
+        backend = _native_backend(group, tensor)
+        if backend is not None:
+            args = self._native(tensor, self._state(key), world_size, rank, divisor)
+            if args is not None:
+                return _run_native(backend, tensor, args, divisor, async_op)
         gen = self._reduce(tensor, self._state(key), world_size, rank, divisor)
         if async_op:
             return _schedule_for(group).submit(gen, tensor, self._stages(tensor, key, world_size))
@@ -393,6 +438,13 @@ class Compressor:
 
     # -- for subclasses ---------------------------------------------------------------
 
+    def _native(self, tensor: torch.Tensor, state: Dict[str, Any], world_size: int, rank: int,
+                divisor: int) -> Optional[Dict[str, Any]]:
+        """Arguments of the pipelined C++ path (pycomm groups, CPU tensors), or None when
+        this compressor has none. Must update ``state`` exactly as :meth:`_reduce` does:
+        both paths give bitwise-identical results and state."""
+        return None
+
     def _state(self, key: Hashable) -> Dict[str, Any]:
         return self._states.setdefault(key, {})
 
@@ -425,11 +477,21 @@ class _HalfBase(Compressor):
         return f"{type(self).__name__}(error_feedback={self.error_feedback})"
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
-        return ring_all_reduce_bytes(numel, world_size, 2)
+        if world_size <= 1 or numel == 0:
+            return 0
+        return 2 * (world_size - 1) * 2 * _chunk(numel, world_size, _ALIGN)
+
+    def _native(self, tensor, state, world_size, rank, divisor):
+        n = tensor.numel()
+        chunk = _chunk(n, world_size, _ALIGN)
+        ef = self.error_feedback
+        return dict(codec="bf16" if self._bf16 else "fp16", bits=0, error_feedback=ef, chunk=chunk,
+                    worker=self._buffer(state, "worker", n, tensor) if ef else None,
+                    server=self._buffer(state, "server", chunk, tensor) if ef else None)
 
     def _reduce(self, tensor, state, world_size, rank, divisor):
         n = tensor.numel()
-        chunk = _chunk(n, world_size, 1)
+        chunk = _chunk(n, world_size, _ALIGN)
         half = torch.bfloat16 if self._bf16 else torch.float16
         if tensor.dtype == half and not self.error_feedback:
             payload = tensor.new_zeros(world_size * chunk)
@@ -484,6 +546,13 @@ class OneBit(Compressor):
             return 0
         return 2 * (world_size - 1) * _C.one_bit_payload_bytes(_chunk(numel, world_size, _ALIGN))
 
+    def _native(self, tensor, state, world_size, rank, divisor):
+        n = tensor.numel()
+        chunk = _chunk(n, world_size, _ALIGN)
+        return dict(codec="onebit", bits=0, error_feedback=True, chunk=chunk,
+                    worker=self._buffer(state, "worker", n, tensor),
+                    server=self._buffer(state, "server", chunk, tensor))
+
     def _reduce(self, tensor, state, world_size, rank, divisor):
         n = tensor.numel()
         chunk = _chunk(n, world_size, _ALIGN)
@@ -526,6 +595,18 @@ class QSGD(Compressor):
             return 0
         chunk = _chunk(numel, world_size, _ALIGN)
         return 2 * (world_size - 1) * _C.qsgd_payload_bytes(chunk, self.bits)
+
+    def _native(self, tensor, state, world_size, rank, divisor):
+        n = tensor.numel()
+        chunk = _chunk(n, world_size, _ALIGN)
+        step = int(state.get("step", 0))
+        state["step"] = step + 1
+        ef = self.error_feedback
+        return dict(codec="qsgd", bits=self.bits, error_feedback=ef, chunk=chunk,
+                    worker=self._buffer(state, "worker", n, tensor) if ef else None,
+                    server=self._buffer(state, "server", chunk, tensor) if ef else None,
+                    worker_seed=_mix_seed(self.seed, step, rank, 0),
+                    server_seed=_mix_seed(self.seed, step, rank, 1))
 
     def _reduce(self, tensor, state, world_size, rank, divisor):
         n = tensor.numel()
@@ -697,6 +778,10 @@ class _Uncompressed(Compressor):
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         return ring_all_reduce_bytes(numel, world_size)
+
+    def _native(self, tensor, state, world_size, rank, divisor):
+        return dict(codec="none", bits=0, error_feedback=False, chunk=_chunk(tensor.numel(), world_size, _ALIGN),
+                    worker=None, server=None)
 
     def _reduce(self, tensor, state, world_size, rank, divisor):
         result = yield from _float_all_reduce(_flat_float(tensor), world_size, rank, divisor)

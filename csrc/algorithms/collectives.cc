@@ -5,6 +5,7 @@
 
 #include "core/env.h"
 #include "core/error.h"
+#include "engine/work_queue.h"
 #include "kernels/reduce.h"
 #include "transport/shm.h"
 
@@ -31,6 +32,8 @@ AlgoConfig AlgoConfig::fromEnv() {
   c.segmentBytes = static_cast<size_t>(
       std::max<int64_t>(4096, envInt("PYCOMM_RING_SEGMENT_BYTES", static_cast<int64_t>(c.segmentBytes))));
   c.algo = envStr("PYCOMM_ALGO", "auto");
+  c.compressPieceBytes = static_cast<size_t>(std::max<int64_t>(
+      4, envInt("PYCOMM_COMPRESS_PIECE_BYTES", static_cast<int64_t>(c.compressPieceBytes))));
   PYCOMM_CHECK_ARG(c.algo == "auto" || c.algo == "ring" || c.algo == "direct" || c.algo == "oneshot" ||
                        c.algo == "rd",
                    "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd (got '", c.algo, "')");
@@ -44,6 +47,21 @@ Collectives::Collectives(Transport& transport, AlgoConfig config)
       rank_(transport.rank()),
       size_(transport.size()) {
   if (shm_ && config_.smallBytes > kShmInlineBytes) config_.smallBytes = kShmInlineBytes;
+}
+
+Collectives::~Collectives() {
+  if (helper_) helper_->shutdown("pycomm: collectives destroyed");
+}
+
+void Collectives::compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
+                                      const Deadline& deadline) {
+  if (!helper_) helper_ = std::make_unique<WorkQueue>("pycomm-codec");
+  CompressedArgs a = args;
+  if (a.pieceElems == 0) {
+    const size_t elems = std::max<size_t>(1, config_.compressPieceBytes / sizeof(float));
+    a.pieceElems = (elems + kPieceAlign - 1) / kPieceAlign * kPieceAlign;
+  }
+  pipelinedCompressedAllReduce(transport_, *helper_, compressScratch_, codec, a, desc, deadline);
 }
 
 char* Collectives::scratch(size_t bytes) {

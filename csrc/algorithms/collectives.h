@@ -4,10 +4,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/deadline.h"
+#include "algorithms/compressed.h"
 #include "core/dtype.h"
 #include "transport/transport.h"
 
@@ -25,6 +27,9 @@ struct AlgoConfig {
   /// "auto", "ring", "direct" (shm only), "oneshot" (shm) or "rd" (recursive doubling).
   /// PYCOMM_ALGO.
   std::string algo = "auto";
+  /// Float32 bytes of each chunk piece a compressed all-reduce pipelines (rounded to
+  /// whole 2048-element blocks). PYCOMM_COMPRESS_PIECE_BYTES.
+  size_t compressPieceBytes = 1 << 20;
 
   /// Reads the PYCOMM_* variables above.
   static AlgoConfig fromEnv();
@@ -76,8 +81,15 @@ class Collectives {
   /// Returns once every rank has entered the barrier.
   void barrier(const OpDesc& desc, const Deadline& deadline);
 
+  /// Pipelined compressed all-reduce of a float32 tensor (see algorithms/compressed.h);
+  /// the codec runs on a helper thread this object starts on first use.
+  void compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
+                           const Deadline& deadline);
+
   /// The transport collectives run over.
   Transport& transport() { return transport_; }
+
+  ~Collectives();
 
  private:
   void ringAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
@@ -96,6 +108,8 @@ class Collectives {
   int rank_;
   int size_;
   std::vector<char> scratch_;
+  std::unique_ptr<WorkQueue> helper_;     // codec thread of compressed all-reduces
+  std::vector<uint8_t> compressScratch_;  // their payload buffers
 };
 
 }  // namespace pycomm

@@ -13,8 +13,10 @@
 #include <memory>
 #include <mutex>
 
+#include "algorithms/compressed.h"
 #include "core/error.h"
 #include "engine/group.h"
+#include "kernels/compress_math.h"
 
 namespace pycomm {
 
@@ -268,6 +270,70 @@ class PycommBackend : public c10d::Backend {
                     }
                   },
                   -1, {}, ops.empty() ? ReduceOp::kSum : ops[0].second);
+  }
+
+  /// Pipelined compressed all-reduce of a contiguous CPU float32 tensor, in place (the
+  /// native path of pycomm.compression on pycomm groups). `codec`: "fp16", "bf16",
+  /// "onebit", "qsgd" (with `bits`) or "none"; residual tensors hold the error-feedback
+  /// state (n and chunk float32 elements) or are None for codecs that keep none.
+  c10::intrusive_ptr<c10d::Work> compressedAllReduce(at::Tensor t, const std::string& codecName, int64_t bits,
+                                                     bool errorFeedback, int64_t chunk, int64_t divisor,
+                                                     std::optional<at::Tensor> worker,
+                                                     std::optional<at::Tensor> server, int64_t workerSeed,
+                                                     int64_t serverSeed, bool asyncOp) {
+    auto isFlatF32 = [](const at::Tensor& x) {
+      return x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous();
+    };
+    TORCH_CHECK_VALUE(t.defined() && isFlatF32(t), "pycomm rank ", rank_,
+                      ": compressed all_reduce needs a contiguous CPU float32 tensor, got ",
+                      t.defined() ? c10::str(t.scalar_type(), " on ", t.device()) : std::string("undefined"));
+    const size_t n = static_cast<size_t>(t.numel());
+    TORCH_CHECK_VALUE(chunk > 0 && chunk % static_cast<int64_t>(kCompressAlign) == 0 &&
+                          static_cast<size_t>(chunk) * static_cast<size_t>(size_) >= n,
+                      "pycomm rank ", rank_, ": compressed all_reduce chunk ", chunk, " does not tile ", n,
+                      " elements over ", size_, " ranks");
+    TORCH_CHECK_VALUE(divisor >= 1, "pycomm rank ", rank_, ": compressed all_reduce divisor must be >= 1");
+    std::unique_ptr<PieceCodec> codec;
+    if (codecName == "fp16" || codecName == "bf16") {
+      codec = makeHalfCodec(codecName == "bf16", errorFeedback);
+    } else if (codecName == "onebit") {
+      codec = makeOneBitCodec();
+      errorFeedback = true;
+    } else if (codecName == "qsgd") {
+      TORCH_CHECK_VALUE(bits == 8 || bits == 4, "pycomm rank ", rank_, ": QSGD bits must be 8 or 4, got ", bits);
+      codec = makeQsgdCodec(static_cast<int>(bits), errorFeedback, static_cast<uint32_t>(workerSeed),
+                            static_cast<uint32_t>(serverSeed));
+    } else if (codecName == "none") {
+      codec = makeFloatCodec();
+      errorFeedback = false;
+    } else {
+      TORCH_CHECK_VALUE(false, "pycomm rank ", rank_, ": unknown compression codec '", codecName,
+                        "' (fp16, bf16, onebit, qsgd, none)");
+    }
+    CompressedArgs args;
+    args.data = t.data_ptr<float>();
+    args.n = n;
+    args.chunk = static_cast<size_t>(chunk);
+    args.divisor = static_cast<int>(divisor);
+    std::vector<at::Tensor> keep{t};
+    if (errorFeedback) {
+      TORCH_CHECK_VALUE(worker && server && isFlatF32(*worker) && isFlatF32(*server) &&
+                            static_cast<size_t>(worker->numel()) == n && server->numel() == chunk,
+                        "pycomm rank ", rank_, ": ", codecName, " with error feedback needs CPU float32 residuals of ",
+                        n, " (worker) and ", chunk, " (server) elements");
+      args.workerResidual = worker->data_ptr<float>();
+      args.serverResidual = server->data_ptr<float>();
+      keep.push_back(*worker);
+      keep.push_back(*server);
+    }
+    std::shared_ptr<PieceCodec> shared(std::move(codec));
+    const uint32_t tag = shared->id();
+    return submit(asyncOp, c10d::OpType::ALLREDUCE, "pycomm:compressed_all_reduce", CollType::kCompressed, {t},
+                  {Staged{t, t, false}}, -1,
+                  [shared, args, keep](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.compressedAllReduce(*shared, args, d, dl);
+                  },
+                  -1, {}, divisor == 1 ? ReduceOp::kSum : ReduceOp::kAvg, tag);
   }
 
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
@@ -620,11 +686,12 @@ class PycommBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> submit(bool asyncOp, c10d::OpType type, const char* name, CollType coll,
                                         std::vector<at::Tensor> outputs, std::vector<Staged> staged, int root,
                                         CollFn fn, int64_t count = -1, std::vector<Staged> copyBack = {},
-                                        ReduceOp op = ReduceOp::kSum) {
+                                        ReduceOp op = ReduceOp::kSum, uint32_t tag = 0) {
     OpDesc desc;
     desc.seq = group_->nextSeq();
     desc.coll = coll;
     desc.root = root;
+    desc.tag = tag;
     if (!staged.empty()) {
       desc.dtype = toDType(staged[0].buf.scalar_type(), rank_);
       desc.count = count >= 0 ? static_cast<uint64_t>(count) : static_cast<uint64_t>(staged[0].buf.numel());
@@ -651,7 +718,12 @@ void initBackendBindings(pybind11::module_& m) {
       .def("stats", &PycommBackend::stats, "Counters: collectives run, bytes sent/received")
       .def("transport", &PycommBackend::transportName, "Transport in use: 'shm' or 'tcp'")
       .def("abort_group", &PycommBackend::abortGroup, py::arg("why"),
-           "Fails every pending and future operation of the group on every rank");
+           "Fails every pending and future operation of the group on every rank")
+      .def("compressed_all_reduce", &PycommBackend::compressedAllReduce, py::arg("tensor"), py::arg("codec"),
+           py::arg("bits"), py::arg("error_feedback"), py::arg("chunk"), py::arg("divisor"), py::arg("worker"),
+           py::arg("server"), py::arg("worker_seed"), py::arg("server_seed"), py::arg("async_op"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Pipelined compressed all-reduce in place (native path of pycomm.compression); returns a Work");
   m.def("process_stats", &PycommBackend::processStats,
         "Counters summed over every pycomm group of this process (live and destroyed)");
   m.def(
