@@ -40,18 +40,36 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
+_ONE_BIT_BLOCK = 2048
+
+
+def _onebit_counts(n, chunk, w):
+    """Valid elements of each 2048-block of the w chunks (the kernel's per-block divisor)."""
+    nb = -(-chunk // _ONE_BIT_BLOCK)
+    first = torch.arange(nb) * _ONE_BIT_BLOCK
+    start = (torch.arange(w)[:, None] * chunk + first[None, :]).reshape(-1)
+    length = (chunk - first).clamp(max=_ONE_BIT_BLOCK).repeat(w)
+    return (n - start).clamp(min=0).minimum(length)
+
+
 def onebit_compress_torch(x, res, chunk, w):
+    # Same math as the kernel: per 2048-element block scale = mean |v| over its valid elements.
+    nb = -(-chunk // _ONE_BIT_BLOCK)
     v = torch.zeros(w * chunk)
     v[: x.numel()] = x + res[: x.numel()]
     m = v.view(w, chunk)
-    scale = m.abs().sum(1) / torch.tensor([min(chunk, max(0, x.numel() - c * chunk)) for c in range(w)])
-    pos = m >= 0
-    packed = (pos.view(w, chunk // 8, 8).to(torch.uint8) * _BIT_WEIGHTS).sum(2, dtype=torch.uint8)
-    res[: x.numel()] = (m - torch.where(pos, scale[:, None], -scale[:, None])).view(-1)[: x.numel()]
+    if chunk % _ONE_BIT_BLOCK:
+        m = torch.nn.functional.pad(m, (0, nb * _ONE_BIT_BLOCK - chunk))
+    blocks = m.reshape(w * nb, _ONE_BIT_BLOCK)
+    scale = blocks.abs().sum(1) / _onebit_counts(x.numel(), chunk, w).clamp(min=1)
+    pos = blocks >= 0
+    packed = (pos.view(w * nb, _ONE_BIT_BLOCK // 8, 8).to(torch.uint8) * _BIT_WEIGHTS).sum(2, dtype=torch.uint8)
+    err = (blocks - torch.where(pos, scale[:, None], -scale[:, None])).view(w, -1)[:, :chunk]
+    res[: x.numel()] = err.reshape(-1)[: x.numel()]
     return scale, packed
 
 
-def onebit_decompress_torch(scale, packed, n):
+def onebit_decompress_torch(scale, packed, n):  # chunk a multiple of 2048 (as benchmarked)
     bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS).ne(0)
     vals = torch.where(bits.view(scale.numel(), -1), scale[:, None], -scale[:, None])
     return vals.view(-1)[:n]

@@ -112,20 +112,21 @@ void oneBitDecompressT(const Tensor& in, int64_t numChunks, int64_t chunk, Tenso
 // ---------------------------------------------------------------- QSGD
 
 Tensor qsgdCompressT(const OptTensor& x, const OptTensor& residual, int64_t chunk, int64_t numChunks,
-                     int64_t bits, int64_t seed) {
+                     int64_t bits, int64_t seed, int64_t indexBase) {
   auto [n, dev] = inputOf(x, residual);
   float* res = optFloat(residual, n, dev, "residual");
   Tensor out = at::empty({(int64_t)qsgdPayloadBytes(chunk, bits) * numChunks}, bytesOn(dev));
   const float* xp = optIn(x);
   uint8_t* o = out.data_ptr<uint8_t>();
   const uint32_t s = (uint32_t)seed;
-  PYCOMM_COMPRESS_DISPATCH(out, qsgdCompress(xp, res, n, chunk, numChunks, bits, s, o),
-                           qsgdCompressCuda(xp, res, n, chunk, numChunks, bits, s, o, stream));
+  const uint32_t ib = (uint32_t)indexBase;
+  PYCOMM_COMPRESS_DISPATCH(out, qsgdCompress(xp, res, n, chunk, numChunks, bits, s, o, ib),
+                           qsgdCompressCuda(xp, res, n, chunk, numChunks, bits, s, o, stream, ib));
   return out;
 }
 
 Tensor qsgdServerReduceT(const Tensor& in, int64_t numPayloads, int64_t chunk, int64_t count, int64_t divisor,
-                         const OptTensor& residual, int64_t bits, int64_t seed) {
+                         const OptTensor& residual, int64_t bits, int64_t seed, int64_t indexBase) {
   checked(in, at::kByte, "payloads");
   TORCH_CHECK((size_t)in.numel() >= qsgdPayloadBytes(chunk, bits) * numPayloads, "payloads too short");
   float* res = optFloat(residual, count, in.device(), "residual");
@@ -133,8 +134,9 @@ Tensor qsgdServerReduceT(const Tensor& in, int64_t numPayloads, int64_t chunk, i
   const uint8_t* ip = in.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
   const uint32_t s = (uint32_t)seed;
-  PYCOMM_COMPRESS_DISPATCH(in, qsgdServerReduce(ip, numPayloads, chunk, count, divisor, res, bits, s, o),
-                           qsgdServerReduceCuda(ip, numPayloads, chunk, count, divisor, res, bits, s, o, stream));
+  const uint32_t ib = (uint32_t)indexBase;
+  PYCOMM_COMPRESS_DISPATCH(in, qsgdServerReduce(ip, numPayloads, chunk, count, divisor, res, bits, s, o, ib),
+                           qsgdServerReduceCuda(ip, numPayloads, chunk, count, divisor, res, bits, s, o, stream, ib));
   return out;
 }
 
@@ -243,7 +245,8 @@ void initCompressionBindings(pybind11::module_& m) {
   m.attr("COMPRESS_ALIGN") = (int64_t)kCompressAlign;
   m.attr("QSGD_BLOCK") = (int64_t)kQsgdBlock;
   m.def("one_bit_payload_bytes", [](int64_t chunk) { return (int64_t)oneBitPayloadBytes(chunk); }, arg("chunk"),
-        "Bytes of one OneBit chunk payload (scale + packed signs).");
+        "Bytes of one OneBit chunk payload (per 2048-element block: scale + packed signs).");
+  m.attr("ONE_BIT_BLOCK") = (int64_t)kOneBitBlock;
   m.def("qsgd_payload_bytes", [](int64_t chunk, int64_t bits) { return (int64_t)qsgdPayloadBytes(chunk, bits); },
         arg("chunk"), arg("bits"), "Bytes of one QSGD chunk payload.");
   m.def("one_bit_compress", &oneBitCompressT, arg("x"), arg("residual"), arg("chunk"), arg("num_chunks"), nogil,
@@ -254,10 +257,12 @@ void initCompressionBindings(pybind11::module_& m) {
   m.def("one_bit_decompress", &oneBitDecompressT, arg("payloads"), arg("num_chunks"), arg("chunk"), arg("out"),
         arg("accumulate") = false, nogil, "Unpacks payloads into out (or adds into it).");
   m.def("qsgd_compress", &qsgdCompressT, arg("x"), arg("residual"), arg("chunk"), arg("num_chunks"), arg("bits"),
-        arg("seed"), nogil, "Fused per-block scale + stochastic rounding + packing (+ error feedback).");
+        arg("seed"), arg("index_base") = 0, nogil,
+        "Fused per-block scale + stochastic rounding + packing (+ error feedback); element i draws the RNG "
+        "at index_base + i.");
   m.def("qsgd_server_reduce", &qsgdServerReduceT, arg("payloads"), arg("num_payloads"), arg("chunk"),
-        arg("count"), arg("divisor"), arg("residual"), arg("bits"), arg("seed"), nogil,
-        "Dequantises and sums the ranks' payloads, divides, re-quantises.");
+        arg("count"), arg("divisor"), arg("residual"), arg("bits"), arg("seed"), arg("index_base") = 0, nogil,
+        "Dequantises and sums the ranks' payloads, divides, re-quantises (RNG at index_base + j).");
   m.def("qsgd_decompress", &qsgdDecompressT, arg("payloads"), arg("num_chunks"), arg("chunk"), arg("bits"),
         arg("out"), arg("accumulate") = false, nogil, "Dequantises payloads into out (or adds into it).");
   m.def("half_compress", &halfCompressT, arg("x"), arg("residual"), arg("out_count"), arg("bf16"), nogil,

@@ -31,14 +31,18 @@ namespace pycomm {
 
 // ---------------------------------------------------------------- OneBit (sign + scale)
 
-/// Worker step: v = x + residual; per chunk scale = mean |v| over its valid elements;
-/// writes numChunks payloads of oneBitPayloadBytes(chunk) bytes and residual = v - scale*sign(v).
-/// x == nullptr means the gradient already sits in residual.
+/// Worker step: v = x + residual; per kOneBitBlock block of each chunk, scale = mean |v|
+/// over its valid elements; writes numChunks payloads of oneBitPayloadBytes(chunk) bytes and
+/// residual = v - scale*sign(v). x == nullptr means the gradient already sits in residual;
+/// residual == nullptr means no error feedback. Blocks are independent: compressing a
+/// chunk as pieces of whole blocks (numChunks = 1 on each piece, output at
+/// oneBitPayloadOffset(pieceStart)) gives the same bytes and residuals as one call.
 void oneBitCompress(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks,
                     uint8_t* out);
 
-/// Server step: v = (sum over payloads of scale*sign) / divisor + residual on this rank's
-/// `count` elements, re-compressed into one payload; residual becomes the server error.
+/// Server step: v = residual + (sum over payloads, in order, of scale*sign) / divisor on this
+/// rank's `count` elements, re-compressed block by block into one payload; residual becomes
+/// the server error. Piecewise calls on whole blocks give the same bytes as one call.
 void oneBitServerReduce(const uint8_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
                         float* residual, uint8_t* out);
 
@@ -53,7 +57,9 @@ void oneBitDecompress(const uint8_t* in, size_t numChunks, size_t chunk, size_t 
 /// stochastically rounded to one of 2*levels+1 levels with the counter RNG keyed by
 /// (seed, indexBase + element index), which is unbiased; residual (if given) = v -
 /// dequantised(v). indexBase lets a caller compress a slice of a larger tensor and draw
-/// the same random numbers as a whole-tensor call.
+/// the same random numbers as a whole-tensor call: compressing a chunk as pieces of whole
+/// blocks (numChunks = 1, indexBase + c*chunk + pieceStart, output at
+/// qsgdPayloadOffset(pieceStart, bits)) gives the same bytes and residuals as one call.
 void qsgdCompress(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, int bits,
                   uint32_t seed, uint8_t* out, uint32_t indexBase = 0);
 
@@ -66,6 +72,11 @@ void qsgdServerReduce(const uint8_t* in, int numPayloads, size_t chunk, size_t c
 /// Dequantises numChunks payloads into the first n elements (out = or out +=).
 void qsgdDecompress(const uint8_t* in, size_t numChunks, size_t chunk, size_t n, int bits, float* out,
                     bool accumulate);
+
+/// Testing hook: enables or disables the AVX2 CPU paths of the OneBit and QSGD kernels
+/// (they are on by default where the CPU has AVX2; enabling has no effect elsewhere).
+/// Both paths produce the same bits. Returns whether AVX2 was in use before the call.
+bool setCompressSimd(bool enabled);
 
 // ---------------------------------------------------------------- FP16 / BF16
 

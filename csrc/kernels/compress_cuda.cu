@@ -1,18 +1,17 @@
-// CUDA kernels of the fused compressors: the same element math as compress.cc
-// (compress_math.h), laid out for the GPU:
-//   - OneBit: a warp packs 32 consecutive elements with one __ballot_sync, so a word of
-//     sign bits is one coalesced 128-byte read; the per-chunk mean |x| is a block
-//     reduction plus one atomicAdd per block into the payload's own scale slot (no
-//     scratch buffer), divided by the count in a final tiny kernel.
+// CUDA kernels of the fused compressors: the same element math and payload layouts as
+// compress.cc (compress_math.h), laid out for the GPU:
+//   - OneBit: one thread block (256 threads, 8 elements each) per 2048-element OneBit
+//     block: v goes to shared memory, 16 threads form the 16 lane sums of |v| in the
+//     CPU's order (oneBitLaneSum) and one thread the scale (oneBitScale), so the scale is
+//     deterministic and bitwise equal to the CPU's; a warp packs 32 consecutive
+//     elements with one __ballot_sync. No atomics.
 //   - QSGD: one thread block per 512-element scale block (max |x| in shared memory),
-//     the counter RNG gives the same draw per element as the CPU.
+//     the counter RNG gives the same draw per element as the CPU, and mulRn keeps nvcc
+//     from fusing the quantiser's multiply-add, so the levels equal the CPU's.
 //   - TopK: two-level radix select on the magnitude bits (65536-bin histograms) and an
 //     order-preserving compaction (block scans + per-tile offsets), so the CUDA output
 //     has exactly the CPU's elements, order and tie rule.
 // Torch-free: the bindings pass raw device pointers and the current stream.
-// Note: the float atomicAdd of the OneBit scales makes a chunk's scale depend on block
-// timing in its last bits; every rank still decodes the same payload bytes, so ranks
-// agree bitwise with each other.
 #include <cuda_runtime.h>
 
 #include <cub/block/block_reduce.cuh>
@@ -44,90 +43,91 @@ __device__ float loadScale(const uint8_t* p) { return *reinterpret_cast<const fl
 
 // ---------------------------------------------------------------- OneBit
 
-// residual[i] += x[i] (if x), and each block adds sum |v| of its elements to the scale slot
-// of their chunk. Grid: (blocks per chunk, numChunks).
-__global__ void oneBitAbsSumKernel(const float* x, float* residual, size_t n, size_t chunk, uint8_t* out,
-                                   size_t payload) {
-  const size_t c = blockIdx.y;
-  const size_t count = validCountD(n, chunk, c);
-  float part = 0.0f;
-  for (size_t j = (size_t)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += (size_t)gridDim.x * blockDim.x) {
-    const size_t i = c * chunk + j;
-    float v = residual[i];
-    if (x) {
-      v += x[i];
-      residual[i] = v;
-    }
-    part += fabsf(v);
+constexpr int kOneBitThreads = 256;
+constexpr int kOneBitPer = (int)kOneBitBlock / kOneBitThreads;  // elements per thread
+
+/// Finishes one OneBit block whose thread-t values v[k] are elements t + 256k (zeros at
+/// and past `valid`): scale from the 16 lane sums, sign words into out + 4, scale into
+/// out, and res[j] = v - scale*sign on the valid elements when res is given.
+__device__ void oneBitFinishBlock(const float (&v)[kOneBitPer], size_t valid, size_t len, float* res,
+                                  uint8_t* out) {
+  __shared__ float sV[kOneBitBlock];
+  __shared__ float sLanes[kOneBitLanes];
+  __shared__ float sScale;
+  const unsigned t = threadIdx.x;
+  for (int k = 0; k < kOneBitPer; ++k) sV[t + kOneBitThreads * k] = v[k];
+  __syncthreads();
+  if (t < kOneBitLanes) sLanes[t] = oneBitLaneSum(sV, valid, t);
+  __syncthreads();
+  if (t == 0) {
+    sScale = oneBitScale(sLanes, valid);
+    *reinterpret_cast<float*>(out) = sScale;
   }
-  using Reduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  const float total = Reduce(tmp).Sum(part);
-  if (threadIdx.x == 0 && total != 0.0f) atomicAdd(reinterpret_cast<float*>(out + c * payload), total);
+  __syncthreads();
+  const float scale = sScale;
+  uint32_t* words = reinterpret_cast<uint32_t*>(out + 4);
+  for (int k = 0; k < kOneBitPer; ++k) {
+    const size_t j = t + kOneBitThreads * (size_t)k;
+    if (j >= len) break;  // warp-uniform: len is a multiple of 32
+    const bool isValid = j < valid;
+    const uint32_t bit = isValid ? oneBitSign(v[k]) : 1u;  // padding encodes as a zero
+    const unsigned word = __ballot_sync(0xffffffffu, bit != 0);
+    if ((t & 31u) == 0) words[j / 32] = word;
+    if (isValid && res) res[j] = v[k] - oneBitValue(bit, scale);
+  }
 }
 
-// Packs signs of v (= residual) with scale = slot / count; one warp per 32-element word.
-// Updates residual to the error. `base` offsets v per chunk (chunk stride) for the worker,
-// or is the single server chunk.
-__global__ void oneBitPackKernel(float* v, size_t n, size_t chunk, size_t numChunks, uint8_t* out,
-                                 size_t payload) {
-  const size_t words = chunk / 32;
-  const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  const unsigned lane = threadIdx.x & 31u;
-  if (warp >= words * numChunks) return;
-  const size_t c = warp / words;
-  const size_t w = warp % words;
+// Worker step. Grid: (blocks per chunk, numChunks); thread block = one OneBit block.
+__global__ void oneBitCompressKernel(const float* x, float* residual, size_t n, size_t chunk, uint8_t* out,
+                                     size_t payload) {
+  const size_t c = blockIdx.y, first = (size_t)blockIdx.x * kOneBitBlock;
+  const size_t len = chunk - first < kOneBitBlock ? chunk - first : kOneBitBlock;
   const size_t count = validCountD(n, chunk, c);
-  uint8_t* p = out + c * payload;
-  const float scale = count ? loadScale(p) / (float)count : 0.0f;
-  const size_t j = w * 32 + lane;
-  float x = 0.0f;
-  const bool valid = j < count;
-  if (valid) x = v[c * chunk + j];
-  const unsigned word = __ballot_sync(0xffffffffu, valid && oneBitSign(x));
-  if (valid) v[c * chunk + j] = x - oneBitValue(oneBitSign(x), scale);
-  if (lane == 0) reinterpret_cast<uint32_t*>(p + 4)[w] = word;
+  const size_t valid = first >= count ? 0 : (count - first < len ? count - first : len);
+  const size_t g = c * chunk + first;
+  float v[kOneBitPer];
+  for (int k = 0; k < kOneBitPer; ++k) {
+    const size_t j = threadIdx.x + kOneBitThreads * (size_t)k;
+    v[k] = 0.0f;
+    if (j < valid) v[k] = x && residual ? residual[g + j] + x[g + j] : (x ? x[g + j] : residual[g + j]);
+  }
+  oneBitFinishBlock(v, valid, len, residual ? residual + g : nullptr,
+                    out + c * payload + oneBitPayloadOffset(first));
 }
 
-// Turns the accumulated |v| sums in the scale slots into means (after the pack kernel read them).
-__global__ void oneBitFinalizeKernel(size_t n, size_t chunk, size_t numChunks, uint8_t* out, size_t payload) {
-  const size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= numChunks) return;
-  const size_t count = validCountD(n, chunk, c);
-  float* s = reinterpret_cast<float*>(out + c * payload);
-  *s = count ? *s / (float)count : 0.0f;
-}
-
-// Server pass 1: residual[j] += (sum_r scale_r * sign_r[j]) / divisor; |.| summed into the slot.
-__global__ void oneBitServerSumKernel(const uint8_t* in, int numPayloads, size_t chunk, size_t count, float div,
-                                      float* residual, uint8_t* out, size_t payload) {
-  float part = 0.0f;
-  for (size_t j = (size_t)blockIdx.x * blockDim.x + threadIdx.x; j < count; j += (size_t)gridDim.x * blockDim.x) {
+// Server step: residual += (sum_r scale_r * sign_r) / divisor (ranks in order), then
+// re-compressed. Grid: one thread block per OneBit block of the chunk.
+__global__ void oneBitServerKernel(const uint8_t* in, int numPayloads, size_t chunk, size_t count, float div,
+                                   float* residual, uint8_t* out, size_t payload) {
+  const size_t first = (size_t)blockIdx.x * kOneBitBlock;
+  const size_t len = chunk - first < kOneBitBlock ? chunk - first : kOneBitBlock;
+  const size_t valid = first >= count ? 0 : (count - first < len ? count - first : len);
+  const size_t off = oneBitPayloadOffset(first);
+  float v[kOneBitPer];
+  for (int k = 0; k < kOneBitPer; ++k) {
+    const size_t j = threadIdx.x + kOneBitThreads * (size_t)k;
+    v[k] = 0.0f;
+    if (j >= valid) continue;
     float acc = 0.0f;
     for (int r = 0; r < numPayloads; ++r) {
-      const uint8_t* p = in + (size_t)r * payload;
+      const uint8_t* p = in + (size_t)r * payload + off;
       const uint32_t word = reinterpret_cast<const uint32_t*>(p + 4)[j / 32];
       acc += oneBitValue((word >> (j % 32)) & 1u, loadScale(p));
     }
-    const float v = residual[j] + acc / div;
-    residual[j] = v;
-    part += fabsf(v);
+    v[k] = residual[first + j] + acc / div;
   }
-  using Reduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  const float total = Reduce(tmp).Sum(part);
-  if (threadIdx.x == 0 && total != 0.0f) atomicAdd(reinterpret_cast<float*>(out), total);
+  oneBitFinishBlock(v, valid, len, residual + first, out + off);
 }
 
 __global__ void oneBitDecompressKernel(const uint8_t* in, size_t chunk, size_t n, size_t payload, float* out,
                                        bool accumulate) {
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const size_t c = i / chunk;
-  const size_t j = i % chunk;
-  const uint8_t* p = in + c * payload;
-  const uint32_t word = reinterpret_cast<const uint32_t*>(p + 4)[j / 32];
-  const float v = oneBitValue((word >> (j % 32)) & 1u, loadScale(p));
+  const size_t c = i / chunk, j = i % chunk;
+  const size_t jj = j % kOneBitBlock;
+  const uint8_t* p = in + c * payload + oneBitPayloadOffset(j - jj);
+  const uint32_t word = reinterpret_cast<const uint32_t*>(p + 4)[jj / 32];
+  const float v = oneBitValue((word >> (jj % 32)) & 1u, loadScale(p));
   out[i] = accumulate ? out[i] + v : v;
 }
 
@@ -172,8 +172,7 @@ __device__ void quantizeBlockD(float v0, float v1, size_t j0, size_t m, int bits
 
 // Grid: (blocks per chunk, numChunks); block b of chunk c covers kQsgdBlock elements.
 __global__ void qsgdCompressKernel(const float* x, float* residual, size_t n, size_t chunk, int bits,
-                                   uint32_t seed, uint8_t* out, size_t payload, size_t blocks,
-                                   uint32_t indexBase) {
+                                   uint32_t seed, uint8_t* out, size_t payload, uint32_t indexBase) {
   const size_t c = blockIdx.y, b = blockIdx.x;
   const size_t count = validCountD(n, chunk, c);
   const size_t first = b * kQsgdBlock;
@@ -182,14 +181,17 @@ __global__ void qsgdCompressKernel(const float* x, float* residual, size_t n, si
   const size_t j0 = 2 * threadIdx.x;  // element offset inside the block
   const size_t g = c * chunk + first;
   float v0 = 0.0f, v1 = 0.0f;
-  if (j0 < m) v0 = (residual ? residual[g + j0] : 0.0f) + (x ? x[g + j0] : 0.0f);
-  if (j0 + 1 < m) v1 = (residual ? residual[g + j0 + 1] : 0.0f) + (x ? x[g + j0 + 1] : 0.0f);
-  uint8_t* p = out + c * payload;
+  // v = residual + x as on the CPU (or x, or residual alone).
+  if (j0 < m) v0 = x && residual ? residual[g + j0] + x[g + j0] : (x ? x[g + j0] : residual[g + j0]);
+  if (j0 + 1 < m) {
+    v1 = x && residual ? residual[g + j0 + 1] + x[g + j0 + 1] : (x ? x[g + j0 + 1] : residual[g + j0 + 1]);
+  }
+  uint8_t* blk = out + c * payload + qsgdPayloadOffset(first, bits);  // [scale][levels]
   float d0, d1;
   // Threads past the padded block write nothing (their levels would land in the next block).
   const bool inBlock = j0 < padded;
-  quantizeBlockD(v0, v1, j0, m, bits, seed, indexBase + (uint32_t)(g + j0), p + 4 * b,
-                 inBlock ? p + 4 * blocks + (bits == 8 ? first : first / 2) : nullptr, &d0, &d1);
+  quantizeBlockD(v0, v1, j0, m, bits, seed, indexBase + (uint32_t)(g + j0), blk, inBlock ? blk + 4 : nullptr, &d0,
+                 &d1);
   if (residual) {
     if (j0 < m) residual[g + j0] = v0 - d0;
     if (j0 + 1 < m) residual[g + j0 + 1] = v1 - d1;
@@ -205,32 +207,33 @@ __device__ float dequantAt(const uint8_t* data, size_t j, float scale, int bits)
     const uint32_t byte = data[j / 2];
     l = (j & 1) ? qsgdHighLevel(byte) : qsgdLowLevel(byte);
   }
-  return (float)l * (scale / (float)levels);
+  return qsgdDequantize(l, scale, levels);
 }
 
 __global__ void qsgdServerKernel(const uint8_t* in, int numPayloads, size_t chunk, size_t count, float div,
                                  float* residual, int bits, uint32_t seed, uint8_t* out, size_t payload,
-                                 size_t blocks, uint32_t indexBase) {
+                                 uint32_t indexBase) {
   const size_t b = blockIdx.x;
   const size_t first = b * kQsgdBlock;
   const size_t padded = chunk - first < kQsgdBlock ? chunk - first : kQsgdBlock;
   const size_t m = first >= count ? 0 : (count - first < padded ? count - first : padded);
   const size_t j0 = 2 * threadIdx.x;
+  const size_t off = qsgdPayloadOffset(first, bits);
   float v[2] = {0.0f, 0.0f};
   for (int e = 0; e < 2; ++e) {
     const size_t j = j0 + e;
     if (j >= m) continue;
     float acc = 0.0f;
     for (int r = 0; r < numPayloads; ++r) {
-      const uint8_t* p = in + (size_t)r * payload;
-      acc += dequantAt(p + 4 * blocks, first + j, loadScale(p + 4 * b), bits);
+      const uint8_t* blk = in + (size_t)r * payload + off;
+      acc += dequantAt(blk + 4, j, loadScale(blk), bits);
     }
-    v[e] = acc / div + (residual ? residual[first + j] : 0.0f);
+    v[e] = residual ? residual[first + j] + acc / div : acc / div;
   }
   float d0, d1;
   const bool inBlock = j0 < padded;
-  quantizeBlockD(v[0], v[1], j0, m, bits, seed, indexBase + (uint32_t)(first + j0), out + 4 * b,
-                 inBlock ? out + 4 * blocks + (bits == 8 ? first : first / 2) : nullptr, &d0, &d1);
+  quantizeBlockD(v[0], v[1], j0, m, bits, seed, indexBase + (uint32_t)(first + j0), out + off,
+                 inBlock ? out + off + 4 : nullptr, &d0, &d1);
   if (residual) {
     if (j0 < m) residual[first + j0] = v[0] - d0;
     if (j0 + 1 < m) residual[first + j0 + 1] = v[1] - d1;
@@ -238,12 +241,13 @@ __global__ void qsgdServerKernel(const uint8_t* in, int numPayloads, size_t chun
 }
 
 __global__ void qsgdDecompressKernel(const uint8_t* in, size_t chunk, size_t n, int bits, size_t payload,
-                                     size_t blocks, float* out, bool accumulate) {
+                                     float* out, bool accumulate) {
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const size_t c = i / chunk, j = i % chunk;
-  const uint8_t* p = in + c * payload;
-  const float v = dequantAt(p + 4 * blocks, j, loadScale(p + 4 * (j / kQsgdBlock)), bits);
+  const size_t jj = j % kQsgdBlock;
+  const uint8_t* blk = in + c * payload + qsgdPayloadOffset(j - jj, bits);
+  const float v = dequantAt(blk + 4, jj, loadScale(blk), bits);
   out[i] = accumulate ? out[i] + v : v;
 }
 
@@ -451,15 +455,11 @@ __global__ void divideKernel(float* out, size_t n, float div) {
 
 void oneBitCompressCuda(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, uint8_t* out,
                         CUstream_st* stream) {
-  PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && n <= chunk * numChunks && residual,
-                   "oneBitCompressCuda: bad chunking or no residual");
-  const size_t payload = oneBitPayloadBytes(chunk);
-  for (size_t c = 0; c < numChunks; ++c) check(cudaMemsetAsync(out + c * payload, 0, 4, stream), "memset");
-  dim3 grid(gridFor(chunk, kThreads * 8) > 1024 ? 1024 : gridFor(chunk, kThreads * 8), (unsigned)numChunks);
-  oneBitAbsSumKernel<<<grid, kThreads, 0, stream>>>(x, residual, n, chunk, out, payload);
-  oneBitPackKernel<<<gridFor(numChunks * chunk, kThreads), kThreads, 0, stream>>>(residual, n, chunk, numChunks,
-                                                                                    out, payload);
-  oneBitFinalizeKernel<<<gridFor(numChunks, kThreads), kThreads, 0, stream>>>(n, chunk, numChunks, out, payload);
+  PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && n <= chunk * numChunks && (x || residual),
+                   "oneBitCompressCuda: bad chunking or no input");
+  if (chunk == 0 || numChunks == 0) return;
+  const dim3 grid((unsigned)((chunk + kOneBitBlock - 1) / kOneBitBlock), (unsigned)numChunks);
+  oneBitCompressKernel<<<grid, kOneBitThreads, 0, stream>>>(x, residual, n, chunk, out, oneBitPayloadBytes(chunk));
   check(cudaGetLastError(), "oneBitCompress");
 }
 
@@ -467,13 +467,10 @@ void oneBitServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, si
                             float* residual, uint8_t* out, CUstream_st* stream) {
   PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && count <= chunk && residual && divisor >= 1,
                    "oneBitServerReduceCuda: bad arguments");
-  const size_t payload = oneBitPayloadBytes(chunk);
-  check(cudaMemsetAsync(out, 0, 4, stream), "memset");
-  const unsigned g = gridFor(count, kThreads * 8) > 1024 ? 1024 : gridFor(count, kThreads * 8);
-  oneBitServerSumKernel<<<g, kThreads, 0, stream>>>(in, numPayloads, chunk, count, (float)divisor, residual, out,
-                                                    payload);
-  oneBitPackKernel<<<gridFor(chunk, kThreads), kThreads, 0, stream>>>(residual, count, chunk, 1, out, payload);
-  oneBitFinalizeKernel<<<1, 32, 0, stream>>>(count, chunk, 1, out, payload);
+  if (chunk == 0) return;
+  const unsigned blocks = (unsigned)((chunk + kOneBitBlock - 1) / kOneBitBlock);
+  oneBitServerKernel<<<blocks, kOneBitThreads, 0, stream>>>(in, numPayloads, chunk, count, (float)divisor, residual,
+                                                            out, oneBitPayloadBytes(chunk));
   check(cudaGetLastError(), "oneBitServerReduce");
 }
 
@@ -488,12 +485,13 @@ void oneBitDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, siz
 
 void qsgdCompressCuda(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, int bits,
                       uint32_t seed, uint8_t* out, CUstream_st* stream, uint32_t indexBase) {
-  PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && n <= chunk * numChunks && (bits == 8 || bits == 4),
+  PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && n <= chunk * numChunks && (bits == 8 || bits == 4) &&
+                       (x || residual),
                    "qsgdCompressCuda: bad arguments");
-  const size_t blocks = qsgdNumBlocks(chunk);
-  dim3 grid((unsigned)blocks, (unsigned)numChunks);
+  if (chunk == 0 || numChunks == 0) return;
+  dim3 grid((unsigned)qsgdNumBlocks(chunk), (unsigned)numChunks);
   qsgdCompressKernel<<<grid, kQsgdThreads, 0, stream>>>(x, residual, n, chunk, bits, seed, out,
-                                                        qsgdPayloadBytes(chunk, bits), blocks, indexBase);
+                                                        qsgdPayloadBytes(chunk, bits), indexBase);
   check(cudaGetLastError(), "qsgdCompress");
 }
 
@@ -502,10 +500,10 @@ void qsgdServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, size
                           uint32_t indexBase) {
   PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && count <= chunk && (bits == 8 || bits == 4) && divisor >= 1,
                    "qsgdServerReduceCuda: bad arguments");
-  const size_t blocks = qsgdNumBlocks(chunk);
-  qsgdServerKernel<<<(unsigned)blocks, kQsgdThreads, 0, stream>>>(in, numPayloads, chunk, count, (float)divisor,
-                                                                  residual, bits, seed, out,
-                                                                  qsgdPayloadBytes(chunk, bits), blocks, indexBase);
+  if (chunk == 0) return;
+  qsgdServerKernel<<<(unsigned)qsgdNumBlocks(chunk), kQsgdThreads, 0, stream>>>(
+      in, numPayloads, chunk, count, (float)divisor, residual, bits, seed, out, qsgdPayloadBytes(chunk, bits),
+      indexBase);
   check(cudaGetLastError(), "qsgdServerReduce");
 }
 
@@ -513,8 +511,8 @@ void qsgdDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, size_
                         bool accumulate, CUstream_st* stream) {
   PYCOMM_CHECK_ARG(chunk % kCompressAlign == 0 && n <= chunk * numChunks, "qsgdDecompressCuda: bad chunking");
   if (n == 0) return;
-  qsgdDecompressKernel<<<gridFor(n, kThreads), kThreads, 0, stream>>>(
-      in, chunk, n, bits, qsgdPayloadBytes(chunk, bits), qsgdNumBlocks(chunk), out, accumulate);
+  qsgdDecompressKernel<<<gridFor(n, kThreads), kThreads, 0, stream>>>(in, chunk, n, bits,
+                                                                       qsgdPayloadBytes(chunk, bits), out, accumulate);
   check(cudaGetLastError(), "qsgdDecompress");
 }
 

@@ -44,28 +44,79 @@ def _digest(t: torch.Tensor) -> str:
 # --------------------------------------------------------------------------- kernels, one process
 
 
+ONE_BIT_BLOCK, QSGD_BLOCK = 2048, 512
+
+
+def _one_bit_blocks(payload: np.ndarray, chunk: int):
+    """Parses one OneBit chunk payload: yields (first, scale, sign bits) per 2048-block."""
+    off = 0
+    for first in range(0, chunk, ONE_BIT_BLOCK):
+        ln = min(ONE_BIT_BLOCK, chunk - first)
+        scale = payload[off:off + 4].view(np.float32)[0]
+        bits = np.unpackbits(payload[off + 4:off + 4 + ln // 8], bitorder="little")
+        yield first, scale, bits
+        off += 4 + ln // 8
+    assert off == payload.size
+
+
+def _qsgd_blocks(payload: np.ndarray, chunk: int, bits: int):
+    """Parses one QSGD chunk payload: yields (first, scale, int levels) per 512-block."""
+    off = 0
+    for first in range(0, chunk, QSGD_BLOCK):
+        ln = min(QSGD_BLOCK, chunk - first)
+        scale = payload[off:off + 4].view(np.float32)[0]
+        if bits == 8:
+            levels = payload[off + 4:off + 4 + ln].view(np.int8).astype(np.int64)
+        else:
+            b = payload[off + 4:off + 4 + ln // 2].astype(np.int64)
+            lo, hi = b & 0xF, b >> 4
+            levels = np.stack([lo, hi], 1).reshape(-1)
+            levels = np.where(levels > 7, levels - 16, levels)
+        yield first, scale, levels
+        off += 4 + (ln if bits == 8 else ln // 2)
+    assert off == payload.size
+
+
 def test_one_bit_kernel_matches_numpy():
     rng = np.random.default_rng(0)
     n, w = 10_001, 3
-    chunk = C._chunk(n, w, 32)
+    chunk = C._chunk(n, w, 32)  # 3360 = a 2048-block + a 1312-block; the last one partial
     x = rng.standard_normal(n).astype(np.float32)
     res0 = (0.1 * rng.standard_normal(n)).astype(np.float32)
     res = torch.from_numpy(res0.copy())
     payload = _C.one_bit_compress(torch.from_numpy(x), res, chunk, w)
-    assert payload.numel() == w * _C.one_bit_payload_bytes(chunk) == w * (4 + chunk // 8)
+    per = _C.one_bit_payload_bytes(chunk)
+    assert per == 4 * -(-chunk // 2048) + chunk // 8
+    assert payload.numel() == w * per
     out = torch.empty(n)
     _C.one_bit_decompress(payload, w, chunk, out)
     v = x.astype(np.float64) + res0
+    pay = payload.numpy()
     for c in range(w):
-        s = slice(c * chunk, min(n, (c + 1) * chunk))
-        scale = np.abs(v[s]).mean()
-        want = np.where(v[s] >= 0, scale, -scale)
-        np.testing.assert_allclose(out.numpy()[s], want, rtol=1e-6)
-        np.testing.assert_allclose(res.numpy()[s], v[s] - want, atol=1e-5)
+        for first, scale, bits in _one_bit_blocks(pay[c * per:(c + 1) * per], chunk):
+            s = slice(c * chunk + first, min(n, c * chunk + min(first + ONE_BIT_BLOCK, chunk)))
+            m = max(0, s.stop - s.start)
+            if m == 0:
+                assert scale == 0 and np.all(bits == 1)
+                continue
+            want_scale = np.abs(v[s]).mean()
+            np.testing.assert_allclose(scale, want_scale, rtol=2e-6)
+            np.testing.assert_array_equal(bits[:m], (v[s] >= 0).astype(np.uint8))
+            assert np.all(bits[m:] == 1)  # padding encodes as a zero
+            want = np.where(v[s] >= 0, scale, -scale)
+            np.testing.assert_allclose(out.numpy()[s], want, rtol=1e-6)
+            np.testing.assert_allclose(res.numpy()[s], v[s] - want, atol=1e-5)
     # decompress + accumulate adds into a float32 accumulator
     acc = torch.ones(n)
     _C.one_bit_decompress(payload, w, chunk, acc, accumulate=True)
     torch.testing.assert_close(acc, out + 1)
+
+
+def test_one_bit_wire_ratio_is_32x():
+    """Per-2048-block scales cost 4 bytes per 256 bytes of signs: within 2 % of 32x."""
+    for n, w in ((1 << 24, 4), (200_003, 4), (10_000_000, 8)):
+        ratio = C.ring_all_reduce_bytes(n, w) / C.OneBit().wire_bytes(n, w)
+        assert abs(ratio / 32 - 1) < 0.02, (n, w, ratio)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -78,12 +129,24 @@ def test_qsgd_kernel_matches_numpy(bits):
     mean = np.zeros(n)
     draws = 400
     out = torch.empty(n)
+    per = _C.qsgd_payload_bytes(chunk, bits)
     for d in range(draws):
         p = _C.qsgd_compress(torch.from_numpy(x), None, chunk, w, bits, d)
-        assert p.numel() == w * _C.qsgd_payload_bytes(chunk, bits)
+        assert p.numel() == w * per
         _C.qsgd_decompress(p, w, chunk, bits, out)
         mean += out.numpy() / draws
-    # scale of each 512-block = max |x|; values on the level grid, within one step of x
+    # layout: per 512-block [scale = max |x|][levels]; decompress = level * scale / levels
+    pay = p.numpy()
+    for c in range(w):
+        for first, scale, lv in _qsgd_blocks(pay[c * per:(c + 1) * per], chunk, bits):
+            s = slice(c * chunk + first, min(n, c * chunk + min(first + QSGD_BLOCK, chunk)))
+            m = max(0, s.stop - s.start)
+            if m == 0:
+                continue
+            assert scale == np.abs(x[s]).max()
+            assert np.all(lv[m:] == 0) and np.all(np.abs(lv) <= levels)
+            np.testing.assert_allclose(out.numpy()[s], lv[:m] * np.float32(scale / levels), rtol=1e-6)
+    # values on the level grid, within one step of x
     for c in range(w):
         for b in range(0, chunk, 512):
             s = slice(c * chunk + b, min(n, c * chunk + min(b + 512, chunk)))
@@ -95,6 +158,75 @@ def test_qsgd_kernel_matches_numpy(bits):
             assert np.all(np.abs(out.numpy()[s] - x[s]) <= step * (1 + 1e-5))
             # unbiased: the mean of many draws converges to x
             assert np.all(np.abs(mean[s] - x[s]) <= 5 * step / np.sqrt(draws) + 1e-6)
+
+
+def _pieces(chunk: int, count: int, piece: int):
+    """(start, length, valid) of the pieces of `piece` elements of a chunk."""
+    for s in range(0, chunk, piece):
+        ln = min(piece, chunk - s)
+        yield s, ln, max(0, min(ln, count - s))
+
+
+@pytest.mark.parametrize("piece", [2048, 4096])
+def test_piecewise_compression_equals_whole(piece):
+    """Compressing each chunk in pieces of whole blocks (as a pipelined all-reduce does) gives
+    the same payload bytes, residuals and decompressed values as one call."""
+    rng = np.random.default_rng(4)
+    w, chunk = 3, 9376  # 4 * 2048 + 1184: not a multiple of the piece
+    n = 2 * chunk + 3000  # ends inside the last chunk
+    x = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    res0 = torch.from_numpy((0.1 * rng.standard_normal(n)).astype(np.float32))
+    base = 4242
+    kinds = [("onebit", None)] + [("qsgd", b) for b in (8, 4)]
+    for kind, bits in kinds:
+        def compress(xs, rs, ch, nc, index_base=0):
+            if kind == "onebit":
+                return _C.one_bit_compress(xs, rs, ch, nc)
+            return _C.qsgd_compress(xs, rs, ch, nc, bits, 17, index_base=index_base)
+
+        def offset(e):
+            return _C.one_bit_payload_bytes(e) if kind == "onebit" else _C.qsgd_payload_bytes(e, bits)
+
+        def decompress(p, nc, ch, o):
+            if kind == "onebit":
+                _C.one_bit_decompress(p, nc, ch, o)
+            else:
+                _C.qsgd_decompress(p, nc, ch, bits, o)
+
+        res_a, res_b = res0.clone(), res0.clone()
+        whole = compress(x, res_a, chunk, w, base)
+        dec_a, dec_b = torch.empty(n), torch.full((n,), 5.0)
+        decompress(whole, w, chunk, dec_a)
+        per = offset(chunk)
+        parts = torch.full_like(whole, 0xAB)
+        for c in range(w):
+            for s, ln, valid in _pieces(chunk, max(0, n - c * chunk), piece):
+                g = c * chunk + s
+                p = compress(x[g:g + valid], res_b[g:g + valid], ln, 1, base + g)
+                assert p.numel() == offset(ln)
+                parts[c * per + offset(s):c * per + offset(s) + p.numel()] = p
+                if valid:
+                    decompress(p, 1, ln, dec_b[g:g + valid])
+        assert torch.equal(whole, parts), kind
+        assert torch.equal(res_a, res_b), kind
+        assert torch.equal(dec_a, dec_b), kind
+        # server step on this rank's chunk, whole vs pieces (payloads of every rank contiguous)
+        count = chunk - 1000
+        srv_a = torch.from_numpy((0.05 * rng.standard_normal(count)).astype(np.float32))
+        srv_b = srv_a.clone()
+
+        def server(pl, ch, cnt, rs, index_base):
+            if kind == "onebit":
+                return _C.one_bit_server_reduce(pl, w, ch, cnt, w, rs)
+            return _C.qsgd_server_reduce(pl, w, ch, cnt, w, rs, bits, 23, index_base=index_base)
+
+        out_a = server(whole, chunk, count, srv_a, base)
+        out_b = torch.full_like(out_a, 0xCD)
+        for s, ln, valid in _pieces(chunk, count, piece):
+            pl = torch.cat([whole[r * per + offset(s):r * per + offset(s) + offset(ln)] for r in range(w)])
+            out_b[offset(s):offset(s) + offset(ln)] = server(pl, ln, valid, srv_b[s:s + valid], base + s)
+        assert torch.equal(out_a, out_b), kind
+        assert torch.equal(srv_a, srv_b), kind
 
 
 def test_topk_kernel_matches_numpy():
