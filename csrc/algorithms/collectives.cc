@@ -50,18 +50,22 @@ Collectives::Collectives(Transport& transport, AlgoConfig config)
 }
 
 Collectives::~Collectives() {
-  if (helper_) helper_->shutdown("pycomm: collectives destroyed");
+  if (codecThread_) codecThread_->shutdown("pycomm: collectives destroyed");
+  if (recvThread_) recvThread_->shutdown("pycomm: collectives destroyed");
 }
 
 void Collectives::compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
                                       const Deadline& deadline) {
-  if (!helper_) helper_ = std::make_unique<WorkQueue>("pycomm-codec");
+  if (!codecThread_) {
+    codecThread_ = std::make_unique<WorkQueue>("pycomm-codec");
+    recvThread_ = std::make_unique<WorkQueue>("pycomm-crecv");
+  }
   CompressedArgs a = args;
   if (a.pieceElems == 0) {
     const size_t elems = std::max<size_t>(1, config_.compressPieceBytes / sizeof(float));
     a.pieceElems = (elems + kPieceAlign - 1) / kPieceAlign * kPieceAlign;
   }
-  pipelinedCompressedAllReduce(transport_, *helper_, compressScratch_, codec, a, desc, deadline);
+  pipelinedCompressedAllReduce(transport_, *codecThread_, *recvThread_, compressScratch_, codec, a, desc, deadline);
 }
 
 char* Collectives::scratch(size_t bytes) {

@@ -82,7 +82,7 @@ class Collectives {
   void barrier(const OpDesc& desc, const Deadline& deadline);
 
   /// Pipelined compressed all-reduce of a float32 tensor (see algorithms/compressed.h);
-  /// the codec runs on a helper thread this object starts on first use.
+  /// the codec and the receives run on two helper threads started on first use.
   void compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
                            const Deadline& deadline);
 
@@ -108,7 +108,8 @@ class Collectives {
   int rank_;
   int size_;
   std::vector<char> scratch_;
-  std::unique_ptr<WorkQueue> helper_;     // codec thread of compressed all-reduces
+  std::unique_ptr<WorkQueue> codecThread_;  // compressed all-reduces: encode/decode
+  std::unique_ptr<WorkQueue> recvThread_;   // compressed all-reduces: receives
   std::vector<uint8_t> compressScratch_;  // their payload buffers
 };
 

@@ -13,6 +13,9 @@
 
 namespace pycomm {
 
+static_assert(kPieceAlign % kOneBitBlock == 0 && kPieceAlign % kQsgdBlock == 0,
+              "pieces must be whole OneBit and QSGD blocks, or piecewise encoding would differ");
+
 // ---------------------------------------------------------------------------------------------
 // codecs: thin adapters from a piece to the fused kernels of kernels/compress.h
 
@@ -126,7 +129,16 @@ struct PipelineStopped {};
 // Progress counters of the five stages (each stage completes pieces in order).
 class Progress {
  public:
-  enum Stage { kCompressed, kExchanged, kReduced, kGathered, kDecoded, kStages };
+  enum Stage {
+    kCompressed,  // codec: piece's payloads encoded (send slot)
+    kSentX,       // sender: payloads sent to every peer
+    kRecvX,       // receiver: every rank's payload for this rank's chunk in (recv slot)
+    kReduced,     // codec: owner payload encoded (own slot)
+    kSentG,       // sender: owner payload sent to every peer
+    kRecvG,       // receiver: every owner's payload in (gather slot)
+    kDecoded,     // codec: piece written into the tensor
+    kStages
+  };
 
   void done(Stage s) {
     {
@@ -155,7 +167,7 @@ class Progress {
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  size_t count_[kStages] = {0, 0, 0, 0, 0};
+  size_t count_[kStages] = {};
   bool stopped_ = false;
 };
 
@@ -164,7 +176,8 @@ constexpr long kSlots = 3;
 
 }  // namespace
 
-void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& helper, std::vector<uint8_t>& scratch,
+void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& codecThread, WorkQueue& recvThread,
+                                  std::vector<uint8_t>& scratch,
                                   PieceCodec& codec, const CompressedArgs& a, const OpDesc& desc,
                                   const Deadline& deadline) {
   const int w = transport.size();
@@ -207,7 +220,8 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& helper, std::
     try {
       for (long t = 0; t < pieces + 2; ++t) {
         if (t < pieces) {
-          prog.await(S::kExchanged, t - kSlots + 1);  // send slot free
+          prog.await(S::kSentX, t - kSlots + 1);  // send slot free (sent, and copied by the receiver)
+          prog.await(S::kRecvX, t - kSlots + 1);
           const size_t e = elemsOf(t), pb = codec.payloadBytes(e);
           uint8_t* out = sendBuf(t);
           for (int r = 0; r < w; ++r) {
@@ -219,8 +233,9 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& helper, std::
         }
         if (t >= 1 && t <= pieces) {
           const long j = t - 1;
-          prog.await(S::kExchanged, j + 1);
-          prog.await(S::kGathered, j - kSlots + 1);  // own slot free
+          prog.await(S::kRecvX, j + 1);
+          prog.await(S::kSentG, j - kSlots + 1);  // own slot free
+          prog.await(S::kRecvG, j - kSlots + 1);
           const size_t local = static_cast<size_t>(j) * P;
           codec.serverReduce(recvBuf(j), w, elemsOf(j), validOf(rank, j), a.divisor,
                              a.serverResidual ? a.serverResidual + local : nullptr, local, ownBuf(j));
@@ -228,7 +243,7 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& helper, std::
         }
         if (t >= 2) {
           const long j = t - 2;
-          prog.await(S::kGathered, j + 1);
+          prog.await(S::kRecvG, j + 1);
           const size_t e = elemsOf(j), pb = codec.payloadBytes(e);
           const uint8_t* in = gatherBuf(j);
           for (int r = 0; r < w; ++r) {
@@ -239,52 +254,89 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& helper, std::
         }
       }
     } catch (const PipelineStopped&) {
-      // The communication side failed; it reports its own error.
+      // Another thread failed and reports its own error.
     } catch (...) {
       prog.stop();
       throw;
     }
   };
-  std::shared_ptr<Completion> codecDone = helper.push(codecLoop);
 
-  // Communication thread (this one): exchange piece t, gather piece t-1.
-  auto exchange = [&](const uint8_t* out, uint8_t* in, size_t pb, size_t outStride) {
-    for (int s = 1; s < w; ++s) {
-      const int to = (rank + s) % w;
-      const int from = (rank - s + w) % w;
-      transport.sendRecv(to, out + static_cast<size_t>(to) * outStride, pb, from,
-                         in + static_cast<size_t>(from) * pb, pb, desc, deadline);
+  // Sends and receives run on two threads with no step-by-step pairing: a slow peer
+  // delays only what it owes, and a rank keeps sending while it waits for another.
+  // Both follow the same global order (pieces, exchange before gather, peers by
+  // distance), which keeps every pair's messages in step and cannot deadlock: the
+  // earliest receive still pending anywhere has a sender that is not blocked behind it.
+  auto recvLoop = [&] {
+    try {
+      for (long t = 0; t <= pieces; ++t) {
+        if (t < pieces) {
+          const size_t pb = codec.payloadBytes(elemsOf(t));
+          prog.await(S::kReduced, t - kSlots + 1);  // recv slot free
+          prog.await(S::kCompressed, t + 1);        // this rank's own payload
+          uint8_t* in = recvBuf(t);
+          std::memcpy(in + static_cast<size_t>(rank) * pb, sendBuf(t) + static_cast<size_t>(rank) * pb, pb);
+          for (int s = 1; s < w; ++s) {
+            const int from = (rank - s + w) % w;
+            transport.recv(from, in + static_cast<size_t>(from) * pb, pb, desc, deadline);
+          }
+          prog.done(S::kRecvX);
+        }
+        if (t >= 1) {
+          const long j = t - 1;
+          const size_t pb = codec.payloadBytes(elemsOf(j));
+          prog.await(S::kDecoded, j - kSlots + 1);  // gather slot free
+          prog.await(S::kReduced, j + 1);
+          uint8_t* in = gatherBuf(j);
+          std::memcpy(in + static_cast<size_t>(rank) * pb, ownBuf(j), pb);
+          for (int s = 1; s < w; ++s) {
+            const int from = (rank - s + w) % w;
+            transport.recv(from, in + static_cast<size_t>(from) * pb, pb, desc, deadline);
+          }
+          prog.done(S::kRecvG);
+        }
+      }
+    } catch (const PipelineStopped&) {
+    } catch (...) {
+      prog.stop();
+      throw;
     }
-    std::memcpy(in + static_cast<size_t>(rank) * pb, out + static_cast<size_t>(rank) * outStride, pb);
   };
+
+  std::shared_ptr<Completion> codecDone = codecThread.push(codecLoop);
+  std::shared_ptr<Completion> recvDone = recvThread.push(recvLoop);
+
+  // This thread sends: the exchange of piece t, then the gather of piece t-1.
+  std::exception_ptr mine;
   try {
     for (long t = 0; t <= pieces; ++t) {
       if (t < pieces) {
-        prog.await(S::kCompressed, t + 1);
-        prog.await(S::kReduced, t - kSlots + 1);  // recv slot free
         const size_t pb = codec.payloadBytes(elemsOf(t));
-        exchange(sendBuf(t), recvBuf(t), pb, pb);
-        prog.done(S::kExchanged);
+        prog.await(S::kCompressed, t + 1);
+        const uint8_t* out = sendBuf(t);
+        for (int s = 1; s < w; ++s) {
+          const int to = (rank + s) % w;
+          transport.send(to, out + static_cast<size_t>(to) * pb, pb, desc, deadline);
+        }
+        prog.done(S::kSentX);
       }
       if (t >= 1) {
         const long j = t - 1;
+        const size_t pb = codec.payloadBytes(elemsOf(j));
         prog.await(S::kReduced, j + 1);
-        prog.await(S::kDecoded, j - kSlots + 1);  // gather slot free
-        // The owner's payload goes to every peer: stride 0 over the "per-destination" input.
-        exchange(ownBuf(j), gatherBuf(j), codec.payloadBytes(elemsOf(j)), 0);
-        prog.done(S::kGathered);
+        for (int s = 1; s < w; ++s) transport.send((rank + s) % w, ownBuf(j), pb, desc, deadline);
+        prog.done(S::kSentG);
       }
     }
   } catch (const PipelineStopped&) {
-    codecDone->waitFor(-1);
-    if (auto err = codecDone->error()) std::rethrow_exception(err);
-    throw;  // not reached: the codec stops the pipeline only when it fails
   } catch (...) {
+    mine = std::current_exception();
     prog.stop();
-    codecDone->waitFor(-1);
-    throw;
   }
   codecDone->waitFor(-1);
+  recvDone->waitFor(-1);
+  // Report the first real failure: this thread's, else the receiver's, else the codec's.
+  if (mine) std::rethrow_exception(mine);
+  if (auto err = recvDone->error()) std::rethrow_exception(err);
   if (auto err = codecDone->error()) std::rethrow_exception(err);
 }
 

@@ -3,13 +3,13 @@
 // r) and every chunk into pieces of `pieceElems` elements. Piece j goes through
 //
 //   compress  (each chunk's piece j + worker error -> one payload per owner)   codec thread
-//   exchange  (all-to-all of the payloads)                                     comm thread
+//   exchange  (all-to-all of the payloads)                        send + receive threads
 //   reduce    (owner: decode in rank order, sum in float32, + server error,   codec thread
 //              re-encode)
-//   gather    (all-gather of the owners' payloads)                             comm thread
+//   gather    (all-gather of the owners' payloads)                send + receive threads
 //   decode    (every rank writes the same values into piece j of each chunk)  codec thread
 //
-// and the two threads work on different pieces at once, so encoding and decoding hide
+// and the threads work on different pieces at once, so encoding and decoding hide
 // behind the wire. Every codec works block-wise (FP16: per element; OneBit: per 2048;
 // QSGD: per 512 with an index-keyed random stream), and pieces are whole blocks, so the
 // result is bit for bit the one a whole-chunk exchange (pycomm.compression on another
@@ -82,10 +82,12 @@ struct CompressedArgs {
 /// Pieces are a multiple of this many elements (whole OneBit and QSGD blocks).
 constexpr size_t kPieceAlign = 2048;
 
-/// Runs the pipelined exchange over `transport`, encoding on `helper`'s thread, with
-/// buffers in `scratch` (grown as needed, kept by the caller between calls). Every
-/// message carries `desc` (whose tag should be codec.id()).
-void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& helper, std::vector<uint8_t>& scratch,
+/// Runs the pipelined exchange over `transport`: sends on the calling thread, receives
+/// on `recvThread`'s, encodes and decodes on `codecThread`'s, with buffers in `scratch`
+/// (grown as needed, kept by the caller between calls). Every message carries `desc`
+/// (whose tag should be codec.id()).
+void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& codecThread, WorkQueue& recvThread,
+                                  std::vector<uint8_t>& scratch,
                                   PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
                                   const Deadline& deadline);
 
