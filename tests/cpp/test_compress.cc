@@ -389,7 +389,7 @@ TEST_P(CompressPieces, QsgdServerReduce) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(PieceSizes, CompressPieces, ::testing::Values(2048, 4096));
+INSTANTIATE_TEST_SUITE_P(CompressPieceSizes, CompressPieces, ::testing::Values(2048, 4096));
 
 // ---------------------------------------------------------------- AVX2 == scalar
 
