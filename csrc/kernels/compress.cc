@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/compress_avx2.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -176,9 +177,19 @@ PYCOMM_INLINE void oneBitCompressBlockImpl(const float* x, float* r, size_t vali
 /// Server block: r = r + (sum over the payload blocks `in[k]`, k < numPayloads, of
 /// scale*sign) / div on `valid` elements, then compressed like a worker block into out.
 PYCOMM_INLINE void oneBitServerBlockImpl(const uint8_t* const* in, int numPayloads, size_t valid, size_t len,
-                                         float div, float* r, uint8_t* out) {
+                                         float div, float* r, uint8_t* out, bool simd) {
   float lanes[kOneBitLanes] = {0};
-  for (size_t base = 0; base < valid; base += 32) {
+  size_t start = 0;
+#if defined(PYCOMM_X86)
+  if (simd) {
+    // Full 32-element groups vectorised by hand (same additions, same order).
+    detail::oneBitServerAccumulateAvx2(in, numPayloads, valid, div, r, lanes);
+    start = valid / 32 * 32;
+  }
+#else
+  (void)simd;
+#endif
+  for (size_t base = start; base < valid; base += 32) {
     const size_t m = std::min<size_t>(32, valid - base);
     float acc[32] = {0};
     for (int k = 0; k < numPayloads; ++k) {
@@ -189,16 +200,9 @@ PYCOMM_INLINE void oneBitServerBlockImpl(const uint8_t* const* in, int numPayloa
       for (uint32_t j = 0; j < 32; ++j) acc[j] += oneBitValue((word >> j) & 1u, scale);
     }
     float* v = r + base;
-    if (m == 32) {
-      for (size_t j = 0; j < 32; ++j) {
-        v[j] += acc[j] / div;
-        lanes[j % kOneBitLanes] += std::fabs(v[j]);
-      }
-    } else {
-      for (size_t j = 0; j < m; ++j) {
-        v[j] += acc[j] / div;
-        lanes[j % kOneBitLanes] += std::fabs(v[j]);
-      }
+    for (size_t j = 0; j < m; ++j) {
+      v[j] += acc[j] / div;
+      lanes[j % kOneBitLanes] += std::fabs(v[j]);
     }
   }
   const float scale = oneBitScale(lanes, valid);
@@ -213,7 +217,7 @@ __attribute__((target("avx2"))) void oneBitCompressBlockAvx2(const float* x, flo
 }
 __attribute__((target("avx2"))) void oneBitServerBlockAvx2(const uint8_t* const* in, int numPayloads, size_t valid,
                                                            size_t len, float div, float* r, uint8_t* out) {
-  oneBitServerBlockImpl(in, numPayloads, valid, len, div, r, out);
+  oneBitServerBlockImpl(in, numPayloads, valid, len, div, r, out, true);
 }
 #endif
 
@@ -229,7 +233,7 @@ void oneBitServerBlock(const uint8_t* const* in, int numPayloads, size_t valid, 
 #if defined(PYCOMM_X86)
   if (useAvx2()) return oneBitServerBlockAvx2(in, numPayloads, valid, len, div, r, out);
 #endif
-  oneBitServerBlockImpl(in, numPayloads, valid, len, div, r, out);
+  oneBitServerBlockImpl(in, numPayloads, valid, len, div, r, out, false);
 }
 
 /// Unpacks one OneBit block (scale + sign bits) into out[0:count).

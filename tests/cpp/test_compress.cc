@@ -433,6 +433,12 @@ TEST(CompressSimd, Avx2MatchesScalarBitwise) {
       std::vector<uint8_t> s(oneBitPayloadBytes(chunk));
       oneBitServerReduce(b.data(), 2, chunk, count, 2, r.data(), s.data());
       o.bytes.insert(o.bytes.end(), s.begin(), s.end());
+      // Five payloads (the server's hand-vectorised sum over an odd rank count).
+      const size_t pb = oneBitPayloadBytes(chunk);
+      std::vector<uint8_t> b5(pb * 5);
+      for (int k = 0; k < 5; ++k) std::memcpy(b5.data() + k * pb, b.data() + (k % 2) * pb, pb);
+      oneBitServerReduce(b5.data(), 5, chunk, count, 5, r.data(), s.data());
+      o.bytes.insert(o.bytes.end(), s.begin(), s.end());
       for (int bits : {8, 4}) {
         for (bool ef : {true, false}) {
           std::vector<uint8_t> q(qsgdPayloadBytes(chunk, bits) * 2);
