@@ -11,6 +11,8 @@ in the same run, plus the overlap figure (step vs compute-only and comm-only).
 Model: an MLP of ``--depth`` square ``--width`` layers between a ``--width``/4 input and
 output (default 6 x 2048: ~27M parameters, ~108 MB of float32 gradients), batch
 ``--batch``, plain SGD. Each rank runs one process (``torch.set_num_threads(1)``).
+Both DataParallel and torch DDP run with ``gradient_as_bucket_view=True`` (gradients are
+views into the buckets: no copy back after the all-reduce).
 The modes run one after the other; compute-only is re-measured right before each.
 
 Columns: ``step`` = median over the timed steps of the slowest rank's step time
@@ -131,7 +133,7 @@ def worker(args: argparse.Namespace) -> None:
         comm_fn: Optional[Callable[[], None]] = None
         if mode in DP_COMPRESSORS:
             comp = make_compressor(DP_COMPRESSORS[mode])
-            model = DataParallel(net, compression=comp)
+            model = DataParallel(net, compression=comp, gradient_as_bucket_view=True)
             buckets = [b.flat for b in model._buckets]
             comp_only = make_compressor(DP_COMPRESSORS[mode])
 
@@ -151,7 +153,7 @@ def worker(args: argparse.Namespace) -> None:
             # issue them in different orders (Gloo aborts: "Received data size doesn't match").
             # One bucket avoids the race (and the overlap).
             cap = {"bucket_cap_mb": 1 << 14} if mode == "ddp_gloo_powersgd" else {}
-            model = DDP(net, process_group=pg, **cap)
+            model = DDP(net, process_group=pg, gradient_as_bucket_view=True, **cap)
             if mode == "ddp_gloo_fp16":
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

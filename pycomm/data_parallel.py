@@ -102,6 +102,12 @@ class DataParallel(torch.nn.Module):
         find_unused_parameters: parameters that got no gradient contribute zeros
             instead of raising at the end of backward (costs one small all-reduce per
             iteration, to find the parameters no rank used).
+        gradient_as_bucket_view: as DDP's option of that name: after the first
+            synchronised step every ``param.grad`` is a view into its bucket, so the
+            averaged bucket *is* the gradient (no copy back after the all-reduce, and
+            with ``zero_grad(set_to_none=False)`` no copy into the bucket either:
+            backward accumulates in place). Gradients then share memory with the
+            buckets; don't keep references to them across steps.
 
     The parameters and buffers of the group's first rank are broadcast at wrap time.
     Environment: ``PYCOMM_TIMELINE=trace.json`` writes a per-rank Chrome trace.
@@ -110,7 +116,7 @@ class DataParallel(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None,
                  bucket_cap_mb: Optional[float] = None, first_bucket_mb: Optional[float] = None,
                  compression: Any = None, broadcast_buffers: bool = True,
-                 find_unused_parameters: bool = False) -> None:
+                 find_unused_parameters: bool = False, gradient_as_bucket_view: bool = False) -> None:
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("pycomm.DataParallel: torch.distributed is not initialised")
@@ -119,6 +125,7 @@ class DataParallel(torch.nn.Module):
         self.compression = compression
         self.broadcast_buffers = broadcast_buffers
         self.find_unused_parameters = find_unused_parameters
+        self.gradient_as_bucket_view = gradient_as_bucket_view
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
@@ -264,8 +271,16 @@ class DataParallel(torch.nn.Module):
             self._ready_order.append(index)
         bi, off = self._slot[index]
         bucket = self._buckets[bi]
-        _C.bucket_copy_in(bucket.flat, off, grad.detach())
+        if not self._is_bucket_view(grad, bucket, off):
+            _C.bucket_copy_in(bucket.flat, off, grad.detach())
         self._mark(index, bucket)
+
+    @staticmethod
+    def _is_bucket_view(grad: torch.Tensor, bucket: "_Bucket", off: int) -> bool:
+        """True when grad already lives at its slot of the bucket (gradient_as_bucket_view)."""
+        flat = bucket.flat
+        return (grad.dtype == flat.dtype and grad.device == flat.device and grad.is_contiguous()
+                and grad.data_ptr() == flat.data_ptr() + off * flat.element_size())
 
     def _mark(self, index: int, bucket: _Bucket) -> None:
         self._marked[index] = True
@@ -330,7 +345,8 @@ class DataParallel(torch.nn.Module):
                 g = self._params[i].grad
                 numel = self._params[i].numel()
                 if g is not None and self.find_unused_parameters:
-                    _C.bucket_copy_in(bucket.flat, off, g.detach())  # e.g. accumulated under no_sync
+                    if not self._is_bucket_view(g, bucket, off):  # e.g. accumulated under no_sync
+                        _C.bucket_copy_in(bucket.flat, off, g.detach())
                 else:
                     _C.bucket_flatten(bucket.flat, [None], [off], [numel])
                 self._mark(i, bucket)
@@ -377,10 +393,15 @@ class DataParallel(torch.nn.Module):
             existing: List[Optional[torch.Tensor]] = []
             for pi, off in zip(b.params, b.offsets):
                 p = self._params[pi]
-                if p.grad is None:
-                    if self.find_unused_parameters and not used[pi]:
-                        existing.append(None)  # no rank used it: leave .grad alone (None), as DDP
-                        continue
+                if p.grad is None and self.find_unused_parameters and not used[pi]:
+                    existing.append(None)  # no rank used it: leave .grad alone (None), as DDP
+                    continue
+                if self.gradient_as_bucket_view:
+                    # The bucket holds the average: point .grad at its slot (no copy).
+                    if p.grad is None or not self._is_bucket_view(p.grad, b, off):
+                        p.grad = b.flat.narrow(0, off, p.numel()).view_as(p)
+                    existing.append(None)
+                elif p.grad is None:
                     p.grad = b.flat.narrow(0, off, p.numel()).view_as(p).clone()
                     existing.append(None)
                 else:
@@ -417,6 +438,14 @@ class DataParallel(torch.nn.Module):
                                  self._keys, self.bucket_cap_bytes, self.first_bucket_bytes, order)
         if [list(p[0]) for p in planned] != old:
             self._plan(order)
+            if self.gradient_as_bucket_view:
+                # Gradients were views of the old buckets: move them into the new ones.
+                for i, p in enumerate(self._params):
+                    if p.grad is not None:
+                        bi, off = self._slot[i]
+                        view = self._buckets[bi].flat.narrow(0, off, p.numel()).view_as(p)
+                        view.copy_(p.grad)
+                        p.grad = view
 
     # -- module-like helpers ------------------------------------------------------------
 

@@ -56,7 +56,8 @@ def _compare(a: torch.nn.Module, b: torch.nn.Module, what: str) -> None:
         torch.testing.assert_close(p.detach(), q.detach(), atol=ATOL, rtol=0, msg=lambda m: f"{what}: {n}: {m}")
 
 
-def _parity_case(rank, world, gloo, name, steps=4, accumulate=0, unused=False, caps=(0.0005, 0.0002)):
+def _parity_case(rank, world, gloo, name, steps=4, accumulate=0, unused=False, caps=(0.0005, 0.0002),
+                 view=False, set_to_none=True):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -64,8 +65,9 @@ def _parity_case(rank, world, gloo, name, steps=4, accumulate=0, unused=False, c
 
     base = Net(seed=rank, dead=unused)  # different per rank: both wrappers must broadcast rank 0's
     ours = DataParallel(copy.deepcopy(base), bucket_cap_mb=caps[0], first_bucket_mb=caps[1],
-                        find_unused_parameters=unused)
-    ref = DDP(copy.deepcopy(base), process_group=gloo, find_unused_parameters=unused)
+                        find_unused_parameters=unused, gradient_as_bucket_view=view)
+    ref = DDP(copy.deepcopy(base), process_group=gloo, find_unused_parameters=unused,
+              gradient_as_bucket_view=view)
     _compare(ours.module, ref.module, f"{name} after wrap")
     if caps[0] < 0.01:
         assert len(ours.bucket_layout()) > 1, "the test needs several buckets"
@@ -73,7 +75,7 @@ def _parity_case(rank, world, gloo, name, steps=4, accumulate=0, unused=False, c
     opt_b = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     for step in range(steps):
         for model, opt in ((ours, opt_a), (ref, opt_b)):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             for micro in range(accumulate):
                 x, y = _data(rank, 100 * step + micro + 1)
                 with model.no_sync():
@@ -85,6 +87,12 @@ def _parity_case(rank, world, gloo, name, steps=4, accumulate=0, unused=False, c
             torch.nn.functional.mse_loss(model(x, use_branch=use), y).backward()
             opt.step()
         _compare(ours.module, ref.module, f"{name} step {step}")
+        if view:
+            # The option is really on: every gradient lives in its bucket slot.
+            for i, p in enumerate(ours._params):
+                if p.grad is not None:
+                    bi, off = ours._slot[i]
+                    assert ours._is_bucket_view(p.grad, ours._buckets[bi], off), f"{name}: {ours._names[i]}"
     return _flat(ours.module)
 
 
@@ -99,6 +107,9 @@ def _body_parity(rank, world):
     out["no_sync"] = _parity_case(rank, world, gloo, "no_sync", accumulate=2).tolist()
     out["unused"] = _parity_case(rank, world, gloo, "unused", unused=True, accumulate=1).tolist()
     out["one_bucket"] = _parity_case(rank, world, gloo, "one bucket", steps=2, caps=(25, 1)).tolist()
+    out["view"] = _parity_case(rank, world, gloo, "bucket view", view=True).tolist()
+    out["view_keep"] = _parity_case(rank, world, gloo, "bucket view, grads kept", view=True, accumulate=2,
+                                    unused=True, set_to_none=False).tolist()
 
     # `dead` never gets a gradient: without find_unused_parameters backward raises, naming
     # it, on every rank (no hang), and the wrapper works again afterwards.
