@@ -407,10 +407,60 @@ void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int 
     shm_->barrier(desc, deadline);
     return;
   }
-  // Over the network: all-reduce a copy, keep the result on the root only.
-  std::vector<char> copy(b, b + bytes);
-  allReduce(copy.data(), count, dtype, op, desc, deadline);
-  if (rank_ == root && bytes) memcpy(b, copy.data(), bytes);
+  if (config_.algo == "rd" || bytes <= config_.smallBytes) {
+    // Latency-bound: all-reduce a copy (log2(n) rounds), keep the result on the root.
+    std::vector<char> copy(b, b + bytes);
+    allReduce(copy.data(), count, dtype, op, desc, deadline);
+    if (rank_ == root && bytes) memcpy(b, copy.data(), bytes);
+    return;
+  }
+  chainReduce(b, count, dtype, op, root, desc, deadline);
+}
+
+void Collectives::chainReduce(char* b, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
+                              const Deadline& deadline) {
+  // A pipelined chain that ends at the root: root+1 sends its segments to root+2, which
+  // reduces its own values in and passes them on, ..., and the root reduces the last
+  // partial sums into its buffer. Every link carries the buffer once (an all-reduce
+  // would carry it 2(n-1)/n times), and segments overlap along the chain. Non-root
+  // buffers are left unchanged.
+  if (count == 0) return;
+  const int n = size_;
+  const size_t es = dtypeSize(dtype);
+  const int pos = mod(rank_ - root - 1, n);  // root+1 -> 0, ..., root -> n-1
+  const int next = mod(rank_ + 1, n);
+  const int prev = mod(rank_ - 1, n);
+  const size_t segElems = std::max<size_t>(1, config_.segmentBytes / es);
+  const size_t nseg = (count + segElems - 1) / segElems;
+  auto off = [&](size_t j) { return j * segElems; };
+  auto len = [&](size_t j) { return std::min(segElems, count - j * segElems); };
+  if (pos == 0) {
+    for (size_t j = 0; j < nseg; ++j) transport_.send(next, b + off(j) * es, len(j) * es, desc, deadline);
+    return;
+  }
+  const size_t seg = std::min(segElems, count);
+  char* tmp = scratch(2 * seg * es);
+  char* slot[2] = {tmp, tmp + seg * es};
+  if (pos == n - 1) {  // the root: receive segment j while reducing segment j-1
+    for (size_t j = 0; j <= nseg; ++j) {
+      if (j < nseg) transport_.recv(prev, slot[j % 2], len(j) * es, desc, deadline);
+      if (j >= 1) reduceInto(b + off(j - 1) * es, slot[(j - 1) % 2], len(j - 1), dtype, op);
+    }
+    if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, n);
+    return;
+  }
+  // In the middle: receive segment j while sending the reduced segment j-1.
+  for (size_t j = 0; j <= nseg; ++j) {
+    if (j == 0) {
+      transport_.recv(prev, slot[0], len(0) * es, desc, deadline);
+    } else if (j < nseg) {
+      transport_.sendRecv(next, slot[(j - 1) % 2], len(j - 1) * es, prev, slot[j % 2], len(j) * es, desc,
+                          deadline);
+    } else {
+      transport_.send(next, slot[(j - 1) % 2], len(j - 1) * es, desc, deadline);
+    }
+    if (j < nseg) reduceInto(slot[j % 2], b + off(j) * es, len(j), dtype, op);  // partial op own
+  }
 }
 
 void Collectives::gather(const void* in, void* out, size_t bytes, int root, const OpDesc& desc,

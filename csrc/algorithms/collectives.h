@@ -98,6 +98,8 @@ class Collectives {
                                   const OpDesc& desc, const Deadline& deadline);
   void shmOneShotAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                            const Deadline& deadline);
+  void chainReduce(char* buf, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
+                   const Deadline& deadline);
   void shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                           const Deadline& deadline);
   char* scratch(size_t bytes);
