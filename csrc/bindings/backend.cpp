@@ -10,8 +10,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
+
+#if defined(PYCOMM_WITH_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "algorithms/compressed.h"
 #include "core/error.h"
@@ -82,16 +90,56 @@ ReduceOp toReduceOp(const c10d::ReduceOp& op, DType dtype, int rank) {
   return r;
 }
 
-// A tensor as the core sees it: a contiguous CPU buffer. CUDA and non-contiguous
-// tensors are staged through a contiguous host copy and written back afterwards.
+#if defined(PYCOMM_WITH_CUDA)
+// Host staging of a CUDA tensor for a collective: the caller's current stream is
+// captured by an event when the collective is issued; on the communication thread the
+// group's comm stream waits for that event and copies the tensor into a pinned buffer
+// (prepare), the collective runs on the host buffer, and the result is copied back on
+// the comm stream (finish), which the communication thread synchronises before the
+// Work completes. The caller's thread never waits for the device.
+struct CudaStage {
+  at::cuda::CUDAEvent ready;
+  c10::cuda::CUDAStream stream;
+  explicit CudaStage(c10::cuda::CUDAStream s) : stream(s) {}
+};
+#endif
+
+// A tensor as the core sees it: a contiguous CPU buffer. Non-contiguous CPU tensors are
+// copied and written back afterwards; CUDA tensors are staged through pinned host memory
+// on the group's comm stream (CudaStage) or, for send/recv, synchronously.
 struct Staged {
   at::Tensor orig;
   at::Tensor buf;
   bool copyBack = false;
+#if defined(PYCOMM_WITH_CUDA)
+  std::shared_ptr<CudaStage> cuda;  // set when the device copies are deferred
+#endif
   void* data() const { return buf.data_ptr(); }
   size_t bytes() const { return buf.numel() * buf.element_size(); }
+  /// On the communication thread, before the collective: brings a deferred CUDA
+  /// tensor's values into the host buffer.
+  void prepare() const {
+#if defined(PYCOMM_WITH_CUDA)
+    if (cuda) {
+      c10::cuda::CUDAStreamGuard g(cuda->stream);
+      cuda->ready.block(cuda->stream);  // after everything the caller queued before the call
+      buf.copy_(orig, /*non_blocking=*/true);
+      cuda->stream.synchronize();
+    }
+#endif
+  }
+  /// After the collective: writes the result back into an output that was staged.
   void finish() const {
-    if (copyBack) orig.copy_(buf);
+    if (!copyBack) return;
+#if defined(PYCOMM_WITH_CUDA)
+    if (cuda) {
+      c10::cuda::CUDAStreamGuard g(cuda->stream);
+      orig.copy_(buf, /*non_blocking=*/true);
+      cuda->stream.synchronize();  // the pinned buffer is released with the Work
+      return;
+    }
+#endif
+    orig.copy_(buf);
   }
 };
 
@@ -104,10 +152,39 @@ void checkTensor(const at::Tensor& t, int rank, const char* what) {
   toDType(t.scalar_type(), rank);
 }
 
-Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what) {
+#if defined(PYCOMM_WITH_CUDA)
+// One comm stream per device and process (a pool stream: it never waits on the legacy
+// default stream), shared by the groups of this process.
+c10::cuda::CUDAStream commStream(c10::DeviceIndex device) {
+  static std::mutex mu;
+  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream>* streams =
+      new std::map<c10::DeviceIndex, c10::cuda::CUDAStream>();  // never destroyed
+  std::lock_guard<std::mutex> g(mu);
+  auto it = streams->find(device);
+  if (it == streams->end()) {
+    it = streams->emplace(device, c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device)).first;
+  }
+  return it->second;
+}
+#endif
+
+/// Stages `t` for a collective. `deferCuda`: copy a CUDA tensor on the communication
+/// thread (prepare/finish) instead of synchronously here.
+Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda = true) {
   checkTensor(t, rank, what);
   Staged s;
   s.orig = t;
+#if defined(PYCOMM_WITH_CUDA)
+  if (t.device().is_cuda() && deferCuda) {
+    s.buf = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+    s.copyBack = isOutput;
+    s.cuda = std::make_shared<CudaStage>(commStream(t.device().index()));
+    s.cuda->ready.record(c10::cuda::getCurrentCUDAStream(t.device().index()));
+    return s;
+  }
+#else
+  (void)deferCuda;
+#endif
   if (t.device().is_cpu() && t.is_contiguous()) {
     s.buf = t;
   } else {
@@ -632,7 +709,7 @@ class PycommBackend : public c10d::Backend {
     TORCH_CHECK_VALUE(tensors.size() == 1, "pycomm rank ", rank_, ": send takes one tensor");
     TORCH_CHECK_VALUE(dstRank >= 0 && dstRank < size_ && dstRank != rank_, "pycomm rank ", rank_,
                       ": send to invalid rank ", dstRank, " (group size ", size_, ")");
-    Staged s = stage(tensors[0], false, rank_, "send tensor");
+    Staged s = stage(tensors[0], false, rank_, "send tensor", /*deferCuda=*/false);
     auto c = group_->submitSend(dstRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {});
     return c10::make_intrusive<PycommWork>(rank_, c10d::OpType::SEND, "pycomm:send", tensors, c, 0);
   }
@@ -641,7 +718,7 @@ class PycommBackend : public c10d::Backend {
     TORCH_CHECK_VALUE(tensors.size() == 1, "pycomm rank ", rank_, ": recv takes one tensor");
     TORCH_CHECK_VALUE(srcRank >= 0 && srcRank < size_ && srcRank != rank_, "pycomm rank ", rank_,
                       ": recv from invalid rank ", srcRank, " (group size ", size_, ")");
-    Staged s = stage(tensors[0], true, rank_, "recv tensor");
+    Staged s = stage(tensors[0], true, rank_, "recv tensor", /*deferCuda=*/false);
     auto c = group_->submitRecv(srcRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {});
     if (s.copyBack) c->onFinish([s](std::exception_ptr e) { if (!e) s.finish(); });
     auto w = c10::make_intrusive<PycommWork>(rank_, c10d::OpType::RECV, "pycomm:recv", tensors, c, 0);
@@ -702,8 +779,23 @@ class PycommBackend : public c10d::Backend {
     // thread is idle: no hand-off to the worker and back for small, latency-bound calls.
     auto c = group_->submitCollective(!asyncOp,
         [fn = std::move(fn), desc, copyBack = std::move(copyBack), staged](Collectives& cs, const Deadline& dl) {
+#if defined(PYCOMM_WITH_CUDA)
+          // Device copies made inside fn (outputs written from host results) go on the
+          // comm stream too, and are complete before the Work is.
+          std::optional<c10::cuda::CUDAStreamGuard> guard;
+          for (auto& s : staged) {
+            if (s.cuda) {
+              guard.emplace(s.cuda->stream);
+              break;
+            }
+          }
+#endif
+          for (auto& s : staged) s.prepare();
           fn(cs, desc, dl);
           for (auto& s : copyBack) s.finish();
+#if defined(PYCOMM_WITH_CUDA)
+          if (guard) guard->current_stream().synchronize();
+#endif
         });
     return c10::make_intrusive<PycommWork>(rank_, type, name, std::move(outputs), c, desc.seq);
   }
