@@ -152,38 +152,45 @@ void checkTensor(const at::Tensor& t, int rank, const char* what) {
   toDType(t.scalar_type(), rank);
 }
 
+/// The communication streams of one group, one per device (created on first use).
+class CommStreams {
+ public:
 #if defined(PYCOMM_WITH_CUDA)
-// One comm stream per device and process (a pool stream: it never waits on the legacy
-// default stream), shared by the groups of this process.
-c10::cuda::CUDAStream commStream(c10::DeviceIndex device) {
-  static std::mutex mu;
-  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream>* streams =
-      new std::map<c10::DeviceIndex, c10::cuda::CUDAStream>();  // never destroyed
-  std::lock_guard<std::mutex> g(mu);
-  auto it = streams->find(device);
-  if (it == streams->end()) {
-    it = streams->emplace(device, c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device)).first;
+  /// The group's stream on `device`: a pool stream, which never waits on the legacy
+  /// default stream.
+  c10::cuda::CUDAStream get(c10::DeviceIndex device) {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = streams_.find(device);
+    if (it == streams_.end()) {
+      it = streams_.emplace(device, c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device)).first;
+    }
+    return it->second;
   }
-  return it->second;
-}
+
+ private:
+  std::mutex mu_;
+  std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams_;
 #endif
+};
 
 /// Stages `t` for a collective. `deferCuda`: copy a CUDA tensor on the communication
 /// thread (prepare/finish) instead of synchronously here.
-Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda = true) {
+Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda,
+             CommStreams* streams) {
   checkTensor(t, rank, what);
   Staged s;
   s.orig = t;
 #if defined(PYCOMM_WITH_CUDA)
-  if (t.device().is_cuda() && deferCuda) {
+  if (t.device().is_cuda() && deferCuda && streams) {
     s.buf = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
     s.copyBack = isOutput;
-    s.cuda = std::make_shared<CudaStage>(commStream(t.device().index()));
+    s.cuda = std::make_shared<CudaStage>(streams->get(t.device().index()));
     s.cuda->ready.record(c10::cuda::getCurrentCUDAStream(t.device().index()));
     return s;
   }
 #else
   (void)deferCuda;
+  (void)streams;
 #endif
   if (t.device().is_cpu() && t.is_contiguous()) {
     s.buf = t;
@@ -732,6 +739,11 @@ class PycommBackend : public c10d::Backend {
  private:
   using CollFn = std::function<void(Collectives&, const OpDesc&, const Deadline&)>;
 
+  /// Stages with this group's comm streams (see the free function).
+  Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda = true) {
+    return pycomm::stage(t, isOutput, rank, what, deferCuda, &streams_);
+  }
+
   std::vector<std::pair<DType, ReduceOp>> reduceArgs(const std::vector<Staged>& st, const c10d::ReduceOp& op) {
     std::vector<std::pair<DType, ReduceOp>> r;
     for (auto& s : st) {
@@ -801,6 +813,7 @@ class PycommBackend : public c10d::Backend {
   }
 
   std::unique_ptr<C10dStore> store_;  // declared first: destroyed after group_
+  CommStreams streams_;                // CUDA comm streams of this group
   std::unique_ptr<Group> group_;
 };
 
