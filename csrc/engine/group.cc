@@ -62,9 +62,13 @@ Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout
 }
 
 Group::~Group() {
-  // Queued work fails with `why`; an operation already running finishes, or fails at
-  // its deadline, before the threads are joined (see docs/RELIABILITY.md).
+  // Queued work fails with `why`. An operation still running (its caller gave up on
+  // it, e.g. Work.wait(timeout)) would only end at its deadline: abort the transports
+  // so it fails now, here and on the peers waiting for it (see docs/RELIABILITY.md).
   const std::string why = strCat("pycomm: rank ", rank_, " destroyed its process group");
+  if (collQueue_->busy() || sendQueue_->busy() || recvQueue_->busy()) {
+    abort(strCat(why, " while one of its operations was still running"));
+  }
   collQueue_->shutdown(why);
   sendQueue_->shutdown(why);
   recvQueue_->shutdown(why);

@@ -99,6 +99,11 @@ std::shared_ptr<Completion> WorkQueue::runInlineOrPush(std::function<void()> tas
   return c;
 }
 
+bool WorkQueue::busy() {
+  std::lock_guard<std::mutex> g(mu_);
+  return busy_;
+}
+
 void WorkQueue::shutdown(const std::string& why) {
   std::deque<std::pair<std::function<void()>, std::shared_ptr<Completion>>> left;
   {

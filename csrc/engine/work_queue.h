@@ -63,6 +63,9 @@ class WorkQueue {
   /// Stops accepting tasks, fails queued ones with `why`, joins the thread.
   void shutdown(const std::string& why);
 
+  /// True while a task runs (on the worker, or inline on a caller).
+  bool busy();
+
  private:
   void loop();
 

@@ -428,3 +428,39 @@ def stale_segment_job(rank: int, ws: int) -> dict:
     t = torch.ones(100)
     dist.all_reduce(t)
     return {"ok": bool((t == ws).all()), "transport": pycomm.transport()}
+
+
+def destroy_while_running(rank: int, ws: int, absent: int) -> dict:
+    """Every rank but `absent` starts an all_reduce that cannot finish, gives up on it with
+    Work.wait(timeout=1s) and destroys the group: destroying must abort the running
+    collective (not wait for its 60 s deadline), and `absent`, joining late, must fail
+    fast instead of waiting for ranks that are gone."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(1 << 16)
+    dist.all_reduce(t)  # everyone is in
+    out: Dict[str, Any] = {}
+    if rank != absent:
+        w = dist.all_reduce(t, async_op=True)
+        try:
+            w.wait(timeout=datetime.timedelta(seconds=1))
+            out["wait"] = "completed"
+        except RuntimeError as e:
+            out["wait"] = str(e)
+        start = time.monotonic()
+        dist.destroy_process_group()
+        out["destroy_s"] = time.monotonic() - start
+        return out
+    time.sleep(3.0)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(t)
+        out["late"] = "completed"
+    except RuntimeError as e:
+        out["late"] = str(e)
+    out["late_s"] = time.monotonic() - start
+    start = time.monotonic()
+    dist.destroy_process_group()
+    out["destroy_s"] = time.monotonic() - start
+    return out

@@ -184,3 +184,16 @@ def test_soak_resources_flat_and_two_groups_independent(transport):
         assert p["end"]["rss"] - p["base"]["rss"] < 24 << 20, p
     print(f"soak {transport}: {time.monotonic() - start:.1f}s "
           f"small={results[0]['payload']['small_s']:.1f}s large={results[0]['payload']['large_s']:.1f}s")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_destroy_with_a_collective_running_aborts_it(transport):
+    results = rc.launch(3, rc.destroy_while_running, 2, env=_env(transport), pg_timeout=60, timeout=60)
+    _ok(results)
+    for r in results:
+        p = r["payload"]
+        assert p["destroy_s"] < 5.0, (r["rank"], p)  # not the 60 s deadline
+        if r["rank"] != 2:
+            assert "timed out" in p["wait"], p
+    late = results[2]["payload"]
+    assert late["late"] != "completed" and late["late_s"] < 10.0, late
