@@ -106,7 +106,7 @@ def topk_compress_torch(x, res, k):
 
 
 def topk_decompress_torch(vals, idx, n, w):
-    out = torch.zeros(n)
+    out = torch.zeros(n, device=vals.device)
     for _ in range(w):
         out.index_add_(0, idx, vals)
     return out.div_(w)

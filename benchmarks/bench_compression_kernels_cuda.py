@@ -29,6 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pycomm._C as _C  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The device-agnostic torch-op references are shared with the CPU benchmark.
+from bench_compression_kernels import (  # noqa: E402
+    qsgd_decompress_torch,
+    topk_compress_torch,
+    topk_decompress_torch,
+)
+
 BLOCK1 = 2048  # OneBit block
 BLOCKQ = 512  # QSGD block
 
@@ -101,30 +109,6 @@ def qsgd_compress_torch(x, bits):
         q = q.view(-1, 2)
         q = (q[:, 0] & 0xF) | ((q[:, 1] & 0xF) << 4)
     return scale, q
-
-
-def qsgd_decompress_torch(scale, q, bits):
-    levels = 127 if bits == 8 else 7
-    if bits == 4:
-        lo = (q << 4).to(torch.int8) >> 4
-        hi = q.to(torch.int8) >> 4
-        q = torch.stack([lo, hi], 1)
-    return (q.view(scale.shape[0], -1).float() * (scale / levels)).view(-1)
-
-
-def topk_compress_torch(x, res, k):
-    res.add_(x)
-    idx = torch.topk(res.abs(), k, sorted=False).indices
-    vals = res[idx]
-    res[idx] = 0
-    return vals, idx
-
-
-def topk_decompress_torch(vals, idx, n, w):
-    out = torch.zeros(n, device=vals.device)
-    for _ in range(w):
-        out.index_add_(0, idx, vals)
-    return out.div_(w)
 
 
 def half_compress_torch(x, res, dtype):

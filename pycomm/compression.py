@@ -609,18 +609,12 @@ class QSGD(Compressor):
                     server_seed=_mix_seed(self.seed, step, rank, 1))
 
     def _reduce(self, tensor, state, world_size, rank, divisor):
-        n = tensor.numel()
-        chunk = _chunk(n, world_size, _ALIGN)
-        step = int(state.get("step", 0))
-        state["step"] = step + 1
-        ef = self.error_feedback
-        worker = self._buffer(state, "worker", n, tensor) if ef else None
-        server = self._buffer(state, "server", chunk, tensor) if ef else None
-        seed = _mix_seed(self.seed, step, rank, 0)
-        payload = _C.qsgd_compress(_flat_float(tensor), worker, chunk, world_size, self.bits, seed)
+        a = self._native(tensor, state, world_size, rank, divisor)  # the same state use as the C++ path
+        n, chunk = tensor.numel(), a["chunk"]
+        payload = _C.qsgd_compress(_flat_float(tensor), a["worker"], chunk, world_size, self.bits, a["worker_seed"])
         recv = yield ("a2a", payload)
-        mine = _C.qsgd_server_reduce(recv, world_size, chunk, _owned(n, chunk, rank), divisor, server,
-                                     self.bits, _mix_seed(self.seed, step, rank, 1))
+        mine = _C.qsgd_server_reduce(recv, world_size, chunk, _owned(n, chunk, rank), divisor, a["server"],
+                                     self.bits, a["server_seed"])
         gathered = yield ("ag", mine)
         out = _out_buffer(tensor)
         _C.qsgd_decompress(gathered, world_size, chunk, self.bits, out)
