@@ -329,6 +329,7 @@ class GroupRunner:
     rank: int
     nranks: int
     avg_emulated: Dict[str, bool] = field(default_factory=dict)
+    device: Any = None  #: torch.device of the buffers (None: CPU)
 
     def _reduce(self, call: Callable[[Any], None], out, op: str, dtype_name: str) -> None:
         import torch
@@ -362,8 +363,8 @@ class GroupRunner:
         ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
         if coll == "all_reduce":
-            inp = torch.empty(c, dtype=dt)
-            out = inp if inplace else torch.empty(c, dtype=dt)
+            inp = torch.empty(c, dtype=dt, device=self.device)
+            out = inp if inplace else torch.empty(c, dtype=dt, device=self.device)
             if inplace:
                 def fn():
                     self._reduce(lambda o: dist.all_reduce(out, op=o, group=g), out, op, case.dtype_name)
@@ -372,24 +373,24 @@ class GroupRunner:
                     out.copy_(inp)
                     self._reduce(lambda o: dist.all_reduce(out, op=o, group=g), out, op, case.dtype_name)
         elif coll == "reduce_scatter":
-            inp = torch.empty(c * n, dtype=dt)
-            out = inp[r * c:(r + 1) * c] if inplace else torch.empty(c, dtype=dt)
+            inp = torch.empty(c * n, dtype=dt, device=self.device)
+            out = inp[r * c:(r + 1) * c] if inplace else torch.empty(c, dtype=dt, device=self.device)
 
             def fn():
                 self._reduce(lambda o: rs(out, inp, op=o, group=g), out, op, case.dtype_name)
 
         elif coll == "all_gather":
-            out = torch.empty(c * n, dtype=dt)
-            inp = out[r * c:(r + 1) * c] if inplace else torch.empty(c, dtype=dt)
+            out = torch.empty(c * n, dtype=dt, device=self.device)
+            inp = out[r * c:(r + 1) * c] if inplace else torch.empty(c, dtype=dt, device=self.device)
 
             def fn():
                 ag(out, inp, group=g)
 
         elif coll == "broadcast":
-            inp = torch.empty(c, dtype=dt)
+            inp = torch.empty(c, dtype=dt, device=self.device)
             # Out-of-place: the root sends from its input buffer, the others receive into a
             # separate output buffer (the root's own output copy is not timed).
-            out = inp if (inplace or r == case.root) else torch.empty(c, dtype=dt)
+            out = inp if (inplace or r == case.root) else torch.empty(c, dtype=dt, device=self.device)
             root = dist.get_global_rank(g, case.root) if g is not None else case.root
 
             def fn():
@@ -398,8 +399,8 @@ class GroupRunner:
         elif coll == "all_to_all":
             if inplace:
                 return None  # no in-place all_to_all in torch.distributed
-            inp = torch.empty(c * n, dtype=dt)
-            out = torch.empty(c * n, dtype=dt)
+            inp = torch.empty(c * n, dtype=dt, device=self.device)
+            out = torch.empty(c * n, dtype=dt, device=self.device)
 
             def fn():
                 dist.all_to_all_single(out, inp, group=g)
@@ -411,6 +412,13 @@ class GroupRunner:
             if out.untyped_storage().data_ptr() != inp.untyped_storage().data_ptr():
                 out.zero_()  # a stale result from the previous mode must not pass the check
             inp.copy_(rank_values(r, n, 0, inp.numel(), case.dtype_name, op).to(dt))
+
+        if self.device is not None and self.device.type == "cuda":
+            call = fn
+
+            def fn():  # a call is timed until its result is on the device
+                call()
+                torch.cuda.synchronize(self.device)
 
         return fn, inp, out, fill
 
@@ -456,7 +464,7 @@ def time_mode(runner: GroupRunner, case: Case, inplace: bool, iters: int, warmup
     if check:
         fill()
         fn()
-        local = count_wrong(out, case.collective, case.op, case.dtype_name, runner.rank, runner.nranks,
+        local = count_wrong(out.cpu(), case.collective, case.op, case.dtype_name, runner.rank, runner.nranks,
                             case.count, case.root)
         wrong = _side_sum(local, side)
     algbw, busbw = bandwidths(case.collective, case.size, seconds, runner.nranks)
@@ -464,13 +472,14 @@ def time_mode(runner: GroupRunner, case: Case, inplace: bool, iters: int, warmup
 
 
 def time_compressed(comp, group, case: Case, iters: int, warmup: int, check: bool, side, rank: int,
-                    nranks: int) -> dict:
+                    nranks: int, device=None) -> dict:
     """Times ``comp.all_reduce`` (average) on a float tensor of case.count elements."""
     import torch
     import torch.distributed as dist
 
     dt = getattr(torch, DTYPES[case.dtype_name])
-    buf = torch.empty(case.count, dtype=dt)
+    buf = torch.empty(case.count, dtype=dt, device=device)
+    cuda = device is not None and device.type == "cuda"
     key = f"pycomm-bench-{case.size}"
     op = "sum" if case.op == "sum" else "avg"
 
@@ -479,6 +488,8 @@ def time_compressed(comp, group, case: Case, iters: int, warmup: int, check: boo
 
     def call(k=key):
         res = comp.all_reduce(buf, group=group, key=k, op=op)
+        if cuda:
+            torch.cuda.synchronize(device)
         return buf if res is None else res
 
     fill()
@@ -492,7 +503,7 @@ def time_compressed(comp, group, case: Case, iters: int, warmup: int, check: boo
     relerr = None
     if check:
         fill()  # a fresh key: no error-feedback residual left over from the timed calls
-        res = call(key + "-check").reshape(-1).to(torch.float64)
+        res = call(key + "-check").reshape(-1).cpu().to(torch.float64)
         ref = reference("all_reduce", op, case.dtype_name, rank, nranks, case.count, 0, case.count)
         local = float(torch.linalg.vector_norm(res - ref) / max(float(torch.linalg.vector_norm(ref)), 1e-30))
         relerr = _side_max(local, side)
@@ -692,8 +703,13 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
     root = args.root if coll == "broadcast" else -1
     if coll == "broadcast" and not 0 <= args.root < world:
         raise SystemExit(f"pycomm-bench: -r {args.root} out of range for {world} ranks")
-    primary = GroupRunner(None, args.backend, rank, world)
-    other = GroupRunner(cmp_group, args.compare, rank, world) if cmp_group is not None else None
+    device = None
+    if args.device == "cuda":
+        # Ranks share the visible GPUs round-robin (all on cuda:0 on a one-GPU machine).
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    primary = GroupRunner(None, args.backend, rank, world, device=device)
+    other = GroupRunner(cmp_group, args.compare, rank, world, device=device) if cmp_group is not None else None
 
     cases, seen = [], set()
     for s in sweep_sizes(args.minbytes, args.maxbytes, args.stepfactor):
@@ -707,7 +723,7 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
         "collective": coll, "backend": args.backend, "compression": args.compression, "compare": args.compare,
         "nranks": world, "dtype": dtype_name, "op": redop, "root": root, "iters": args.iters,
         "warmup": args.warmup, "check": bool(args.check), "transport": os.environ.get("PYCOMM_TRANSPORT"),
-        "hosts": args.hosts, "link": args.link if args.hosts else None,
+        "hosts": args.hosts, "link": args.link if args.hosts else None, "device": args.device,
         "latency": args.latency if args.hosts else None,
         "torch": torch.__version__, "python": platform.python_version(), "machine": _machine(),
         "hostname": socket.gethostname(),
@@ -725,6 +741,8 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
               f"warmup iters: {args.warmup} iters: {args.iters} validation: {int(bool(args.check))}", file=out)
         print(f"# {meta['machine']}, torch {meta['torch']}, {meta['date']}"
               + (f", transport {meta['transport']}" if meta["transport"] else "")
+              + (f", buffers on {primary.device} ({torch.cuda.get_device_name(primary.device)})"
+                 if primary.device is not None else "")
               + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}", file=out)
         if args.hosts:
             nm = meta.get("netem", {})
@@ -743,7 +761,8 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
     rows = []
     for case in cases:
         if comp is not None:
-            oop = time_compressed(comp, None, case, args.iters, args.warmup, bool(args.check), side, rank, world)
+            oop = time_compressed(comp, None, case, args.iters, args.warmup, bool(args.check), side, rank, world,
+                                  device=primary.device)
             ip = None
         else:
             oop = time_mode(primary, case, False, args.iters, args.warmup, bool(args.check), side)
@@ -983,6 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=sorted(COMPRESSORS), default=None,
                    help="compressed all_reduce through pycomm.compression")
     p.add_argument("--transport", choices=("shm", "tcp"), default=None, help="sets PYCOMM_TRANSPORT")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the buffers live (cuda: rank i on GPU i %% device count; timed until the "
+                        "result is on the device)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     p.add_argument("--thp", type=int, choices=(0, 1), default=1,
                    help="launched ranks set THP_MEM_ALLOC_ENABLE (huge pages for large tensors; both backends)")
@@ -1018,6 +1040,11 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ap.error("--compression supports -o avg (default for compression) or sum")
     if args.ranks is not None and args.ranks < 1:
         ap.error("--ranks must be >= 1")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is visible on this machine")
     if args.hosts is not None and args.hosts < 1:
         ap.error("--hosts must be >= 1")
 
