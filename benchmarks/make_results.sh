@@ -24,12 +24,13 @@ run() {  # run NAME CMD...
 
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
-for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step; do
+for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step; do
   want "${ALL[@]}" || continue
   case $name in
     collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
+    reduce_tcp_4) run $name "$PY" -m pycomm.bench reduce --ranks 4 --transport tcp -b 8 -e 64M -f 8 -n 10 -w 3 --compare gloo --no-progress ;;
     compression_kernels) run $name "$PY" benchmarks/bench_compression_kernels.py ;;
     compressed_1gbit)
       for c in none fp16 onebit topk qsgd powersgd; do

@@ -60,11 +60,11 @@ __all__ = [
     "COMPRESSORS",
 ]
 
-COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all")
 _COLL_ALIASES = {c.replace("_", ""): c for c in COLLECTIVES}
 _COLL_ALIASES.update({c + "_perf": c for c in COLLECTIVES})
 _COLL_ALIASES.update({"alltoall": "all_to_all", "alltoall_perf": "all_to_all"})
-REDUCING = ("all_reduce", "reduce_scatter")
+REDUCING = ("all_reduce", "reduce_scatter", "reduce")
 
 #: nccl-tests dtype names -> torch dtype attribute names.
 DTYPES = {
@@ -115,7 +115,7 @@ def bus_factor(collective: str, nranks: int) -> float:
         return 2.0 * (n - 1) / n
     if collective in ("reduce_scatter", "all_gather", "all_to_all"):
         return (n - 1) / n
-    if collective == "broadcast":
+    if collective in ("broadcast", "reduce"):
         return 1.0
     raise ValueError(f"unknown collective {collective!r}")
 
@@ -250,8 +250,9 @@ def reference(collective: str, op: str, dtype_name: str, rank: int, nranks: int,
             out[pos:pos + take] = rank_values(j, nranks, rank * count + k, take, dtype_name, op)
             pos += take
         return out
-    # Reductions: all_reduce over [start, ...), reduce_scatter over this rank's block.
-    base = start if collective == "all_reduce" else rank * count + start
+    # Reductions: all_reduce and reduce (root) over [start, ...), reduce_scatter over this
+    # rank's block.
+    base = rank * count + start if collective == "reduce_scatter" else start
     acc = rank_values(0, nranks, base, length, dtype_name, op)
     for j in range(1, nranks):
         v = rank_values(j, nranks, base, length, dtype_name, op)
@@ -279,8 +280,13 @@ def _tolerance(dtype_name: str, op: str, collective: str, nranks: int) -> float:
 
 def count_wrong(out, collective: str, op: str, dtype_name: str, rank: int, nranks: int, count: int,
                 root: int = 0) -> int:
-    """Number of elements of `out` (this rank's result) that differ from the reference."""
+    """Number of elements of `out` (this rank's result) that differ from the reference.
+    reduce: only the root's result is checked (as nccl-tests; a backend may use the other
+    ranks' buffers as scratch)."""
     import torch
+
+    if collective == "reduce" and rank != root:
+        return 0
 
     flat = out.reshape(-1)
     tol = _tolerance(dtype_name, op, collective, nranks)
@@ -331,7 +337,9 @@ class GroupRunner:
     avg_emulated: Dict[str, bool] = field(default_factory=dict)
     device: Any = None  #: torch.device of the buffers (None: CPU)
 
-    def _reduce(self, call: Callable[[Any], None], out, op: str, dtype_name: str) -> None:
+    def _reduce(self, call: Callable[[Any], None], out, op: str, dtype_name: str, root_only: bool = True) -> None:
+        """Runs `call(op)`; for AVG on a backend without it: SUM, then divide (on the ranks
+        holding the result: `root_only` False for reduce's non-roots)."""
         import torch
 
         if op != "avg":
@@ -346,6 +354,8 @@ class GroupRunner:
                 # any data moves, so all ranks switch to the emulation together.
                 self.avg_emulated[dtype_name] = True
         call(_torch_op("sum"))
+        if not root_only:
+            return
         if _is_int(dtype_name):
             out.copy_(torch.div(out, self.nranks, rounding_mode="trunc"))
         else:
@@ -395,6 +405,22 @@ class GroupRunner:
 
             def fn():
                 dist.broadcast(out, src=root, group=g)
+
+        elif coll == "reduce":
+            inp = torch.empty(c, dtype=dt, device=self.device)
+            out = inp if inplace else torch.empty(c, dtype=dt, device=self.device)
+            root = dist.get_global_rank(g, case.root) if g is not None else case.root
+
+            def run(o):
+                dist.reduce(out, dst=root, op=o, group=g)
+
+            if inplace:
+                def fn():
+                    self._reduce(run, out, op, case.dtype_name, root_only=r == case.root)
+            else:
+                def fn():  # torch's reduce is in-place: out-of-place = copy + reduce
+                    out.copy_(inp)
+                    self._reduce(run, out, op, case.dtype_name, root_only=r == case.root)
 
         elif coll == "all_to_all":
             if inplace:
@@ -700,8 +726,8 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
     elem = torch.empty((), dtype=getattr(torch, DTYPES[dtype_name])).element_size()
     coll = args.collective
     redop = args.op if coll in REDUCING else "none"
-    root = args.root if coll == "broadcast" else -1
-    if coll == "broadcast" and not 0 <= args.root < world:
+    root = args.root if coll in ("broadcast", "reduce") else -1
+    if coll in ("broadcast", "reduce") and not 0 <= args.root < world:
         raise SystemExit(f"pycomm-bench: -r {args.root} out of range for {world} ranks")
     device = None
     if args.device == "cuda":
@@ -991,7 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--op", type=str.lower, choices=OPS, default="sum", help="reduction op")
     g.add_argument("-d", "--datatype", dest="dtype", type=_dtype, default="float",
                    help="float double half bfloat16 int32 int64 int8 uint8")
-    g.add_argument("-r", "--root", type=int, default=0, help="broadcast root")
+    g.add_argument("-r", "--root", type=int, default=0, help="broadcast / reduce root")
     p = ap.add_argument_group("pycomm")
     p.add_argument("--backend", default="pycomm", choices=("pycomm", "gloo"), help="backend measured")
     p.add_argument("--ranks", type=int, default=None,

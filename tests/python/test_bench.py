@@ -76,6 +76,7 @@ def test_busbw_factors():
         assert bench.bus_factor(c, 4) == pytest.approx(0.75)
         assert bench.bus_factor(c, 8) == pytest.approx(0.875)
     assert bench.bus_factor("broadcast", 8) == 1.0
+    assert bench.bus_factor("reduce", 8) == 1.0
     assert bench.bus_factor("all_reduce", 1) == 0.0
 
 
@@ -116,13 +117,17 @@ def test_reference_matches_simulation(coll, op):
     n, count = 3, 7
     dn = "float"
     total = count * n if coll in ("reduce_scatter", "all_gather", "all_to_all") else count
-    inp_len = count if coll in ("all_reduce", "broadcast", "all_gather") else total
+    inp_len = count if coll in ("all_reduce", "reduce", "broadcast", "all_gather") else total
     inputs = [bench.rank_values(r, n, 0, inp_len, dn, op) for r in range(n)]
     stack = torch.stack(inputs)
     red = {"sum": stack.sum(0), "avg": stack.sum(0) / n, "prod": stack.prod(0),
            "min": stack.min(0).values, "max": stack.max(0).values}[op]
     for r in range(n):
         if coll == "all_reduce":
+            want = red
+        elif coll == "reduce":
+            if r != 1:
+                continue  # only the root's result is defined (and checked)
             want = red
         elif coll == "reduce_scatter":
             want = red[r * count:(r + 1) * count]
