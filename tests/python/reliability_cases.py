@@ -235,13 +235,23 @@ def skip_collective(rank: int, ws: int, coll: str, sub_timeout: Optional[float])
     return {"elapsed": time.monotonic() - start, "msg": None}
 
 
-def kill_mid_allreduce(rank: int, ws: int, victim: int, nbytes: int, stamp_path: str) -> dict:
-    """Every rank loops large all_reduces; `victim` SIGKILLs itself in the middle of one."""
+def kill_mid_allreduce(rank: int, ws: int, victim: int, nbytes: int, stamp_path: str,
+                       compression: Optional[str] = None) -> dict:
+    """Every rank loops large all_reduces (compressed ones through pycomm.compression when
+    `compression` names a compressor class); `victim` SIGKILLs itself in the middle of one."""
     import torch
     import torch.distributed as dist
 
     t = torch.ones(nbytes // 4)
     dist.all_reduce(t)  # everyone is in
+    step = dist.all_reduce
+    if compression is not None:
+        import pycomm.compression as C
+
+        comp = getattr(C, compression)()
+
+        def step(x):  # noqa: F811 - the compressed variant of the loop body
+            comp.all_reduce(x, key="t")
     if rank == victim:
         def die():
             time.sleep(0.3)
@@ -255,7 +265,7 @@ def kill_mid_allreduce(rank: int, ws: int, victim: int, nbytes: int, stamp_path:
     end = time.monotonic() + 120
     try:
         while time.monotonic() < end:
-            dist.all_reduce(t)
+            step(t)
             iters += 1
     except RuntimeError as e:
         failed_at = time.time()

@@ -72,11 +72,11 @@ def test_new_group_timeout_is_honoured(transport):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("victim", [0, 1])
-def test_sigkill_mid_allreduce_fails_survivors_fast(transport, victim):
+def test_sigkill_mid_allreduce_fails_survivors_fast(transport, victim, compression=None):
     nbytes = 64 << 20
     with tempfile.TemporaryDirectory() as d:
         stamp = os.path.join(d, "killed_at")
-        results = rc.launch(3, rc.kill_mid_allreduce, victim, nbytes, stamp, env=_env(transport),
+        results = rc.launch(3, rc.kill_mid_allreduce, victim, nbytes, stamp, compression, env=_env(transport),
                             pg_timeout=60, timeout=100)
         killed_at = float(open(stamp).read())
     v = results[victim]
@@ -92,6 +92,13 @@ def test_sigkill_mid_allreduce_fails_survivors_fast(transport, victim):
         assert "rank" in p["msg"], p
     # Nothing of the job is left in /dev/shm once the survivors are gone.
     assert rc.job_segments([r["pid"] for r in results]) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigkill_mid_compressed_allreduce_fails_survivors_fast(transport):
+    # The pipelined compressed all-reduce runs on three threads per rank (codec, send,
+    # receive): a dead peer must still fail every survivor fast, with no thread left hanging.
+    test_sigkill_mid_allreduce_fails_survivors_fast(transport, 1, compression="OneBit")
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
