@@ -303,7 +303,14 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& codecThread, 
   };
 
   std::shared_ptr<Completion> codecDone = codecThread.push(codecLoop);
-  std::shared_ptr<Completion> recvDone = recvThread.push(recvLoop);
+  std::shared_ptr<Completion> recvDone;
+  try {
+    recvDone = recvThread.push(recvLoop);
+  } catch (...) {
+    prog.stop();  // the codec task references this frame: let it end before unwinding
+    codecDone->waitFor(-1);
+    throw;
+  }
 
   // This thread sends: the exchange of piece t, then the gather of piece t-1.
   std::exception_ptr mine;
