@@ -430,6 +430,12 @@ void dequantizeBlock(const uint8_t* q, size_t count, float scale, int bits, floa
     }
   } else {
     size_t j = 0;
+#if defined(PYCOMM_X86)
+    if (useAvx2()) {
+      detail::qsgd4DequantizeAvx2(q, count, step, out, kAccumulate);
+      j = count / 32 * 32;
+    }
+#endif
     for (; j + 2 <= count; j += 2) {
       const uint32_t b = q[j / 2];
       const float v0 = (float)qsgdLowLevel(b) * step;
@@ -752,8 +758,21 @@ void topkDecompress(const int32_t* in, int numPayloads, size_t k, size_t n, int 
     }
   }
   if (divisor > 1) {
+    // Only entries some payload touched can be non-zero (0 / div is +0, what the fill
+    // wrote): divide each of them once instead of sweeping all n.
     const float div = (float)divisor;
-    for (size_t i = 0; i < n; ++i) out[i] /= div;
+    std::vector<uint64_t> done((n + 63) / 64, 0);
+    for (int r = 0; r < numPayloads; ++r) {
+      const int32_t* idx = in + (size_t)r * 2 * k + k;
+      for (size_t j = 0; j < k; ++j) {
+        const size_t i = (size_t)idx[j];
+        const uint64_t bit = uint64_t{1} << (i % 64);
+        if (!(done[i / 64] & bit)) {
+          done[i / 64] |= bit;
+          out[i] /= div;
+        }
+      }
+    }
   }
 }
 

@@ -16,6 +16,10 @@ namespace detail {
 /// [scale][sign bits]. The caller handles the last partial group.
 void oneBitServerAccumulateAvx2(const uint8_t* const* in, int numPayloads, size_t valid, float div, float* r,
                                 float* lanes);
+
+/// QSGD 4-bit decode of the first count rounded down to 32 elements of a block's levels
+/// `q` (low nibble = even element): out[j] = level_j * step, or out[j] += that.
+void qsgd4DequantizeAvx2(const uint8_t* q, size_t count, float step, float* out, bool accumulate);
 #endif
 
 }  // namespace detail

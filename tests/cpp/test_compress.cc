@@ -447,6 +447,12 @@ TEST(CompressSimd, Avx2MatchesScalarBitwise) {
           std::vector<uint8_t> sq(qsgdPayloadBytes(chunk, bits));
           qsgdServerReduce(q.data(), 2, chunk, count, 2, ef ? r.data() : nullptr, bits, 19u, sq.data(), 5u);
           o.bytes.insert(o.bytes.end(), sq.begin(), sq.end());
+          // Decode (plain and accumulating): the 4-bit path has its own AVX2 loop.
+          std::vector<float> dq(chunk * 2, 0.5f);
+          qsgdDecompress(q.data(), 2, chunk, n, bits, dq.data(), false);
+          qsgdDecompress(q.data(), 2, chunk, n, bits, dq.data(), true);
+          const auto* db = reinterpret_cast<const uint8_t*>(dq.data());
+          o.bytes.insert(o.bytes.end(), db, db + dq.size() * sizeof(float));
         }
       }
       o.res = r;

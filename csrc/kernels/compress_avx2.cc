@@ -1,7 +1,5 @@
-// AVX2 version of the OneBit server step's decode-and-sum (the hot loop of the owner's
-// reduce: numPayloads sign words per 32 elements). Bitwise equal to the portable loop in
-// compress.cc: the same additions in the same order (payloads in rank order into a zero
-// accumulator, then v += acc / div, then |v| into lane j % 16 in index order).
+// Hand-vectorised AVX2 loops of the CPU compression kernels (see compress_avx2.h); each
+// is bitwise equal to the portable loop in compress.cc it replaces.
 #include "kernels/compress_avx2.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -64,6 +62,36 @@ __attribute__((target("avx2"))) void oneBitServerAccumulateAvx2(const uint8_t* c
   }
   _mm256_storeu_ps(lanes, lanesLo);
   _mm256_storeu_ps(lanes + 8, lanesHi);
+}
+
+template <bool kAccumulate>
+__attribute__((target("avx2"))) void qsgd4DequantizeT(const uint8_t* q, size_t count, float step, float* out) {
+  // Nibble -> two's-complement level through a 16-entry table (0..7, then -8..-1).
+  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m256 s = _mm256_set1_ps(step);
+  const size_t full = count / 32 * 32;
+  for (size_t j = 0; j < full; j += 32) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j / 2));
+    const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, low4));                     // even elements
+    const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), low4));  // odd elements
+    const __m128i e0 = _mm_unpacklo_epi8(lo, hi);  // elements j .. j+15
+    const __m128i e1 = _mm_unpackhi_epi8(lo, hi);  // elements j+16 .. j+31
+    const __m128i parts[4] = {e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)};
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[k])), s);
+      float* o = out + j + 8 * k;
+      _mm256_storeu_ps(o, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(o), v) : v);
+    }
+  }
+}
+
+void qsgd4DequantizeAvx2(const uint8_t* q, size_t count, float step, float* out, bool accumulate) {
+  if (accumulate) {
+    qsgd4DequantizeT<true>(q, count, step, out);
+  } else {
+    qsgd4DequantizeT<false>(q, count, step, out);
+  }
 }
 
 }  // namespace detail
