@@ -791,6 +791,9 @@ class PycommBackend : public c10d::Backend {
     // thread is idle: no hand-off to the worker and back for small, latency-bound calls.
     auto c = group_->submitCollective(!asyncOp,
         [fn = std::move(fn), desc, copyBack = std::move(copyBack), staged](Collectives& cs, const Deadline& dl) {
+          // Staging copies are data movement, not differentiable ops (a caller may pass
+          // a tensor that requires grad, e.g. a parameter to broadcast).
+          at::NoGradGuard noGrad;
 #if defined(PYCOMM_WITH_CUDA)
           // Device copies made inside fn (outputs written from host results) go on the
           // comm stream too, and are complete before the Work is.

@@ -193,3 +193,21 @@ def test_ranks_on_separate_emulated_hosts_use_tcp(tmp_path):
         o = o.decode() if isinstance(o, bytes) else (o or "")
         e = e.decode() if isinstance(e, bytes) else (e or "")
         assert rc == 0 and f"HOST_OK {r}" in o, f"rank {r}: rc={rc}\n{o[-2000:]}\n{e[-3000:]}"
+
+
+def _grad_leaf_body(rank, world_size):
+    import torch
+    import torch.distributed as dist
+
+    p = torch.nn.Parameter(torch.full((6, 4), float(rank + 1)))
+    dist.all_reduce(p.t())  # a non-contiguous view of a leaf that requires grad: staged, written back
+    w = dist.all_reduce(p, async_op=True)  # contiguous, in place
+    w.wait()
+    return p.detach().tolist(), p.requires_grad, p.grad_fn is None
+
+
+def test_collectives_on_parameters_that_require_grad():
+    res = run_ranks(3, _grad_leaf_body)
+    for values, requires_grad, leaf in res:
+        assert requires_grad and leaf
+        assert values == [[18.0] * 4] * 6  # (1+2+3) summed twice over 3 ranks
