@@ -112,6 +112,23 @@ def topk_decompress_torch(vals, idx, n, w):
     return out.div_(w)
 
 
+def topk_cases(x, res, res_t, out, w):
+    """TopK(1 %) benchmark calls on x's device: fused and torch-op compress and decompress
+    (of w identical payloads), after one warm-up compress that fills the payloads."""
+    numel = x.numel()
+    k = max(1, numel // 100)
+    res.zero_()
+    res_t.zero_()
+    gathered = torch.cat([_C.topk_compress(x, res, k)] * w)
+    vals_t, idx_t = topk_compress_torch(x, res_t, k)
+    return {
+        "compress": lambda: _C.topk_compress(x, res, k),
+        "compress_torch": lambda: topk_compress_torch(x, res_t, k),
+        "decompress": lambda: _C.topk_decompress(gathered, w, k, out, w),
+        "decompress_torch": lambda: topk_decompress_torch(vals_t, idx_t, numel, w),
+    }
+
+
 def half_compress_torch(x, res):
     v = x + res
     h = v.half()
@@ -152,15 +169,9 @@ def run(numel: int, w: int, repeat: int) -> List[Tuple[str, str, float, float]]:
         add(f"QSGD({bits})", "decompress", lambda: _C.qsgd_decompress(q, w, chunk, bits, out),
             lambda: qsgd_decompress_torch(s_t, q_t, bits))
 
-    k = max(1, numel // 100)
-    res.zero_()
-    res_t.zero_()
-    tp = _C.topk_compress(x, res, k)
-    gathered = torch.cat([tp] * w)
-    vals_t, idx_t = topk_compress_torch(x, res_t, k)
-    add("TopK(0.01)", "compress", lambda: _C.topk_compress(x, res, k), lambda: topk_compress_torch(x, res_t, k))
-    add("TopK(0.01)", "decompress", lambda: _C.topk_decompress(gathered, w, k, out, w),
-        lambda: topk_decompress_torch(vals_t, idx_t, numel, w))
+    tk = topk_cases(x, res, res_t, out, w)
+    add("TopK(0.01)", "compress", tk["compress"], tk["compress_torch"])
+    add("TopK(0.01)", "decompress", tk["decompress"], tk["decompress_torch"])
 
     res.zero_()
     res_t.zero_()

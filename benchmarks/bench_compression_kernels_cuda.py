@@ -31,11 +31,7 @@ import pycomm._C as _C  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The device-agnostic torch-op references are shared with the CPU benchmark.
-from bench_compression_kernels import (  # noqa: E402
-    qsgd_decompress_torch,
-    topk_compress_torch,
-    topk_decompress_torch,
-)
+from bench_compression_kernels import qsgd_decompress_torch, topk_cases  # noqa: E402
 
 BLOCK1 = 2048  # OneBit block
 BLOCKQ = 512  # QSGD block
@@ -170,15 +166,9 @@ def run(numel: int, w: int, repeat: int, cp) -> Tuple[float, List[Row]]:
         add(f"QSGD({bits})", "decompress", 4 + bits / 8, lambda: _C.qsgd_decompress(q, w, chunk, bits, out),
             lambda: qsgd_decompress_torch(s_t, q_t, bits))
 
-    k = max(1, numel // 100)
-    res.zero_()
-    res_t.zero_()
-    tp = _C.topk_compress(x, res, k)
-    gathered = torch.cat([tp] * w)
-    vals_t, idx_t = topk_compress_torch(x, res_t, k)
-    add("TopK(0.01)", "compress", 12, lambda: _C.topk_compress(x, res, k), lambda: topk_compress_torch(x, res_t, k))
-    add("TopK(0.01)", "decompress", 4 + 0.08 * w, lambda: _C.topk_decompress(gathered, w, k, out, w),
-        lambda: topk_decompress_torch(vals_t, idx_t, numel, w))
+    tk = topk_cases(x, res, res_t, out, w)
+    add("TopK(0.01)", "compress", 12, tk["compress"], tk["compress_torch"])
+    add("TopK(0.01)", "decompress", 4 + 0.08 * w, tk["decompress"], tk["decompress_torch"])
 
     for name, bf16, dt in (("FP16", False, torch.float16), ("BF16", True, torch.bfloat16)):
         res.zero_()

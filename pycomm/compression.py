@@ -194,9 +194,7 @@ def _native_backend(group: Optional[dist.ProcessGroup], tensor: torch.Tensor) ->
 
 def _run_native(backend: Any, tensor: torch.Tensor, args: Dict[str, Any], divisor: int,
                 async_op: bool) -> Union[torch.Tensor, torch.futures.Future]:
-    flat = _out_buffer(tensor)
-    if flat.data_ptr() != tensor.data_ptr():
-        flat.copy_(tensor.reshape(-1))
+    flat = _flat_float(tensor)  # the tensor itself when it is contiguous float32
     work = backend.compressed_all_reduce(flat, args["codec"], args["bits"], args["error_feedback"], args["chunk"],
                                          divisor, args["worker"], args["server"], args.get("worker_seed", 0),
                                          args.get("server_seed", 0), async_op)
@@ -490,19 +488,16 @@ class _HalfBase(Compressor):
                     server=self._buffer(state, "server", chunk, tensor) if ef else None)
 
     def _reduce(self, tensor, state, world_size, rank, divisor):
-        n = tensor.numel()
-        chunk = _chunk(n, world_size, _ALIGN)
+        a = self._native(tensor, state, world_size, rank, divisor)  # the same state use as the C++ path
+        n, chunk = tensor.numel(), a["chunk"]
         half = torch.bfloat16 if self._bf16 else torch.float16
         if tensor.dtype == half and not self.error_feedback:
             payload = tensor.new_zeros(world_size * chunk)
             payload[:n].copy_(tensor.reshape(-1))
         else:
-            res = self._buffer(state, "worker", n, tensor) if self.error_feedback else None
-            payload = _C.half_compress(_flat_float(tensor), res, world_size * chunk, self._bf16)
+            payload = _C.half_compress(_flat_float(tensor), a["worker"], world_size * chunk, self._bf16)
         recv = yield ("a2a", payload)
-        count = _owned(n, chunk, rank)
-        server = self._buffer(state, "server", chunk, tensor) if self.error_feedback else None
-        mine = _C.half_server_reduce(recv, world_size, chunk, count, divisor, server)
+        mine = _C.half_server_reduce(recv, world_size, chunk, _owned(n, chunk, rank), divisor, a["server"])
         gathered = yield ("ag", mine)
         if tensor.dtype == half:
             tensor.copy_(gathered[:n].view(tensor.shape))
@@ -554,13 +549,11 @@ class OneBit(Compressor):
                     server=self._buffer(state, "server", chunk, tensor))
 
     def _reduce(self, tensor, state, world_size, rank, divisor):
-        n = tensor.numel()
-        chunk = _chunk(n, world_size, _ALIGN)
-        worker = self._buffer(state, "worker", n, tensor)
-        server = self._buffer(state, "server", chunk, tensor)
-        payload = _C.one_bit_compress(_flat_float(tensor), worker, chunk, world_size)
+        a = self._native(tensor, state, world_size, rank, divisor)  # the same state use as the C++ path
+        n, chunk = tensor.numel(), a["chunk"]
+        payload = _C.one_bit_compress(_flat_float(tensor), a["worker"], chunk, world_size)
         recv = yield ("a2a", payload)
-        mine = _C.one_bit_server_reduce(recv, world_size, chunk, _owned(n, chunk, rank), divisor, server)
+        mine = _C.one_bit_server_reduce(recv, world_size, chunk, _owned(n, chunk, rank), divisor, a["server"])
         gathered = yield ("ag", mine)
         out = _out_buffer(tensor)
         _C.one_bit_decompress(gathered, world_size, chunk, out)
