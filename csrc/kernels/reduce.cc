@@ -38,4 +38,19 @@ void finalizeAvg(void* buf, size_t count, DType dtype, int n) {
   });
 }
 
+void reduceMany(void* dst, const void* const* srcs, int n, size_t count, DType dtype, ReduceOp op) {
+  checkReduceOp(dtype, op);
+  PYCOMM_CHECK_ARG(n >= 1, "reduceMany needs at least one source, got ", n);
+  const int divisor = op == ReduceOp::kAvg ? n : 1;
+  dispatchDType(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatchOp<T>(op, [&](auto opTag) {
+      constexpr ReduceOp kOp = decltype(opTag)::value;
+      const T* const* s = reinterpret_cast<const T* const*>(srcs);
+      T* d = static_cast<T*>(dst);
+      for (size_t i = 0; i < count; ++i) d[i] = reduceManyElem<kOp, T>(s, n, i, divisor);
+    });
+  });
+}
+
 }  // namespace pycomm

@@ -18,4 +18,9 @@ void reduce3(void* dst, const void* a, const void* b, size_t count, DType dtype,
 /// buf[i] = buf[i] / n (AVG finalisation; integers truncate toward zero).
 void finalizeAvg(void* buf, size_t count, DType dtype, int n);
 
+/// dst[i] = srcs[0][i] (op) srcs[1][i] (op) ... (op) srcs[n-1][i], combined in source
+/// order in the accumulation type and rounded once; AVG divides by n before rounding.
+/// dst may alias one of the sources (element i is read before it is written).
+void reduceMany(void* dst, const void* const* srcs, int n, size_t count, DType dtype, ReduceOp op);
+
 }  // namespace pycomm

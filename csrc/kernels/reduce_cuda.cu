@@ -81,7 +81,80 @@ void launchReduce(T* dst, const T* a, const T* b, size_t count, cudaStream_t str
   }
 }
 
+/// Source pointers of a many-input reduction, passed to the kernel by value.
+struct SourcePtrs {
+  const void* p[kMaxReduceSources];
+};
+
+// Vector path of reduceMany: pack i of every source, accumulated per lane in the
+// accumulation type (reduceManyElem's math, lane by lane), rounded once.
+template <ReduceOp Op, typename T>
+__global__ void reduceManyPackedKernel(Pack<T>* dst, SourcePtrs srcs, int n, size_t packs, int divisor) {
+  using A = typename AccType<T>::type;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < packs; i += (size_t)gridDim.x * blockDim.x) {
+    A acc[Pack<T>::kN];
+    const Pack<T> x = static_cast<const Pack<T>*>(srcs.p[0])[i];
+#pragma unroll
+    for (int j = 0; j < Pack<T>::kN; ++j) acc[j] = loadAcc<T>(x.v[j]);
+    for (int s = 1; s < n; ++s) {
+      const Pack<T> y = static_cast<const Pack<T>*>(srcs.p[s])[i];
+#pragma unroll
+      for (int j = 0; j < Pack<T>::kN; ++j) acc[j] = Combine<Op, A>::apply(acc[j], loadAcc<T>(y.v[j]));
+    }
+    Pack<T> out;
+#pragma unroll
+    for (int j = 0; j < Pack<T>::kN; ++j) out.v[j] = finishAcc<T>(acc[j], divisor);
+    dst[i] = out;
+  }
+}
+
+// Element path of reduceMany (tails, unaligned pointers); `offset` elements skipped.
+template <ReduceOp Op, typename T>
+__global__ void reduceManyElemKernel(T* dst, SourcePtrs srcs, int n, size_t offset, size_t count, int divisor) {
+  const T* s[kMaxReduceSources];
+  for (int j = 0; j < n; ++j) s[j] = static_cast<const T*>(srcs.p[j]) + offset;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+    dst[offset + i] = reduceManyElem<Op, T>(s, n, i, divisor);
+  }
+}
+
 }  // namespace
+
+void reduceManyCuda(void* dst, const void* const* srcs, int n, size_t count, DType dtype, ReduceOp op,
+                    cudaStream_t stream) {
+  checkReduceOp(dtype, op);
+  if (n < 1 || n > kMaxReduceSources) {
+    throw InvalidArgument(strCat("reduceManyCuda takes 1..", kMaxReduceSources, " sources, got ", n));
+  }
+  if (count == 0) return;
+  SourcePtrs ptrs{};
+  bool aligned = aligned16(dst);
+  for (int j = 0; j < n; ++j) {
+    ptrs.p[j] = srcs[j];
+    aligned = aligned && aligned16(srcs[j]);
+  }
+  const int divisor = op == ReduceOp::kAvg ? n : 1;
+  dispatchDType(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatchOp<T>(op, [&](auto opTag) {
+      constexpr ReduceOp kOp = decltype(opTag)::value;
+      size_t done = 0;
+      if (aligned) {
+        const size_t packs = count / Pack<T>::kN;
+        if (packs > 0) {
+          reduceManyPackedKernel<kOp, T><<<blocksFor(packs), kThreads, 0, stream>>>(static_cast<Pack<T>*>(dst),
+                                                                                   ptrs, n, packs, divisor);
+          done = packs * Pack<T>::kN;
+        }
+      }
+      if (done < count) {
+        reduceManyElemKernel<kOp, T><<<blocksFor(count - done), kThreads, 0, stream>>>(static_cast<T*>(dst), ptrs,
+                                                                                      n, done, count - done, divisor);
+      }
+    });
+  });
+  check(cudaGetLastError(), "reduceMany");
+}
 
 void reduce3Cuda(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op,
                  cudaStream_t stream) {

@@ -25,4 +25,13 @@ void reduce3Cuda(void* dst, const void* a, const void* b, size_t count, DType dt
 /// buf[i] = buf[i] / n on the device (AVG finalisation; integers truncate toward zero).
 void finalizeAvgCuda(void* buf, size_t count, DType dtype, int n, cudaStream_t stream);
 
+/// Most sources reduceManyCuda takes (one per rank of an IPC all-reduce).
+constexpr int kMaxReduceSources = 16;
+
+/// reduceMany (kernels/reduce.h) on the device, on `stream`: n <= kMaxReduceSources
+/// device pointers (local or IPC-mapped peer memory), one fused pass, 16-byte vector
+/// loads when every pointer is 16-byte aligned. Same element math as the CPU version.
+void reduceManyCuda(void* dst, const void* const* srcs, int n, size_t count, DType dtype, ReduceOp op,
+                    cudaStream_t stream);
+
 }  // namespace pycomm

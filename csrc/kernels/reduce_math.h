@@ -79,4 +79,24 @@ PYCOMM_HD T avgElem(T v, int n) {
   return storeAcc<T>(static_cast<A>(loadAcc<T>(v) / static_cast<A>(n)));
 }
 
+/// Rounds an accumulated value back to storage once; a divisor > 1 (AVG, combined as
+/// SUM) divides first, in the accumulation type (integers truncate toward zero).
+template <typename T>
+PYCOMM_HD T finishAcc(typename AccType<T>::type acc, int avgDivisor) {
+  using A = typename AccType<T>::type;
+  if (avgDivisor > 1) acc = static_cast<A>(acc / static_cast<A>(avgDivisor));
+  return storeAcc<T>(acc);
+}
+
+/// Element i of the reduction of n sources, combined in source order in the
+/// accumulation type and rounded once (the many-input kernels of the IPC all-reduce,
+/// CPU and CUDA alike). Op is never kAvg here: AVG passes kSum and its divisor.
+template <ReduceOp Op, typename T>
+PYCOMM_HD T reduceManyElem(const T* const* srcs, int n, size_t i, int avgDivisor) {
+  using A = typename AccType<T>::type;
+  A acc = loadAcc<T>(srcs[0][i]);
+  for (int j = 1; j < n; ++j) acc = Combine<Op, A>::apply(acc, loadAcc<T>(srcs[j][i]));
+  return finishAcc<T>(acc, avgDivisor);
+}
+
 }  // namespace pycomm

@@ -1,0 +1,159 @@
+#include "algorithms/ipc_allreduce.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace pycomm {
+
+namespace {
+
+// Handles travel through the store as length-prefixed strings.
+std::vector<uint8_t> packHandles(const std::vector<std::string>& hs) {
+  std::vector<uint8_t> out;
+  for (const auto& h : hs) {
+    const uint32_t n = static_cast<uint32_t>(h.size());
+    const auto* p = reinterpret_cast<const uint8_t*>(&n);
+    out.insert(out.end(), p, p + sizeof(n));
+    out.insert(out.end(), h.begin(), h.end());
+  }
+  return out;
+}
+
+std::vector<std::string> unpackHandles(const std::vector<uint8_t>& blob, size_t want, int peer) {
+  std::vector<std::string> hs;
+  size_t at = 0;
+  while (hs.size() < want) {
+    uint32_t n = 0;
+    if (blob.size() - at < sizeof(n)) break;
+    std::memcpy(&n, blob.data() + at, sizeof(n));
+    at += sizeof(n);
+    if (blob.size() - at < n) break;
+    hs.emplace_back(reinterpret_cast<const char*>(blob.data() + at), n);
+    at += n;
+  }
+  if (hs.size() != want || at != blob.size()) {
+    throw Error(strCat("rank ", peer, " published malformed IPC handles (", blob.size(), " bytes)"));
+  }
+  return hs;
+}
+
+std::chrono::milliseconds left(const Deadline& d) {
+  return std::max(std::chrono::milliseconds(1),
+                  std::chrono::duration_cast<std::chrono::milliseconds>(d.remaining()));
+}
+
+}  // namespace
+
+std::unique_ptr<IpcAllReduce> IpcAllReduce::create(std::unique_ptr<IpcDevice> device, Store& store,
+                                                   const std::string& keyPrefix, Collectives& coll,
+                                                   size_t bufferBytes, const OpDesc& desc,
+                                                   const Deadline& deadline, std::string* whyNot) {
+  const int rank = coll.transport().rank();
+  const int size = coll.transport().size();
+  bufferBytes = std::max<size_t>(64, bufferBytes & ~static_cast<size_t>(15));
+  std::unique_ptr<IpcAllReduce> ar(new IpcAllReduce(std::move(device), rank, size, bufferBytes));
+  IpcDevice& dev = *ar->device_;
+  int32_t ok = 1;
+  std::string why;
+  std::vector<uint8_t> mineBlob;
+  try {
+    PYCOMM_CHECK_ARG(size <= dev.maxSources(), "the IPC all-reduce takes at most ", dev.maxSources(),
+                     " ranks, the group has ", size);
+    std::string h0, h1;
+    ar->mine_[0] = static_cast<char*>(dev.allocate(bufferBytes, &h0));
+    ar->mine_[1] = static_cast<char*>(dev.allocate(bufferBytes, &h1));
+    mineBlob = packHandles({h0, h1, dev.eventHandle()});
+  } catch (const std::exception& e) {
+    ok = 0;
+    why = strCat("rank ", rank, " on ", dev.name(), ": ", e.what());
+    mineBlob.clear();  // an empty entry tells the peers this rank is out
+  }
+  // Every rank publishes something, so nobody waits for a rank that failed.
+  store.set(strCat(keyPrefix, rank), mineBlob);
+  for (int b = 0; b < 2; ++b) ar->peers_[b].assign(size, nullptr);
+  ar->peers_[0][rank] = ar->mine_[0];
+  ar->peers_[1][rank] = ar->mine_[1];
+  for (int p = 0; p < size; ++p) {
+    if (p == rank) continue;
+    const std::vector<uint8_t> blob = store.get(strCat(keyPrefix, p), left(deadline));
+    if (!ok) continue;
+    if (blob.empty()) {
+      ok = 0;
+      why = strCat("rank ", p, " could not set up its IPC buffers");
+      continue;
+    }
+    try {
+      const auto hs = unpackHandles(blob, 3, p);
+      ar->peers_[0][p] = static_cast<const char*>(dev.openPeer(hs[0]));
+      ar->peers_[1][p] = static_cast<const char*>(dev.openPeer(hs[1]));
+      dev.openPeerEvent(p, hs[2]);
+    } catch (const std::exception& e) {
+      ok = 0;
+      why = strCat("rank ", rank, " on ", dev.name(), " cannot map rank ", p, "'s memory: ", e.what());
+    }
+  }
+  // All ranks take the IPC path or none does.
+  OpDesc agree = desc;
+  agree.count = 1;
+  agree.dtype = DType::kInt32;
+  agree.op = ReduceOp::kMin;
+  coll.allReduce(&ok, 1, DType::kInt32, ReduceOp::kMin, agree, deadline);
+  if (!ok) {
+    if (whyNot) *whyNot = why.empty() ? std::string("another rank could not set up CUDA IPC") : why;
+    return nullptr;
+  }
+  return ar;
+}
+
+void IpcAllReduce::run(void* data, size_t count, DType dtype, ReduceOp op, Collectives& coll,
+                       const OpDesc& desc, const Deadline& deadline) {
+  checkReduceOp(dtype, op);
+  if (count == 0 || size_ == 1) return;  // one rank: the input is the result (AVG over 1)
+  const size_t esz = dtypeSize(dtype);
+  const size_t cap = std::max<size_t>(1, bufferBytes_ / esz);
+  const size_t align = std::max<size_t>(1, 16 / esz);  // slices start on 16-byte boundaries
+  char* base = static_cast<char*>(data);
+  std::vector<const void*> srcs(size_);
+  for (size_t off = 0; off < count; off += cap) {
+    const size_t c = std::min(cap, count - off);
+    const int b = static_cast<int>(chunks_++ & 1);
+    const size_t slice = (c + size_ - 1) / size_ + align - 1;
+    const size_t s = slice - slice % align;
+    auto lo = [&](int p) { return std::min(c, static_cast<size_t>(p) * s); };
+    auto hi = [&](int p) { return std::min(c, lo(p) + s); };
+    char* chunk = base + off * esz;
+
+    // Buffer b was last read by the peers two chunks ago (or in an earlier call, which
+    // ended with a barrier after every rank's device work): their records from before
+    // this chunk's first barrier cover those reads.
+    device_->waitPeers();
+    device_->copy(mine_[b], chunk, c * esz);
+    device_->record();
+    coll.barrier(desc, deadline);  // every rank's chunk is queued into its buffer, recorded
+
+    // Reduce-scatter: slice `rank_` of every rank's buffer, in rank order, into ours.
+    device_->waitPeers();
+    if (hi(rank_) > lo(rank_)) {
+      for (int p = 0; p < size_; ++p) srcs[p] = peers_[b][p] + lo(rank_) * esz;
+      device_->reduceMany(mine_[b] + lo(rank_) * esz, srcs.data(), size_, hi(rank_) - lo(rank_), dtype, op);
+    }
+    device_->record();
+    coll.barrier(desc, deadline);  // every slice is reduced by its owner, recorded
+
+    // All-gather: every slice from its owner's buffer.
+    device_->waitPeers();
+    for (int p = 0; p < size_; ++p) {
+      if (hi(p) > lo(p)) device_->copy(chunk + lo(p) * esz, peers_[b][p] + lo(p) * esz, (hi(p) - lo(p)) * esz);
+    }
+    device_->record();
+  }
+  device_->synchronize(deadline);
+  // Peers may still be reading our buffers; after this nobody is, so the next call (or
+  // the group's destruction) may overwrite or free them.
+  coll.barrier(desc, deadline);
+}
+
+}  // namespace pycomm
