@@ -9,7 +9,8 @@
 #   PY=/path/to/python bash benchmarks/gpu_check.sh   # use that interpreter
 #   STEPS="tests memcheck" bash benchmarks/gpu_check.sh   # a subset (no build: uses the
 #                                                     # pycomm._C already built in place)
-# Environment: PY, STEPS (build tests memcheck racecheck bench_kernels bench_allreduce),
+# Environment: PY, STEPS (build tests memcheck racecheck bench_kernels bench_allreduce
+# bench_allreduce_staged),
 # BUDGET_S (whole-run wall budget, default 570: each step gets at most what is left),
 # CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS,
 # OUT (if set to a directory, every result file is also copied there after each step).
@@ -20,7 +21,7 @@ RES="$ROOT/benchmarks/results"
 mkdir -p "$RES"
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
-STEPS=${STEPS:-"build tests memcheck racecheck bench_kernels bench_allreduce"}
+STEPS=${STEPS:-"build tests memcheck racecheck bench_kernels bench_allreduce bench_allreduce_staged"}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0"}
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
@@ -179,6 +180,19 @@ if want bench_allreduce; then
   bw=$(grep -iE 'avg bus bandwidth|busbw' "$f" | tail -1 | sed 's/^ *//' || true)
   if [ "$RC" -eq 0 ]; then record bench_allreduce PASS "${bw:-see file}" "$SECS"
   else record bench_allreduce FAIL "rc=$RC" "$SECS"; fi
+fi
+
+# ---------------------------------------------------------------- 7. the same, staged
+# The ranks above share one host, so their CUDA all_reduce runs over CUDA IPC; this is
+# the path a multi-host group takes (pinned-host staging in overlapped chunks), on the
+# same ranks, for the IPC-vs-staged comparison.
+if want bench_allreduce_staged; then
+  f="$RES/gpu_bench_allreduce_staged.txt"
+  run_step bench_allreduce_staged 120 env PYCOMM_CUDA_IPC=0 "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 4 \
+    --compare gloo --device cuda
+  bw=$(grep -iE 'avg bus bandwidth|busbw' "$f" | tail -1 | sed 's/^ *//' || true)
+  if [ "$RC" -eq 0 ]; then record bench_allreduce_staged PASS "${bw:-see file}" "$SECS"
+  else record bench_allreduce_staged FAIL "rc=$RC" "$SECS"; fi
 fi
 
 # ---------------------------------------------------------------- summary

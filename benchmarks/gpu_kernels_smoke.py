@@ -11,9 +11,10 @@ also compared with the CPU kernel bitwise; a mismatch exits 2. Run with
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 (gpu_check.sh does) so every tensor is its own
 allocation and memcheck sees out-of-bounds accesses that the caching allocator would hide.
 
-Not covered: csrc/kernels/reduce_cuda.cu (reduceIntoCuda / reduce3Cuda / finalizeAvgCuda)
-has no Python binding and no caller yet (the backend stages CUDA tensors through host
-memory), so nothing here can launch it.
+Also reduceManyCuda (the CUDA IPC all-reduce's kernel, through _C.reduce_many) on
+16-byte aligned and shifted buffers. Not covered: reduceIntoCuda / reduce3Cuda /
+finalizeAvgCuda have no caller and no binding; the IPC all-reduce itself needs several
+processes, which this one-process driver does not start.
 """
 from __future__ import annotations
 
@@ -155,6 +156,23 @@ def buckets() -> None:
         print("MISMATCH bucket_flatten/unflatten cuda", flush=True)
 
 
+def reduce_many() -> None:
+    """reduceManyCuda vs the CPU loop: vector path (aligned), element path (shifted by one
+    element), tails, half types, 1 and 5 sources, AVG and MAX."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int32):
+        for k, n, op in ((1, 37, "sum"), (5, 2049, "avg"), (3, 5003, "max")):
+            for shift in (0, 1):
+                srcs = [(rand(n, 900 + r) * 8).to(dtype) for r in range(k)]
+                out = torch.empty_like(srcs[0])
+                _C.reduce_many(out, srcs, op)
+                bufs = [torch.zeros(n + shift, dtype=dtype, device=DEV) for _ in range(k + 1)]
+                for b, c in zip(bufs, srcs):
+                    b[shift:].copy_(c)
+                gout = bufs[k][shift:]
+                _C.reduce_many(gout, [b[shift:] for b in bufs[:k]], op)
+                same(f"reduce_many {dtype} k={k} n={n} {op} shift={shift}", out, gout)
+
+
 def main() -> int:
     if not torch.cuda.is_available() or not getattr(_C, "with_cuda", False):
         print(f"SKIP: cuda available={torch.cuda.is_available()}, pycomm._C.with_cuda={getattr(_C, 'with_cuda', None)}")
@@ -163,9 +181,10 @@ def main() -> int:
     for n, w in ((1, 1), (37, 2), (2049, 3), (5000, 4)):
         run(n, w)
     buckets()
+    reduce_many()
     torch.cuda.synchronize()
     print(f"launched {len(launched)} CUDA kernel checks; {len(failures)} CPU/CUDA mismatches")
-    print("note: reduce_cuda.cu kernels have no Python entry point and were not launched")
+    print("note: reduceIntoCuda/reduce3Cuda/finalizeAvgCuda have no caller and were not launched")
     return 2 if failures else 0
 
 

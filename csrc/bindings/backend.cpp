@@ -9,7 +9,9 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -19,12 +21,18 @@
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "transport/cuda_ipc.h"
 #endif
 
 #include "algorithms/compressed.h"
+#include "algorithms/ipc_collectives.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "engine/group.h"
 #include "kernels/compress_math.h"
+#include "bindings/torch_types.h"
 
 namespace pycomm {
 
@@ -52,23 +60,6 @@ class C10dStore : public Store {
 };
 
 // ---- tensors -> core types -------------------------------------------------------------------
-
-DType toDType(at::ScalarType t, int rank) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kChar: return DType::kInt8;
-    case at::kByte: return DType::kUInt8;
-    case at::kInt: return DType::kInt32;
-    case at::kLong: return DType::kInt64;
-    case at::kBool: return DType::kBool;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "pycomm rank ", rank, ": unsupported dtype ", t,
-                   " (supported: float32, float64, float16, bfloat16, int8, uint8, int32, int64, bool)");
-}
 
 ReduceOp toReduceOp(const c10d::ReduceOp& op, DType dtype, int rank) {
   ReduceOp r;
@@ -172,6 +163,53 @@ class CommStreams {
   std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams_;
 #endif
 };
+
+#if defined(PYCOMM_WITH_CUDA)
+/// Runs `coll` over a contiguous CUDA tensor in chunks staged through one pinned host
+/// buffer, on `stream` (current on the calling thread): the device-to-host copy of chunk
+/// i+1 is queued before `coll` runs on chunk i, and the host-to-device copy of chunk i
+/// right after it, so both copy directions overlap the network work of the neighbouring
+/// chunks; the host waits only for the chunk it is about to send. `copyIn`: the
+/// collective reads the tensor; `copyOut`: it writes it. Complete on return.
+void stagedChunks(const at::Tensor& t, c10::cuda::CUDAStream stream, size_t chunkBytes, bool copyIn, bool copyOut,
+                  const std::function<void(void* host, size_t firstElem, size_t count)>& coll) {
+  const size_t esz = t.element_size();
+  const size_t n = static_cast<size_t>(t.numel());
+  if (n == 0) {
+    coll(nullptr, 0, 0);  // every rank still takes part
+    return;
+  }
+  const size_t per = std::max<size_t>(1, chunkBytes / esz);
+  const size_t chunks = (n + per - 1) / per;
+  at::Tensor pinned = at::empty({static_cast<int64_t>(n * esz)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  char* host = static_cast<char*>(pinned.data_ptr());
+  char* dev = static_cast<char*>(t.data_ptr());
+  std::vector<at::cuda::CUDAEvent> landed(chunks);
+  auto first = [&](size_t i) { return i * per; };
+  auto len = [&](size_t i) { return std::min(per, n - i * per); };
+  auto fetch = [&](size_t i) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(host + first(i) * esz, dev + first(i) * esz, len(i) * esz,
+                                   cudaMemcpyDeviceToHost, stream.stream()));
+    landed[i].record(stream);
+  };
+  try {
+    if (copyIn) fetch(0);
+    for (size_t i = 0; i < chunks; ++i) {
+      if (copyIn && i + 1 < chunks) fetch(i + 1);  // overlaps coll(i)
+      if (copyIn) landed[i].synchronize();
+      coll(host + first(i) * esz, first(i), len(i));
+      if (copyOut) {  // overlaps coll(i + 1)
+        C10_CUDA_CHECK(cudaMemcpyAsync(dev + first(i) * esz, host + first(i) * esz, len(i) * esz,
+                                       cudaMemcpyHostToDevice, stream.stream()));
+      }
+    }
+    stream.synchronize();  // the pinned buffer is released on return
+  } catch (...) {
+    cudaStreamSynchronize(stream.stream());  // copies still queued must not outlive the buffer
+    throw;
+  }
+}
+#endif
 
 /// Stages `t` for a collective. `deferCuda`: copy a CUDA tensor on the communication
 /// thread (prepare/finish) instead of synchronously here.
@@ -290,6 +328,12 @@ class PycommBackend : public c10d::Backend {
     // reasons in it for peers.
     store_ = std::make_unique<C10dStore>(store);
     group_ = std::make_unique<Group>(*store_, rank, size, timeout);
+#if defined(PYCOMM_WITH_CUDA)
+    // CUDA IPC needs every rank on this host, which is when the group runs over shm.
+    ipcWanted_ = size > 1 && group_->transportName() == "shm" && envInt("PYCOMM_CUDA_IPC", 1) != 0;
+    ipcBufferBytes_ = static_cast<size_t>(std::max<int64_t>(4096, envInt("PYCOMM_CUDA_IPC_BUFFER_BYTES", 8 << 20)));
+    stageChunkBytes_ = static_cast<size_t>(std::max<int64_t>(4096, envInt("PYCOMM_CUDA_STAGE_CHUNK_BYTES", 4 << 20)));
+#endif
     auto& t = processTotals();
     std::lock_guard<std::mutex> g(t.mu);
     t.live.push_back(this);
@@ -333,6 +377,8 @@ class PycommBackend : public c10d::Backend {
     auto s = group_->stats();
     s["rank"] = static_cast<uint64_t>(rank_);
     s["world_size"] = static_cast<uint64_t>(size_);
+    s["cuda_ipc_all_reduces"] = cudaIpcCalls_.load();
+    s["cuda_staged_chunks"] = cudaStagedChunks_.load();
     return s;
   }
 
@@ -344,6 +390,12 @@ class PycommBackend : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts) override {
+#if defined(PYCOMM_WITH_CUDA)
+    if (anyCuda(tensors)) {
+      return cudaInPlace(tensors, c10d::OpType::ALLREDUCE, "pycomm:all_reduce", CollType::kAllReduce, opts.reduceOp,
+                         -1, opts.asyncOp);
+    }
+#endif
     std::vector<Staged> st;
     for (auto& t : tensors) st.push_back(stage(t, true, rank_, "all_reduce tensor"));
     auto ops = reduceArgs(st, opts.reduceOp);
@@ -428,6 +480,12 @@ class PycommBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
                                            const c10d::BroadcastOptions& opts) override {
     checkRoot(opts.rootRank, "broadcast");
+#if defined(PYCOMM_WITH_CUDA)
+    if (anyCuda(tensors)) {
+      return cudaInPlace(tensors, c10d::OpType::BROADCAST, "pycomm:broadcast", CollType::kBroadcast, c10d::ReduceOp(),
+                         static_cast<int>(opts.rootRank), opts.asyncOp);
+    }
+#endif
     std::vector<Staged> st;
     for (auto& t : tensors) st.push_back(stage(t, true, rank_, "broadcast tensor"));
     return submit(opts.asyncOp, c10d::OpType::BROADCAST, "pycomm:broadcast", CollType::kBroadcast, tensors, st,
@@ -441,6 +499,12 @@ class PycommBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors,
                                         const c10d::ReduceOptions& opts) override {
     checkRoot(opts.rootRank, "reduce");
+#if defined(PYCOMM_WITH_CUDA)
+    if (anyCuda(tensors)) {
+      return cudaInPlace(tensors, c10d::OpType::REDUCE, "pycomm:reduce", CollType::kReduce, opts.reduceOp,
+                         static_cast<int>(opts.rootRank), opts.asyncOp);
+    }
+#endif
     std::vector<Staged> st;
     for (auto& t : tensors) st.push_back(stage(t, true, rank_, "reduce tensor"));
     auto ops = reduceArgs(st, opts.reduceOp);
@@ -500,6 +564,12 @@ class PycommBackend : public c10d::Backend {
                       ": all_gather_into_tensor output has ", output.numel(), " elements, expected ",
                       input.numel() * size_, " (input ", input.numel(), " x ", size_, " ranks)");
     checkSameDType(output, input, "all_gather_into_tensor");
+#if defined(PYCOMM_WITH_CUDA)
+    if (auto w = cudaIpcFlat(output, input, CollType::kAllGather, c10d::OpType::_ALLGATHER_BASE,
+                             "pycomm:all_gather_into_tensor", c10d::ReduceOp(), opts.asyncOp)) {
+      return w;
+    }
+#endif
     Staged in = stage(input, false, rank_, "all_gather input");
     Staged out = stage(output, true, rank_, "all_gather output");
     std::vector<at::Tensor> outs{output};
@@ -599,6 +669,12 @@ class PycommBackend : public c10d::Backend {
                       ": reduce_scatter input has ", input.numel(), " elements, expected ",
                       output.numel() * size_, " (output ", output.numel(), " x ", size_, " ranks)");
     checkSameDType(output, input, "reduce_scatter");
+#if defined(PYCOMM_WITH_CUDA)
+    if (auto w = cudaIpcFlat(output, input, CollType::kReduceScatter, c10d::OpType::_REDUCE_SCATTER_BASE,
+                             "pycomm:reduce_scatter", opts.reduceOp, opts.asyncOp)) {
+      return w;
+    }
+#endif
     Staged in = stage(input, false, rank_, "reduce_scatter input");
     Staged out = stage(output, true, rank_, "reduce_scatter output");
     if (out.buf.data_ptr() == in.buf.data_ptr() && out.bytes() > 0) out.buf = out.buf.clone(), out.copyBack = true;
@@ -739,6 +815,168 @@ class PycommBackend : public c10d::Backend {
  private:
   using CollFn = std::function<void(Collectives&, const OpDesc&, const Deadline&)>;
 
+#if defined(PYCOMM_WITH_CUDA)
+  /// Header tag of all_reduces that take the CUDA IPC path: a rank that stages instead
+  /// (its tensor on another device, PYCOMM_CUDA_IPC set differently) is a mismatch.
+  static constexpr uint32_t kCudaIpcTag = 0x43495043;  // "CIPC"
+
+  static bool anyCuda(const std::vector<at::Tensor>& ts) {
+    return std::any_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return t.defined() && t.is_cuda(); });
+  }
+
+  /// True if a collective on `dev` takes the CUDA IPC path: the group's ranks share one
+  /// host and `dev` is the group's IPC device, which the first CUDA collective that could
+  /// take the path picks (the same call on every rank, so every rank decides alike).
+  bool ipcEligible(c10::DeviceIndex dev) {
+    if (!ipcWanted_) return false;
+    c10::DeviceIndex none = -1;
+    ipcDevice_.compare_exchange_strong(none, dev);
+    return ipcDevice_.load() == dev;
+  }
+
+  /// all_reduce, broadcast and reduce of CUDA tensors, in place, on the group's comm
+  /// stream for their device (after the caller's current stream, captured now).
+  /// all_reduce and broadcast go over CUDA IPC when the group's ranks share one host
+  /// (see ipcEligible, ipcFor); everything else is staged through pinned host memory in
+  /// overlapped chunks (stagedChunks).
+  c10::intrusive_ptr<c10d::Work> cudaInPlace(std::vector<at::Tensor>& tensors, c10d::OpType type, const char* name,
+                                             CollType coll, const c10d::ReduceOp& rop, int root, bool asyncOp) {
+    const char* what = coll == CollType::kAllReduce ? "all_reduce tensor"
+                       : coll == CollType::kBroadcast ? "broadcast tensor"
+                                                      : "reduce tensor";
+    for (auto& t : tensors) {
+      checkTensor(t, rank_, what);
+      TORCH_CHECK_VALUE(t.device() == tensors[0].device(), "pycomm rank ", rank_, ": the tensors of one ", name + 7 /* past "pycomm:" */,
+                        " must be on one device, got ", tensors[0].device(), " and ", t.device());
+    }
+    const c10::DeviceIndex dev = tensors[0].device().index();
+    std::vector<Staged> st;
+    for (auto& t : tensors) st.push_back(Staged{t, t, false});
+    std::vector<std::pair<DType, ReduceOp>> ops;
+    if (coll == CollType::kBroadcast) {
+      for (auto& t : tensors) ops.emplace_back(toDType(t.scalar_type(), rank_), ReduceOp::kSum);
+    } else {
+      ops = reduceArgs(st, rop);
+    }
+    const bool ipc = coll != CollType::kReduce && ipcEligible(dev);
+    auto cs = std::make_shared<CudaStage>(streams_.get(dev));
+    cs->ready.record(c10::cuda::getCurrentCUDAStream(dev));
+    return submit(
+        asyncOp, type, name, coll, tensors, st, root,
+        [this, st, ops, cs, ipc, coll, root, dev](Collectives& c, const OpDesc& d, const Deadline& dl) {
+          c10::cuda::CUDAGuard device(dev);
+          c10::cuda::CUDAStreamGuard guard(cs->stream);
+          cs->ready.block(cs->stream);  // after everything the caller queued before the call
+          IpcCollectives* ar = ipc ? ipcFor(c, d, dl, dev, cs->stream) : nullptr;
+          for (size_t i = 0; i < st.size(); ++i) {
+            const at::Tensor& t = st[i].orig;
+            at::Tensor work = t.is_contiguous() ? t : t.contiguous();  // on the comm stream
+            const DType dt = ops[i].first;
+            const ReduceOp op = ops[i].second;
+            if (ar) {
+              if (coll == CollType::kAllReduce) {
+                ar->allReduce(work.data_ptr(), static_cast<size_t>(work.numel()), dt, op, c, d, dl);
+              } else {
+                ar->broadcast(work.data_ptr(), work.nbytes(), root, c, d, dl);
+              }
+              cudaIpcCalls_.fetch_add(1);
+            } else {
+              const bool in = coll != CollType::kBroadcast || rank_ == root;
+              const bool out = coll == CollType::kAllReduce || (coll == CollType::kBroadcast) != (rank_ == root);
+              const size_t esz = work.element_size();
+              stagedChunks(work, cs->stream, stageChunkBytes_, in, out, [&](void* h, size_t, size_t cnt) {
+                if (coll == CollType::kAllReduce) {
+                  c.allReduce(h, cnt, dt, op, d, dl);
+                } else if (coll == CollType::kBroadcast) {
+                  c.broadcast(h, cnt * esz, root, d, dl);
+                } else {
+                  c.reduce(h, cnt, dt, op, root, d, dl);
+                }
+                cudaStagedChunks_.fetch_add(1);
+              });
+            }
+            if (!work.is_same(t)) t.copy_(work);
+          }
+          cs->stream.synchronize();
+        },
+        -1, {}, ops.empty() ? ReduceOp::kSum : ops[0].second, ipc ? kCudaIpcTag : 0);
+  }
+
+  /// all_gather_into_tensor / reduce_scatter_tensor over CUDA IPC, when both tensors are
+  /// on the group's IPC device (ipcEligible); null otherwise, and the caller stages them
+  /// through host memory. If IPC turns out unavailable at setup, this call stages too.
+  c10::intrusive_ptr<c10d::Work> cudaIpcFlat(at::Tensor& output, at::Tensor& input, CollType coll,
+                                             c10d::OpType type, const char* name, const c10d::ReduceOp& rop,
+                                             bool asyncOp) {
+    checkTensor(input, rank_, coll == CollType::kAllGather ? "all_gather input" : "reduce_scatter input");
+    checkTensor(output, rank_, coll == CollType::kAllGather ? "all_gather output" : "reduce_scatter output");
+    if (!input.is_cuda() || input.device() != output.device() || !ipcEligible(input.device().index())) return {};
+    const c10::DeviceIndex dev = input.device().index();
+    const DType dt = toDType(input.scalar_type(), rank_);
+    const ReduceOp op = coll == CollType::kReduceScatter ? toReduceOp(rop, dt, rank_) : ReduceOp::kSum;
+    auto cs = std::make_shared<CudaStage>(streams_.get(dev));
+    cs->ready.record(c10::cuda::getCurrentCUDAStream(dev));
+    const int64_t count = coll == CollType::kAllGather ? input.numel() : output.numel();
+    return submit(
+        asyncOp, type, name, coll, {output}, {Staged{input, input, false}, Staged{output, output, false}}, -1,
+        [this, input, output, cs, dev, coll, dt, op](Collectives& c, const OpDesc& d, const Deadline& dl) {
+          c10::cuda::CUDAGuard device(dev);
+          c10::cuda::CUDAStreamGuard guard(cs->stream);
+          cs->ready.block(cs->stream);  // after everything the caller queued before the call
+          at::Tensor in = input.contiguous();
+          at::Tensor out = output.is_contiguous() ? output : at::empty_like(output, at::MemoryFormat::Contiguous);
+          const char* a = static_cast<const char*>(in.data_ptr());
+          const char* b = static_cast<const char*>(out.data_ptr());
+          const bool overlap = a < b + out.nbytes() && b < a + in.nbytes();
+          if (coll == CollType::kReduceScatter && overlap && out.nbytes() > 0) in = in.clone();
+          if (IpcCollectives* ipc = ipcFor(c, d, dl, dev, cs->stream)) {
+            if (coll == CollType::kAllGather) {
+              ipc->allGather(in.data_ptr(), out.data_ptr(), in.nbytes(), c, d, dl);
+            } else {
+              ipc->reduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), dt, op, c, d, dl);
+            }
+            cudaIpcCalls_.fetch_add(1);
+          } else {  // IPC could not be set up on this group: whole tensors through pinned memory
+            auto pinned = [](const at::Tensor& t) {
+              return at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+            };
+            at::Tensor hin = pinned(in), hout = pinned(out);
+            hin.copy_(in, /*non_blocking=*/true);
+            cs->stream.synchronize();
+            if (coll == CollType::kAllGather) {
+              c.allGather(hin.data_ptr(), hout.data_ptr(), hin.nbytes(), d, dl);
+            } else {
+              c.reduceScatter(hin.data_ptr(), hout.data_ptr(), static_cast<size_t>(hout.numel()), dt, op, d, dl);
+            }
+            out.copy_(hout, /*non_blocking=*/true);
+          }
+          if (!out.is_same(output)) output.copy_(out);
+          cs->stream.synchronize();
+        },
+        count, {}, op, kCudaIpcTag);
+  }
+
+  /// The group's IPC collectives, set up on first use (collectively: every rank's first
+  /// IPC collective is the same operation). Null, on every rank, if any rank cannot map
+  /// its peers' memory; the group then stages through host memory for good.
+  IpcCollectives* ipcFor(Collectives& c, const OpDesc& d, const Deadline& dl, c10::DeviceIndex dev,
+                       c10::cuda::CUDAStream stream) {
+    if (!ipcTried_) {
+      ipcTried_ = true;
+      std::string why;
+      ipc_ = IpcCollectives::create([&] { return makeCudaIpcDevice(dev, stream.stream()); }, *store_,
+                                  group_->keyPrefix() + "ipc/", c, ipcBufferBytes_, d, dl, &why);
+      if (!ipc_) {
+        std::fprintf(stderr,
+                     "pycomm rank %d: CUDA IPC unavailable (%s); CUDA collectives are staged through host "
+                     "memory\n",
+                     rank_, why.c_str());
+      }
+    }
+    return ipc_.get();
+  }
+#endif
+
   /// Stages with this group's comm streams (see the free function).
   Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda = true) {
     return pycomm::stage(t, isOutput, rank, what, deferCuda, &streams_);
@@ -817,6 +1055,16 @@ class PycommBackend : public c10d::Backend {
 
   std::unique_ptr<C10dStore> store_;  // declared first: destroyed after group_
   CommStreams streams_;                // CUDA comm streams of this group
+  std::atomic<uint64_t> cudaIpcCalls_{0};      // all_reduces run over CUDA IPC
+  std::atomic<uint64_t> cudaStagedChunks_{0};  // chunks of CUDA tensors staged through host memory
+#if defined(PYCOMM_WITH_CUDA)
+  bool ipcWanted_ = false;                     // one host, PYCOMM_CUDA_IPC not 0
+  size_t ipcBufferBytes_ = 0;                  // PYCOMM_CUDA_IPC_BUFFER_BYTES
+  size_t stageChunkBytes_ = 0;                 // PYCOMM_CUDA_STAGE_CHUNK_BYTES
+  std::atomic<c10::DeviceIndex> ipcDevice_{-1};  // picked by the first CUDA all_reduce
+  bool ipcTried_ = false;                      // collectives only (one at a time)
+  std::unique_ptr<IpcCollectives> ipc_;          // destroyed after group_'s threads are gone
+#endif
   std::unique_ptr<Group> group_;
 };
 

@@ -5,6 +5,7 @@ namespace pycomm {
 void initBackendBindings(pybind11::module_& m);      // backend.cpp
 void initCompressionBindings(pybind11::module_& m);  // compression_bindings.cpp
 void initBucketBindings(pybind11::module_& m);       // bucket_bindings.cpp
+void initReduceBindings(pybind11::module_& m);       // reduce_bindings.cpp
 }  // namespace pycomm
 
 PYBIND11_MODULE(_C, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(_C, m) {
   pycomm::initBackendBindings(m);
   pycomm::initCompressionBindings(m);
   pycomm::initBucketBindings(m);
+  pycomm::initReduceBindings(m);
 }

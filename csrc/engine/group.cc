@@ -53,6 +53,7 @@ Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout
   // groups it has built under this prefix; ranks build them in the same order.
   const int64_t gen = store.add(strCat("pycomm/instances/", rank), 1);
   const std::string prefix = strCat("g", gen, "/");
+  keyPrefix_ = prefix;
   coll_ = makeTransport(store, prefix + "c/", rank, size, timeout);
   p2p_ = makeTransport(store, prefix + "p/", rank, size, timeout);
   algos_ = std::make_unique<Collectives>(*coll_, AlgoConfig::fromEnv());

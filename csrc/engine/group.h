@@ -42,6 +42,10 @@ class Group {
   /// Name of the transport in use ("shm" or "tcp").
   std::string transportName() const { return coll_->name(); }
 
+  /// Store-key prefix private to this group instance (for setup that happens later,
+  /// e.g. the CUDA IPC buffers, which go under keyPrefix() + "ipc/").
+  const std::string& keyPrefix() const { return keyPrefix_; }
+
   /// Next collective sequence number (call in issue order, on the caller's thread).
   uint64_t nextSeq() { return ++seq_; }
 
@@ -72,6 +76,7 @@ class Group {
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
+  std::string keyPrefix_;
   std::unique_ptr<Transport> coll_;
   std::unique_ptr<Transport> p2p_;
   std::unique_ptr<Collectives> algos_;

@@ -17,22 +17,30 @@ namespace {
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
-    cudaGetLastError();  // clear a sticky-free error so later calls are not blamed for it
+    cudaGetLastError();  // reset the (non-sticky) error state so later calls are not blamed
     throw Error(strCat("CUDA ", what, ": ", cudaGetErrorString(e)));
   }
 }
 
 /// Sets `device` current for the scope (the comm thread may have another one current).
+/// `nothrow`: for destructors, which may run while the CUDA runtime is shutting down.
 class DeviceScope {
  public:
-  explicit DeviceScope(int device) {
+  explicit DeviceScope(int device, bool nothrow = false) {
+    if (nothrow) {
+      if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+      if (prev_ >= 0 && prev_ != device) cudaSetDevice(device);
+      return;
+    }
     check(cudaGetDevice(&prev_), "cudaGetDevice");
     if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
   }
-  ~DeviceScope() { cudaSetDevice(prev_); }
+  ~DeviceScope() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
 
  private:
-  int prev_ = 0;
+  int prev_ = -1;
 };
 
 template <typename H>
@@ -59,8 +67,9 @@ class CudaIpcDevice : public IpcDevice {
 
   ~CudaIpcDevice() override {
     // Destructors run after the last operation's closing barrier: no peer reads our
-    // buffers any more, and nothing of ours is queued.
-    DeviceScope d(device_);
+    // buffers any more, and nothing of ours is queued. Errors are ignored: the runtime
+    // may be shutting down at process exit.
+    DeviceScope d(device_, /*nothrow=*/true);
     for (void* p : opened_) cudaIpcCloseMemHandle(p);
     for (auto& [peer, ev] : peerEvents_) cudaEventDestroy(ev);
     for (void* p : owned_) cudaFree(p);

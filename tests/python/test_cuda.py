@@ -193,16 +193,117 @@ def _assert_same_digests(results: list) -> None:
         assert len(vals) == 1, f"ranks differ on {key}"
 
 
+# The two CUDA all_reduce paths (docs/GPU.md): CUDA IPC between the ranks of one host
+# (the default here), and pinned-host staging in overlapped chunks (what a multi-host
+# group does; forced with PYCOMM_CUDA_IPC=0). Small buffers/chunks make the 65537-element
+# cases run as many chunks, so the buffer alternation and the chunk pipeline are covered.
+PATHS = {
+    "ipc": {"PYCOMM_CUDA_IPC_BUFFER_BYTES": "4096"},
+    "staged": {"PYCOMM_CUDA_IPC": "0", "PYCOMM_CUDA_STAGE_CHUNK_BYTES": "4096"},
+}
+
+
+def _cuda_all_reduce_path(rank: int, ws: int, path: str) -> dict:
+    digests = _cuda_all_reduce(rank, ws)
+    s = pycomm.stats()
+    if path == "ipc":
+        assert s["cuda_ipc_all_reduces"] > 0 and s["cuda_staged_chunks"] == 0, f"IPC path not taken: {s}"
+    else:
+        assert s["cuda_ipc_all_reduces"] == 0 and s["cuda_staged_chunks"] > 0, f"staged path not taken: {s}"
+    return digests
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_cuda_all_reduce(world_size):
-    _assert_same_digests(run_ranks(world_size, _cuda_all_reduce, timeout=600, pg_timeout=120))
+def test_cuda_all_reduce(world_size, path):
+    _assert_same_digests(run_ranks(world_size, _cuda_all_reduce_path, path, timeout=600, pg_timeout=120,
+                                   env=PATHS[path]))
+
+
+def _ipc_vs_staged(rank: int, ws: int) -> None:
+    """The same inputs through CUDA IPC (default group) and through host staging (a
+    subgroup created with PYCOMM_CUDA_IPC=0): float32 SUM results agree within rounding,
+    integer results exactly; large calls cross many IPC buffers; the caller's stream
+    has queued work ahead of the input's last write."""
+    import os
+
+    import torch.distributed as dist
+
+    dev = _setup_rank()
+    os.environ["PYCOMM_CUDA_IPC"] = "0"
+    staged_group = dist.new_group(list(range(ws)), backend="pycomm")
+    os.environ.pop("PYCOMM_CUDA_IPC")
+    side = torch.cuda.Stream()
+    big = torch.randn(2048, 2048, device=dev)
+    for n in (0, 1, 13, 4099, (8 << 20) // 4 + 17, 3 * (8 << 20) // 4 + 5):
+        g = torch.Generator().manual_seed(1000 + n)
+        base = [torch.randn(n, generator=g) for _ in range(ws)]
+        ints = [torch.randint(-1000, 1000, (n,), generator=g, dtype=torch.int64) for _ in range(ws)]
+        with torch.cuda.stream(side):
+            for _ in range(8):
+                big = big @ big / 2048.0  # keeps the side stream busy before the last write
+            a = base[rank].to(dev, non_blocking=True) * 1.0
+            i = ints[rank].to(dev, non_blocking=True) + 0
+            dist.all_reduce(a)
+            dist.all_reduce(i)
+        b = base[rank].to(dev)
+        j = ints[rank].to(dev)
+        dist.all_reduce(b, group=staged_group)
+        dist.all_reduce(j, group=staged_group)
+        torch.cuda.synchronize()
+        ref = torch.stack([x.double() for x in base]).sum(0)
+        assert torch.allclose(a.double().cpu(), ref, rtol=1e-5, atol=1e-4), f"ipc all_reduce n={n}"
+        assert torch.allclose(b.double().cpu(), ref, rtol=1e-5, atol=1e-4), f"staged all_reduce n={n}"
+        assert torch.equal(i.cpu(), torch.stack(ints).sum(0)) and torch.equal(j.cpu(), i.cpu()), f"int64 n={n}"
+    assert pycomm.stats()["cuda_ipc_all_reduces"] > 0, "default group did not use CUDA IPC"
+    assert pycomm.stats(staged_group)["cuda_ipc_all_reduces"] == 0, "PYCOMM_CUDA_IPC=0 group used IPC"
+    dist.destroy_process_group(staged_group)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_cuda_ipc_matches_staged(world_size):
+    run_ranks(world_size, _ipc_vs_staged, timeout=300, pg_timeout=120)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_cuda_other_collectives(world_size):
     _assert_same_digests(run_ranks(world_size, _cuda_other_collectives, timeout=600, pg_timeout=120))
+
+
+@pytest.mark.cuda
+def test_cuda_reduce_many_matches_cpu():
+    """The IPC all-reduce's kernel (reduceManyCuda) vs the CPU loop, bitwise: every dtype
+    and op, 1-5 sources, 16-byte aligned (vector path) and shifted by one element
+    (element path), awkward lengths."""
+    from collective_cases import DTYPES as ALL_DTYPES
+    from collective_cases import OPS as ALL_OPS
+    from collective_cases import op_supported
+
+    dev = _setup_rank()
+    seed = 123000
+    for dtype in ALL_DTYPES:
+        for op in ALL_OPS:
+            if not op_supported(dtype, op):
+                continue
+            for k in (1, 2, 3, 5):
+                for n in (1, 7, 13, 1021, 65537):
+                    for shift in (0, 1):
+                        seed += 1
+                        srcs = [to_torch(data(seed, r, n, dtype, op), dtype) for r in range(k)]
+                        out = torch.empty_like(srcs[0])
+                        pycomm._C.reduce_many(out, srcs, op.lower())
+                        big = [torch.zeros(n + shift, dtype=dtype, device=dev) for _ in range(k + 1)]
+                        gsrcs = [b[shift:] for b in big[:k]]
+                        for g, c in zip(gsrcs, srcs):
+                            g.copy_(c)
+                        gout = big[k][shift:]
+                        pycomm._C.reduce_many(gout, gsrcs, op.lower())
+                        assert torch.equal(gout.cpu().view(torch.uint8) if dtype != torch.bool else gout.cpu(),
+                                           out.view(torch.uint8) if dtype != torch.bool else out), \
+                            f"reduce_many {dtype} {op} k={k} n={n} shift={shift}"
 
 
 # ============================================================== 2. compressors CUDA vs CPU

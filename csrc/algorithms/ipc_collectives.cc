@@ -1,4 +1,4 @@
-#include "algorithms/ipc_allreduce.h"
+#include "algorithms/ipc_collectives.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -47,19 +47,23 @@ std::chrono::milliseconds left(const Deadline& d) {
 
 }  // namespace
 
-std::unique_ptr<IpcAllReduce> IpcAllReduce::create(std::unique_ptr<IpcDevice> device, Store& store,
+std::unique_ptr<IpcCollectives> IpcCollectives::create(const std::function<std::unique_ptr<IpcDevice>()>& makeDevice,
+                                                   Store& store,
                                                    const std::string& keyPrefix, Collectives& coll,
                                                    size_t bufferBytes, const OpDesc& desc,
                                                    const Deadline& deadline, std::string* whyNot) {
   const int rank = coll.transport().rank();
   const int size = coll.transport().size();
-  bufferBytes = std::max<size_t>(64, bufferBytes & ~static_cast<size_t>(15));
-  std::unique_ptr<IpcAllReduce> ar(new IpcAllReduce(std::move(device), rank, size, bufferBytes));
-  IpcDevice& dev = *ar->device_;
+  // At least 16 bytes a rank for reduce_scatter's chunk layout; whole 16-byte units.
+  bufferBytes = std::max<size_t>(256, bufferBytes & ~static_cast<size_t>(15));
+  std::unique_ptr<IpcCollectives> ar(new IpcCollectives(rank, size, bufferBytes));
   int32_t ok = 1;
   std::string why;
   std::vector<uint8_t> mineBlob;
+  auto where = [&] { return ar->device_ ? ar->device_->name() : std::string("its device"); };
   try {
+    ar->device_ = makeDevice();
+    IpcDevice& dev = *ar->device_;
     PYCOMM_CHECK_ARG(size <= dev.maxSources(), "the IPC all-reduce takes at most ", dev.maxSources(),
                      " ranks, the group has ", size);
     std::string h0, h1;
@@ -68,7 +72,7 @@ std::unique_ptr<IpcAllReduce> IpcAllReduce::create(std::unique_ptr<IpcDevice> de
     mineBlob = packHandles({h0, h1, dev.eventHandle()});
   } catch (const std::exception& e) {
     ok = 0;
-    why = strCat("rank ", rank, " on ", dev.name(), ": ", e.what());
+    why = strCat("rank ", rank, " on ", where(), ": ", e.what());
     mineBlob.clear();  // an empty entry tells the peers this rank is out
   }
   // Every rank publishes something, so nobody waits for a rank that failed.
@@ -87,12 +91,12 @@ std::unique_ptr<IpcAllReduce> IpcAllReduce::create(std::unique_ptr<IpcDevice> de
     }
     try {
       const auto hs = unpackHandles(blob, 3, p);
-      ar->peers_[0][p] = static_cast<const char*>(dev.openPeer(hs[0]));
-      ar->peers_[1][p] = static_cast<const char*>(dev.openPeer(hs[1]));
-      dev.openPeerEvent(p, hs[2]);
+      ar->peers_[0][p] = static_cast<const char*>(ar->device_->openPeer(hs[0]));
+      ar->peers_[1][p] = static_cast<const char*>(ar->device_->openPeer(hs[1]));
+      ar->device_->openPeerEvent(p, hs[2]);
     } catch (const std::exception& e) {
       ok = 0;
-      why = strCat("rank ", rank, " on ", dev.name(), " cannot map rank ", p, "'s memory: ", e.what());
+      why = strCat("rank ", rank, " on ", where(), " cannot map rank ", p, "'s memory: ", e.what());
     }
   }
   // All ranks take the IPC path or none does.
@@ -108,8 +112,18 @@ std::unique_ptr<IpcAllReduce> IpcAllReduce::create(std::unique_ptr<IpcDevice> de
   return ar;
 }
 
-void IpcAllReduce::run(void* data, size_t count, DType dtype, ReduceOp op, Collectives& coll,
-                       const OpDesc& desc, const Deadline& deadline) {
+int IpcCollectives::beginChunk() {
+  device_->waitPeers();
+  return static_cast<int>(chunks_++ & 1);
+}
+
+void IpcCollectives::endCall(Collectives& coll, const OpDesc& desc, const Deadline& deadline) {
+  device_->synchronize(deadline);
+  coll.barrier(desc, deadline);  // every rank's device work that reads our buffers is done
+}
+
+void IpcCollectives::allReduce(void* data, size_t count, DType dtype, ReduceOp op, Collectives& coll,
+                               const OpDesc& desc, const Deadline& deadline) {
   checkReduceOp(dtype, op);
   if (count == 0 || size_ == 1) return;  // one rank: the input is the result (AVG over 1)
   const size_t esz = dtypeSize(dtype);
@@ -119,17 +133,13 @@ void IpcAllReduce::run(void* data, size_t count, DType dtype, ReduceOp op, Colle
   std::vector<const void*> srcs(size_);
   for (size_t off = 0; off < count; off += cap) {
     const size_t c = std::min(cap, count - off);
-    const int b = static_cast<int>(chunks_++ & 1);
     const size_t slice = (c + size_ - 1) / size_ + align - 1;
     const size_t s = slice - slice % align;
     auto lo = [&](int p) { return std::min(c, static_cast<size_t>(p) * s); };
     auto hi = [&](int p) { return std::min(c, lo(p) + s); };
     char* chunk = base + off * esz;
 
-    // Buffer b was last read by the peers two chunks ago (or in an earlier call, which
-    // ended with a barrier after every rank's device work): their records from before
-    // this chunk's first barrier cover those reads.
-    device_->waitPeers();
+    const int b = beginChunk();
     device_->copy(mine_[b], chunk, c * esz);
     device_->record();
     coll.barrier(desc, deadline);  // every rank's chunk is queued into its buffer, recorded
@@ -150,10 +160,87 @@ void IpcAllReduce::run(void* data, size_t count, DType dtype, ReduceOp op, Colle
     }
     device_->record();
   }
-  device_->synchronize(deadline);
-  // Peers may still be reading our buffers; after this nobody is, so the next call (or
-  // the group's destruction) may overwrite or free them.
-  coll.barrier(desc, deadline);
+  endCall(coll, desc, deadline);
+}
+
+void IpcCollectives::reduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                                   Collectives& coll, const OpDesc& desc, const Deadline& deadline) {
+  checkReduceOp(dtype, op);
+  if (countPerRank == 0) return;
+  const size_t esz = dtypeSize(dtype);
+  const char* src = static_cast<const char*>(in);
+  char* dst = static_cast<char*>(out);
+  if (size_ == 1) {
+    device_->copy(dst, src, countPerRank * esz);
+    device_->synchronize(deadline);
+    return;
+  }
+  // A chunk is `per` elements of every rank's block, laid out block after block.
+  const size_t align = std::max<size_t>(1, 16 / esz);
+  size_t per = std::max<size_t>(1, bufferBytes_ / esz / size_);
+  if (per > align) per -= per % align;
+  std::vector<const void*> srcs(size_);
+  for (size_t off = 0; off < countPerRank; off += per) {
+    const size_t c = std::min(per, countPerRank - off);
+    const int b = beginChunk();
+    for (int p = 0; p < size_; ++p) {
+      device_->copy(mine_[b] + p * per * esz, src + (p * countPerRank + off) * esz, c * esz);
+    }
+    device_->record();
+    coll.barrier(desc, deadline);  // every rank's blocks are queued into its buffer, recorded
+    device_->waitPeers();
+    for (int p = 0; p < size_; ++p) srcs[p] = peers_[b][p] + rank_ * per * esz;
+    device_->reduceMany(dst + off * esz, srcs.data(), size_, c, dtype, op);
+    device_->record();
+  }
+  endCall(coll, desc, deadline);
+}
+
+void IpcCollectives::allGather(const void* in, void* out, size_t bytesPerRank, Collectives& coll,
+                               const OpDesc& desc, const Deadline& deadline) {
+  if (bytesPerRank == 0) return;
+  const char* src = static_cast<const char*>(in);
+  char* dst = static_cast<char*>(out);
+  char* own = dst + rank_ * bytesPerRank;
+  if (src != own) device_->copy(own, src, bytesPerRank);
+  if (size_ == 1) {
+    device_->synchronize(deadline);
+    return;
+  }
+  for (size_t off = 0; off < bytesPerRank; off += bufferBytes_) {
+    const size_t c = std::min(bufferBytes_, bytesPerRank - off);
+    const int b = beginChunk();
+    device_->copy(mine_[b], src + off, c);
+    device_->record();
+    coll.barrier(desc, deadline);  // every rank's chunk is queued into its buffer, recorded
+    device_->waitPeers();
+    for (int p = 0; p < size_; ++p) {
+      if (p != rank_) device_->copy(dst + p * bytesPerRank + off, peers_[b][p], c);
+    }
+    device_->record();
+  }
+  endCall(coll, desc, deadline);
+}
+
+void IpcCollectives::broadcast(void* buf, size_t bytes, int root, Collectives& coll, const OpDesc& desc,
+                               const Deadline& deadline) {
+  if (bytes == 0 || size_ == 1) return;
+  char* p = static_cast<char*>(buf);
+  for (size_t off = 0; off < bytes; off += bufferBytes_) {
+    const size_t c = std::min(bufferBytes_, bytes - off);
+    const int b = beginChunk();
+    if (rank_ == root) {
+      device_->copy(mine_[b], p + off, c);
+      device_->record();
+      coll.barrier(desc, deadline);  // the root's chunk is queued into its buffer, recorded
+    } else {
+      coll.barrier(desc, deadline);
+      device_->waitPeers();
+      device_->copy(p + off, peers_[b][root], c);
+      device_->record();  // the root waits for this before it reuses buffer b
+    }
+  }
+  endCall(coll, desc, deadline);
 }
 
 }  // namespace pycomm

@@ -1,4 +1,4 @@
-// The single-host IPC all-reduce (algorithms/ipc_allreduce.h) over a host stand-in for
+// The single-host IPC all-reduce (algorithms/ipc_collectives.h) over a host stand-in for
 // CUDA IPC: each rank's "stream" is a worker thread that runs queued operations in
 // order, events follow CUDA's rule (a wait covers the peer's record as of the wait
 // call), and every operation starts after a random delay, so device work runs late and
@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "algorithms/collectives.h"
-#include "algorithms/ipc_allreduce.h"
+#include "algorithms/ipc_collectives.h"
 #include "kernels/half_math.h"
 #include "kernels/reduce.h"
 #include "test_util.h"
@@ -218,13 +218,18 @@ double getValue(const void* buf, size_t i, DType dt) {
   return 0;
 }
 
+/// Rank `rank`'s element i as it holds it (rounded to dt).
+double asStored(int rank, size_t i, DType dt, ReduceOp op) {
+  alignas(8) char one[8];
+  putValue(one, 0, dt, inputValue(rank, i, dt, op));
+  return getValue(one, 0, dt);
+}
+
 double reference(int n, size_t i, DType dt, ReduceOp op) {
-  // Each rank's input as stored (rounded to its dtype), combined in float64.
-  std::vector<char> one(8);
+  // Each rank's input as stored, combined in float64.
   double acc = 0;
   for (int r = 0; r < n; ++r) {
-    putValue(one.data(), 0, dt, inputValue(r, i, dt, op));
-    const double v = getValue(one.data(), 0, dt);
+    const double v = asStored(r, i, dt, op);
     if (r == 0) {
       acc = v;
       continue;
@@ -283,7 +288,7 @@ std::vector<std::vector<std::vector<char>>> runCase(const Case& c, int maxDelayU
     std::string why;
     // Rank 0's device is the slow one: its work lags the others' by up to maxDelayUs an operation.
     const int delay = r == 0 ? maxDelayUs : maxDelayUs / 10;
-    auto ar = IpcAllReduce::create(std::make_unique<HostIpcDevice>(world, r, delay, skipWaits), store,
+    auto ar = IpcCollectives::create([&] { return std::make_unique<HostIpcDevice>(world, r, delay, skipWaits); }, store,
                                    "ipc/", coll, c.bufferBytes, d0, Deadline::after(kTimeout), &why);
     ASSERT_TRUE(ar) << why;
     for (size_t count : c.counts) {
@@ -292,7 +297,7 @@ std::vector<std::vector<std::vector<char>>> runCase(const Case& c, int maxDelayU
       for (size_t i = 0; i < count; ++i) putValue(data, i, c.dt, inputValue(r, i, c.dt, c.op));
       OpDesc d = testing::makeDesc(CollType::kAllReduce, ++seq, count, c.dt);
       d.op = c.op;
-      ar->run(data, count, c.dt, c.op, coll, d, Deadline::after(kTimeout));
+      ar->allReduce(data, count, c.dt, c.op, coll, d, Deadline::after(kTimeout));
       outs[r].emplace_back(data, data + count * esz);
     }
   });
@@ -316,7 +321,7 @@ void checkCase(const Case& c) {
   }
 }
 
-TEST(IpcAllReduce, EveryDTypeAndOpOnOddWorldSizesAndAwkwardLengths) {
+TEST(IpcCollectives, EveryDTypeAndOpOnOddWorldSizesAndAwkwardLengths) {
   const std::vector<size_t> counts{0, 1, 7, 13, 257, 1021};
   for (int n : {2, 3, 5}) {
     checkCase({n, DType::kFloat32, ReduceOp::kSum, counts, 64});
@@ -335,24 +340,101 @@ TEST(IpcAllReduce, EveryDTypeAndOpOnOddWorldSizesAndAwkwardLengths) {
   checkCase({2, DType::kBool, ReduceOp::kProduct, counts, 64});
 }
 
-TEST(IpcAllReduce, ManyChunksReuseBothBuffersAcrossCalls) {
+TEST(IpcCollectives, ManyChunksReuseBothBuffersAcrossCalls) {
   // 40961 floats through 4 KiB buffers: 41 chunks per call, buffers alternating, three
   // calls back to back on the same buffers.
   checkCase({3, DType::kFloat32, ReduceOp::kSum, {40961, 1, 40961}, 4096});
   checkCase({4, DType::kBFloat16, ReduceOp::kAvg, {12347, 12347}, 2048});
 }
 
-TEST(IpcAllReduce, BarriersOverTcpToo) { checkCase({3, DType::kFloat32, ReduceOp::kSum, {1021, 5}, 256, true}); }
+TEST(IpcCollectives, BarriersOverTcpToo) { checkCase({3, DType::kFloat32, ReduceOp::kSum, {1021, 5}, 256, true}); }
 
-TEST(IpcAllReduce, OneRankIsTheIdentity) { checkCase({1, DType::kFloat32, ReduceOp::kAvg, {0, 7, 100}, 64}); }
+TEST(IpcCollectives, OneRankIsTheIdentity) { checkCase({1, DType::kFloat32, ReduceOp::kAvg, {0, 7, 100}, 64}); }
 
-TEST(IpcAllReduce, HarnessCatchesMissingDeviceOrdering) {
+/// reduce_scatter, all_gather and broadcast (every root) on n ranks, `per` elements a
+/// rank, through buffers of `bufferBytes` (many chunks), checked element by element
+/// against the float64 reference and bitwise across ranks where ranks share a result.
+void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t bufferBytes) {
+  SCOPED_TRACE(strCat(n, " ranks, ", dtypeName(dt), " ", reduceOpName(op), ", ", per, " a rank, buffer ",
+                      bufferBytes));
+  MemStore store;
+  std::vector<std::unique_ptr<ShmTransport>> t(n);
+  runRanks(n, [&](int r) { t[r] = std::make_unique<ShmTransport>(store, "s/", r, n, kTimeout); });
+  HostWorld world(n);
+  const size_t esz = dtypeSize(dt);
+  std::vector<std::vector<char>> gathered(n);
+  runRanks(n, [&](int r) {
+    Collectives coll(*t[r], AlgoConfig{});
+    uint64_t seq = 0;
+    std::string why;
+    auto ipc = IpcCollectives::create([&] { return std::make_unique<HostIpcDevice>(world, r, r == 0 ? 300 : 30); },
+                                      store, "ipc/", coll, bufferBytes,
+                                      testing::makeDesc(CollType::kAllReduce, ++seq, 0), Deadline::after(kTimeout),
+                                      &why);
+    if (!ipc) {
+      ADD_FAILURE() << why;
+      return;  // every rank got null: nobody waits for this one
+    }
+    // reduce_scatter: rank r's input is element i of the full n*per vector as rank r holds it.
+    std::vector<char> in(n * per * esz), out(per * esz + 1);
+    for (size_t i = 0; i < n * per; ++i) putValue(in.data(), i, dt, inputValue(r, i, dt, op));
+    OpDesc d = testing::makeDesc(CollType::kReduceScatter, ++seq, per, dt);
+    d.op = op;
+    ipc->reduceScatter(in.data(), out.data(), per, dt, op, coll, d, Deadline::after(kTimeout));
+    // EXPECT, not ASSERT, in here: a rank that leaves early would hang the others.
+    size_t bad = 0;
+    for (size_t i = 0; i < per; ++i) {
+      const double want = reference(n, r * per + i, dt, op);
+      bad += std::fabs(getValue(out.data(), i, dt) - want) > tolerance(dt) * std::max(1.0, std::fabs(want));
+    }
+    EXPECT_EQ(bad, 0u) << "reduce_scatter: wrong elements on rank " << r;
+    // all_gather, in place (rank r's input is its block of the output) and not.
+    std::vector<char> all(n * per * esz), mine(per * esz);
+    for (size_t i = 0; i < per; ++i) putValue(mine.data(), i, dt, inputValue(r, i, dt, op));
+    std::memcpy(all.data() + r * per * esz, mine.data(), per * esz);
+    for (bool inPlace : {true, false}) {
+      if (!inPlace) std::fill(all.begin(), all.end(), 0);
+      ipc->allGather(inPlace ? all.data() + r * per * esz : mine.data(), all.data(), per * esz, coll,
+                     testing::makeDesc(CollType::kAllGather, ++seq, per, dt), Deadline::after(kTimeout));
+      bad = 0;
+      for (int p = 0; p < n; ++p) {
+        for (size_t i = 0; i < per; ++i) bad += getValue(all.data() + p * per * esz, i, dt) != asStored(p, i, dt, op);
+      }
+      EXPECT_EQ(bad, 0u) << "all_gather: wrong elements on rank " << r << (inPlace ? " (in place)" : "");
+    }
+    gathered[r] = all;
+    // broadcast from every root
+    for (int root = 0; root < n; ++root) {
+      std::vector<char> buf(per * esz);
+      for (size_t i = 0; i < per; ++i) putValue(buf.data(), i, dt, inputValue(r, i, dt, op));
+      OpDesc bd = testing::makeDesc(CollType::kBroadcast, ++seq, per * esz);
+      bd.root = root;
+      ipc->broadcast(buf.data(), per * esz, root, coll, bd, Deadline::after(kTimeout));
+      bad = 0;
+      for (size_t i = 0; i < per; ++i) bad += getValue(buf.data(), i, dt) != asStored(root, i, dt, op);
+      EXPECT_EQ(bad, 0u) << "broadcast from root " << root << ": wrong elements on rank " << r;
+    }
+  });
+  for (int r = 1; r < n; ++r) EXPECT_EQ(gathered[r], gathered[0]);
+}
+
+TEST(IpcCollectives, ReduceScatterAllGatherBroadcast) {
+  for (int n : {1, 2, 3, 5}) {
+    for (size_t per : {0, 1, 7, 1021}) {
+      checkOtherCollectives(n, DType::kFloat32, ReduceOp::kSum, per, 256);
+    }
+  }
+  checkOtherCollectives(3, DType::kBFloat16, ReduceOp::kAvg, 1021, 512);
+  checkOtherCollectives(3, DType::kInt64, ReduceOp::kMax, 257, 256);
+  checkOtherCollectives(4, DType::kFloat16, ReduceOp::kSum, 4099, 4096);
+}
+
+TEST(IpcCollectives, HarnessCatchesMissingDeviceOrdering) {
   // Without the stream waits on peers' events, a peer's device reads our buffer before
   // our copies ran: the result must come out wrong, or this test suite proves nothing.
-  // Timing decides where it shows, so a few attempts are allowed.
   Case c{3, DType::kFloat32, ReduceOp::kSum, {1021, 1021}, 4096};
   bool wrong = false;
-  for (int attempt = 0; attempt < 10 && !wrong; ++attempt) {
+  for (int attempt = 0; attempt < 10 && !wrong; ++attempt) {  // timing decides where it shows
     auto outs = runCase(c, /*maxDelayUs=*/3000, /*skipWaits=*/true);
     for (int r = 0; r < c.n; ++r) {
       for (size_t k = 0; k < c.counts.size(); ++k) {
@@ -365,8 +447,9 @@ TEST(IpcAllReduce, HarnessCatchesMissingDeviceOrdering) {
   EXPECT_TRUE(wrong) << "the host stand-in did not expose missing waits";
 }
 
-TEST(IpcAllReduce, FailedSetupOnOneRankFallsBackOnEveryRank) {
-  // Rank 1 cannot allocate: every rank gets null (and a reason), nobody hangs.
+TEST(IpcCollectives, FailedSetupOnOneRankFallsBackOnEveryRank) {
+  // Rank 1 cannot allocate, rank 2 cannot open its device: every rank gets null (and a
+  // reason), nobody hangs.
   struct NoMemory : HostIpcDevice {
     using HostIpcDevice::HostIpcDevice;
     void* allocate(size_t, std::string*) override { throw Error("out of device memory"); }
@@ -379,14 +462,18 @@ TEST(IpcAllReduce, FailedSetupOnOneRankFallsBackOnEveryRank) {
   std::vector<std::string> why(n);
   runRanks(n, [&](int r) {
     Collectives coll(*t[r], AlgoConfig{});
-    std::unique_ptr<IpcDevice> dev = r == 1 ? std::unique_ptr<IpcDevice>(std::make_unique<NoMemory>(world, r, 0))
-                                            : std::make_unique<HostIpcDevice>(world, r, 0);
-    auto ar = IpcAllReduce::create(std::move(dev), store, "ipc/", coll, 4096,
+    auto makeDevice = [&]() -> std::unique_ptr<IpcDevice> {
+      if (r == 1) return std::make_unique<NoMemory>(world, r, 0);
+      if (r == 2) throw Error("no such device");  // the device cannot even be opened
+      return std::make_unique<HostIpcDevice>(world, r, 0);
+    };
+    auto ar = IpcCollectives::create(makeDevice, store, "ipc/", coll, 4096,
                                    testing::makeDesc(CollType::kAllReduce, 1, 0), Deadline::after(kTimeout),
                                    &why[r]);
     EXPECT_EQ(ar, nullptr);
   });
   EXPECT_NE(why[1].find("rank 1 on host:1: out of device memory"), std::string::npos) << why[1];
+  EXPECT_NE(why[2].find("rank 2 on its device: no such device"), std::string::npos) << why[2];
   EXPECT_NE(why[0].find("rank 1 could not set up"), std::string::npos) << why[0];
 }
 

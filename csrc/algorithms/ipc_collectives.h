@@ -1,0 +1,96 @@
+// Collectives on device buffers for ranks on one host, over memory the ranks map into
+// each other (CUDA IPC; see transport/ipc_device.h). Every rank owns two staging buffers
+// that all peers have mapped; a call moves the caller's data through them in chunks:
+//
+//  - all_reduce = reduce-scatter + all-gather, both by direct reads of the peers'
+//    buffers: rank r reduces slice r of every rank's copy in one fused pass, then copies
+//    every other slice from its owner. Each rank moves 2(n-1)/n of the data across the
+//    interconnect, as a ring would, in two steps instead of 2(n-1).
+//  - reduce_scatter: every rank's buffer holds its input blocks' chunk; rank r reduces
+//    block r of all of them straight into its output.
+//  - all_gather: every rank's buffer holds its input's chunk; everyone copies all of them.
+//  - broadcast: the root's buffer holds the chunk; everyone copies it.
+//
+// The host only orders API calls (barriers over the group's host transport) and never
+// waits on the device until the end of a call. Results are bitwise identical on every
+// rank: each reduced element is computed once, by its owner, over the ranks in rank
+// order, and everyone copies that result.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "algorithms/collectives.h"
+#include "core/deadline.h"
+#include "core/dtype.h"
+#include "core/store.h"
+#include "transport/ipc_device.h"
+
+namespace pycomm {
+
+/// One group's IPC collectives on one device of each rank. Every call is collective
+/// (all ranks, same order, same arguments) and complete on return; pointers are device
+/// memory of this rank, already written by work queued before the call on the device.
+class IpcCollectives {
+ public:
+  /// Collective over `coll`'s ranks (all call it in the same operation, with the same
+  /// `desc`): allocates two staging buffers of `bufferBytes` each, publishes their handles
+  /// and this rank's event under `keyPrefix` in `store`, maps every peer's, then agrees
+  /// with the others. Returns null on every rank if any rank failed (its reason in
+  /// `whyNot`), so the group falls back together; throws only if the host transport fails.
+  /// `makeDevice` runs inside that protection too (a device that cannot be opened is a
+  /// failed setup like any other).
+  static std::unique_ptr<IpcCollectives> create(const std::function<std::unique_ptr<IpcDevice>()>& makeDevice,
+                                                Store& store, const std::string& keyPrefix, Collectives& coll,
+                                                size_t bufferBytes, const OpDesc& desc, const Deadline& deadline,
+                                                std::string* whyNot);
+
+  /// In-place all-reduce of `count` elements at `data`.
+  void allReduce(void* data, size_t count, DType dtype, ReduceOp op, Collectives& coll, const OpDesc& desc,
+                 const Deadline& deadline);
+
+  /// out (countPerRank elements) = reduction of block `rank` of every rank's `in`
+  /// (size() * countPerRank elements). `in` and `out` must not overlap.
+  void reduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op, Collectives& coll,
+                     const OpDesc& desc, const Deadline& deadline);
+
+  /// out (size() * bytesPerRank) = every rank's `in`, in rank order. `in` may be this
+  /// rank's block of `out`.
+  void allGather(const void* in, void* out, size_t bytesPerRank, Collectives& coll, const OpDesc& desc,
+                 const Deadline& deadline);
+
+  /// Every rank's `buf` = root's `buf`.
+  void broadcast(void* buf, size_t bytes, int root, Collectives& coll, const OpDesc& desc,
+                 const Deadline& deadline);
+
+  /// The device, for messages.
+  IpcDevice& device() { return *device_; }
+
+  /// Bytes per staging buffer (a call larger than this runs in chunks of it).
+  size_t bufferBytes() const { return bufferBytes_; }
+
+ private:
+  IpcCollectives(int rank, int size, size_t bufferBytes) : rank_(rank), size_(size), bufferBytes_(bufferBytes) {}
+
+  /// The staging buffer for the next chunk. Buffers alternate, and before a chunk is
+  /// written into one the device waits for the peers' records made before the previous
+  /// chunk's barrier, which cover their reads of this buffer two chunks ago (or in an
+  /// earlier call, which ended with a device sync and a barrier). Returns its index.
+  int beginChunk();
+  /// End of a call: this rank's device work is done, then nobody reads our buffers any
+  /// more, so the next call (or the group's destruction) may overwrite or free them.
+  void endCall(Collectives& coll, const OpDesc& desc, const Deadline& deadline);
+
+  std::unique_ptr<IpcDevice> device_;
+  int rank_;
+  int size_;
+  size_t bufferBytes_;
+  char* mine_[2] = {nullptr, nullptr};  // this rank's two staging buffers
+  std::vector<const char*> peers_[2];   // every rank's buffer b, mapped here (own at rank_)
+  uint64_t chunks_ = 0;                 // chunks run so far: picks the buffer
+};
+
+}  // namespace pycomm
