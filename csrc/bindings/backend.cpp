@@ -377,7 +377,7 @@ class PycommBackend : public c10d::Backend {
     auto s = group_->stats();
     s["rank"] = static_cast<uint64_t>(rank_);
     s["world_size"] = static_cast<uint64_t>(size_);
-    s["cuda_ipc_all_reduces"] = cudaIpcCalls_.load();
+    s["cuda_ipc_collectives"] = cudaIpcCalls_.load();
     s["cuda_staged_chunks"] = cudaStagedChunks_.load();
     return s;
   }

@@ -207,9 +207,9 @@ def _cuda_all_reduce_path(rank: int, ws: int, path: str) -> dict:
     digests = _cuda_all_reduce(rank, ws)
     s = pycomm.stats()
     if path == "ipc":
-        assert s["cuda_ipc_all_reduces"] > 0 and s["cuda_staged_chunks"] == 0, f"IPC path not taken: {s}"
+        assert s["cuda_ipc_collectives"] > 0 and s["cuda_staged_chunks"] == 0, f"IPC path not taken: {s}"
     else:
-        assert s["cuda_ipc_all_reduces"] == 0 and s["cuda_staged_chunks"] > 0, f"staged path not taken: {s}"
+        assert s["cuda_ipc_collectives"] == 0 and s["cuda_staged_chunks"] > 0, f"staged path not taken: {s}"
     return digests
 
 
@@ -256,8 +256,8 @@ def _ipc_vs_staged(rank: int, ws: int) -> None:
         assert torch.allclose(a.double().cpu(), ref, rtol=1e-5, atol=1e-4), f"ipc all_reduce n={n}"
         assert torch.allclose(b.double().cpu(), ref, rtol=1e-5, atol=1e-4), f"staged all_reduce n={n}"
         assert torch.equal(i.cpu(), torch.stack(ints).sum(0)) and torch.equal(j.cpu(), i.cpu()), f"int64 n={n}"
-    assert pycomm.stats()["cuda_ipc_all_reduces"] > 0, "default group did not use CUDA IPC"
-    assert pycomm.stats(staged_group)["cuda_ipc_all_reduces"] == 0, "PYCOMM_CUDA_IPC=0 group used IPC"
+    assert pycomm.stats()["cuda_ipc_collectives"] > 0, "default group did not use CUDA IPC"
+    assert pycomm.stats(staged_group)["cuda_ipc_collectives"] == 0, "PYCOMM_CUDA_IPC=0 group used IPC"
     dist.destroy_process_group(staged_group)
 
 
@@ -267,10 +267,22 @@ def test_cuda_ipc_matches_staged(world_size):
     run_ranks(world_size, _ipc_vs_staged, timeout=300, pg_timeout=120)
 
 
+def _cuda_other_collectives_path(rank: int, ws: int, path: str) -> dict:
+    digests = _cuda_other_collectives(rank, ws)
+    s = pycomm.stats()
+    used_ipc = s["cuda_ipc_collectives"] > 0
+    assert used_ipc == (path == "ipc"), f"{path} path expected: {s}"
+    return digests
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_cuda_other_collectives(world_size):
-    _assert_same_digests(run_ranks(world_size, _cuda_other_collectives, timeout=600, pg_timeout=120))
+def test_cuda_other_collectives(world_size, path):
+    """broadcast / all_gather_into_tensor / reduce_scatter_tensor take CUDA IPC on the
+    default path; reduce and the rest are staged on both."""
+    _assert_same_digests(run_ranks(world_size, _cuda_other_collectives_path, path, timeout=600, pg_timeout=120,
+                                   env=PATHS[path]))
 
 
 @pytest.mark.cuda
