@@ -50,14 +50,14 @@ std::chrono::milliseconds left(const Deadline& d) {
 std::unique_ptr<IpcCollectives> IpcCollectives::create(const std::function<std::unique_ptr<IpcDevice>()>& makeDevice,
                                                    Store& store,
                                                    const std::string& keyPrefix, Collectives& coll,
-                                                   size_t bufferBytes, const OpDesc& desc,
+                                                   size_t bufferBytes, size_t oneShotBytes, const OpDesc& desc,
                                                    const Deadline& deadline, std::string* whyNot) {
   const int rank = coll.transport().rank();
   const int size = coll.transport().size();
   // At least 16 bytes a rank for reduce_scatter's chunk layout; whole 16-byte units.
   bufferBytes = std::max<size_t>(256, bufferBytes & ~static_cast<size_t>(15));
   std::unique_ptr<IpcCollectives> ar(new IpcCollectives(rank, size, bufferBytes));
-  int32_t ok = 1;
+  int64_t ok = 1;
   std::string why;
   std::vector<uint8_t> mineBlob;
   auto where = [&] { return ar->device_ ? ar->device_->name() : std::string("its device"); };
@@ -99,16 +99,21 @@ std::unique_ptr<IpcCollectives> IpcCollectives::create(const std::function<std::
       why = strCat("rank ", rank, " on ", where(), " cannot map rank ", p, "'s memory: ", e.what());
     }
   }
-  // All ranks take the IPC path or none does.
+  // All ranks take the IPC path or none does, and all cut calls the same way: the
+  // smallest buffer size and one-shot limit any rank asked for (a smaller limit than a
+  // rank allocated only leaves part of its buffers unused).
+  int64_t agreed[3] = {ok, static_cast<int64_t>(bufferBytes), static_cast<int64_t>(oneShotBytes)};
   OpDesc agree = desc;
-  agree.count = 1;
-  agree.dtype = DType::kInt32;
+  agree.count = 3;
+  agree.dtype = DType::kInt64;
   agree.op = ReduceOp::kMin;
-  coll.allReduce(&ok, 1, DType::kInt32, ReduceOp::kMin, agree, deadline);
-  if (!ok) {
+  coll.allReduce(agreed, 3, DType::kInt64, ReduceOp::kMin, agree, deadline);
+  if (!agreed[0]) {
     if (whyNot) *whyNot = why.empty() ? std::string("another rank could not set up CUDA IPC") : why;
     return nullptr;
   }
+  ar->bufferBytes_ = static_cast<size_t>(agreed[1]);
+  ar->oneShotBytes_ = std::min(static_cast<size_t>(agreed[2]), ar->bufferBytes_);
   return ar;
 }
 
@@ -128,9 +133,24 @@ void IpcCollectives::allReduce(void* data, size_t count, DType dtype, ReduceOp o
   if (count == 0 || size_ == 1) return;  // one rank: the input is the result (AVG over 1)
   const size_t esz = dtypeSize(dtype);
   const size_t cap = std::max<size_t>(1, bufferBytes_ / esz);
+  std::vector<const void*> srcs(size_);
+  if (count * esz <= oneShotBytes_) {
+    // One-shot: every rank reduces the whole call from all buffers, in rank order (the
+    // same result everywhere). Reads n times the data instead of 2(n-1)/n of it, with one
+    // barrier instead of two: the faster choice while latency dominates.
+    const int b = beginChunk();
+    device_->copy(mine_[b], data, count * esz);
+    device_->record();
+    coll.barrier(desc, deadline);  // every rank's input is queued into its buffer, recorded
+    device_->waitPeers();
+    for (int p = 0; p < size_; ++p) srcs[p] = peers_[b][p];
+    device_->reduceMany(data, srcs.data(), size_, count, dtype, op);
+    device_->record();
+    endCall(coll, desc, deadline);
+    return;
+  }
   const size_t align = std::max<size_t>(1, 16 / esz);  // slices start on 16-byte boundaries
   char* base = static_cast<char*>(data);
-  std::vector<const void*> srcs(size_);
   for (size_t off = 0; off < count; off += cap) {
     const size_t c = std::min(cap, count - off);
     const size_t slice = (c + size_ - 1) / size_ + align - 1;

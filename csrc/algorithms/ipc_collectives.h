@@ -5,7 +5,8 @@
 //  - all_reduce = reduce-scatter + all-gather, both by direct reads of the peers'
 //    buffers: rank r reduces slice r of every rank's copy in one fused pass, then copies
 //    every other slice from its owner. Each rank moves 2(n-1)/n of the data across the
-//    interconnect, as a ring would, in two steps instead of 2(n-1).
+//    interconnect, as a ring would, in two steps instead of 2(n-1). Small calls run
+//    one-shot: every rank reduces everything from every buffer, one step.
 //  - reduce_scatter: every rank's buffer holds its input blocks' chunk; rank r reduces
 //    block r of all of them straight into its output.
 //  - all_gather: every rank's buffer holds its input's chunk; everyone copies all of them.
@@ -39,16 +40,19 @@ class IpcCollectives {
   /// Collective over `coll`'s ranks (all call it in the same operation, with the same
   /// `desc`): allocates two staging buffers of `bufferBytes` each, publishes their handles
   /// and this rank's event under `keyPrefix` in `store`, maps every peer's, then agrees
-  /// with the others. Returns null on every rank if any rank failed (its reason in
+  /// with the others (also on the buffer size and `oneShotBytes`, the largest all-reduce
+  /// that takes the one-shot form: the smallest any rank asked for). Returns null on every rank if any rank failed (its reason in
   /// `whyNot`), so the group falls back together; throws only if the host transport fails.
   /// `makeDevice` runs inside that protection too (a device that cannot be opened is a
   /// failed setup like any other).
   static std::unique_ptr<IpcCollectives> create(const std::function<std::unique_ptr<IpcDevice>()>& makeDevice,
                                                 Store& store, const std::string& keyPrefix, Collectives& coll,
-                                                size_t bufferBytes, const OpDesc& desc, const Deadline& deadline,
+                                                size_t bufferBytes, size_t oneShotBytes, const OpDesc& desc,
+                                                const Deadline& deadline,
                                                 std::string* whyNot);
 
-  /// In-place all-reduce of `count` elements at `data`.
+  /// In-place all-reduce of `count` elements at `data`: one-shot (every rank reduces all
+  /// of it from every buffer) up to oneShotBytes(), else reduce-scatter + all-gather.
   void allReduce(void* data, size_t count, DType dtype, ReduceOp op, Collectives& coll, const OpDesc& desc,
                  const Deadline& deadline);
 
@@ -72,6 +76,9 @@ class IpcCollectives {
   /// Bytes per staging buffer (a call larger than this runs in chunks of it).
   size_t bufferBytes() const { return bufferBytes_; }
 
+  /// Largest all-reduce (bytes) that runs one-shot.
+  size_t oneShotBytes() const { return oneShotBytes_; }
+
  private:
   IpcCollectives(int rank, int size, size_t bufferBytes) : rank_(rank), size_(size), bufferBytes_(bufferBytes) {}
 
@@ -88,6 +95,7 @@ class IpcCollectives {
   int rank_;
   int size_;
   size_t bufferBytes_;
+  size_t oneShotBytes_ = 0;
   char* mine_[2] = {nullptr, nullptr};  // this rank's two staging buffers
   std::vector<const char*> peers_[2];   // every rank's buffer b, mapped here (own at rank_)
   uint64_t chunks_ = 0;                 // chunks run so far: picks the buffer

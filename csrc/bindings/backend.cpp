@@ -333,6 +333,7 @@ class PycommBackend : public c10d::Backend {
     ipcWanted_ = size > 1 && group_->transportName() == "shm" && envInt("PYCOMM_CUDA_IPC", 1) != 0;
     ipcBufferBytes_ = static_cast<size_t>(std::max<int64_t>(4096, envInt("PYCOMM_CUDA_IPC_BUFFER_BYTES", 8 << 20)));
     stageChunkBytes_ = static_cast<size_t>(std::max<int64_t>(4096, envInt("PYCOMM_CUDA_STAGE_CHUNK_BYTES", 4 << 20)));
+    ipcOneShotBytes_ = static_cast<size_t>(std::max<int64_t>(0, envInt("PYCOMM_CUDA_IPC_ONESHOT_BYTES", 256 << 10)));
 #endif
     auto& t = processTotals();
     std::lock_guard<std::mutex> g(t.mu);
@@ -965,7 +966,7 @@ class PycommBackend : public c10d::Backend {
       ipcTried_ = true;
       std::string why;
       ipc_ = IpcCollectives::create([&] { return makeCudaIpcDevice(dev, stream.stream()); }, *store_,
-                                  group_->keyPrefix() + "ipc/", c, ipcBufferBytes_, d, dl, &why);
+                                  group_->keyPrefix() + "ipc/", c, ipcBufferBytes_, ipcOneShotBytes_, d, dl, &why);
       if (!ipc_) {
         std::fprintf(stderr,
                      "pycomm rank %d: CUDA IPC unavailable (%s); CUDA collectives are staged through host "
@@ -1061,6 +1062,7 @@ class PycommBackend : public c10d::Backend {
   bool ipcWanted_ = false;                     // one host, PYCOMM_CUDA_IPC not 0
   size_t ipcBufferBytes_ = 0;                  // PYCOMM_CUDA_IPC_BUFFER_BYTES
   size_t stageChunkBytes_ = 0;                 // PYCOMM_CUDA_STAGE_CHUNK_BYTES
+  size_t ipcOneShotBytes_ = 0;                 // PYCOMM_CUDA_IPC_ONESHOT_BYTES
   std::atomic<c10::DeviceIndex> ipcDevice_{-1};  // picked by the first CUDA all_reduce
   bool ipcTried_ = false;                      // collectives only (one at a time)
   std::unique_ptr<IpcCollectives> ipc_;          // destroyed after group_'s threads are gone

@@ -265,6 +265,8 @@ struct Case {
   std::vector<size_t> counts;  // one call each, in order, on the same buffers
   size_t bufferBytes;
   bool tcp = false;
+  size_t oneShotBytes = 0;  // all-reduces up to this size run one-shot
+  bool ranksDisagree = false;  // ranks ask for different sizes (create() agrees on the smallest)
 };
 
 /// Runs c.counts all-reduces on every rank; returns each rank's outputs.
@@ -288,8 +290,10 @@ std::vector<std::vector<std::vector<char>>> runCase(const Case& c, int maxDelayU
     std::string why;
     // Rank 0's device is the slow one: its work lags the others' by up to maxDelayUs an operation.
     const int delay = r == 0 ? maxDelayUs : maxDelayUs / 10;
-    auto ar = IpcCollectives::create([&] { return std::make_unique<HostIpcDevice>(world, r, delay, skipWaits); }, store,
-                                   "ipc/", coll, c.bufferBytes, d0, Deadline::after(kTimeout), &why);
+    const size_t extra = c.ranksDisagree ? 1024 * static_cast<size_t>(r) : 0;
+    auto ar = IpcCollectives::create([&] { return std::make_unique<HostIpcDevice>(world, r, delay, skipWaits); },
+                                     store, "ipc/", coll, c.bufferBytes + extra, c.oneShotBytes + extra, d0,
+                                     Deadline::after(kTimeout), &why);
     ASSERT_TRUE(ar) << why;
     for (size_t count : c.counts) {
       std::vector<char> buf(count * esz + 16);
@@ -306,7 +310,8 @@ std::vector<std::vector<std::vector<char>>> runCase(const Case& c, int maxDelayU
 
 void checkCase(const Case& c) {
   SCOPED_TRACE(strCat(c.n, " ranks, ", dtypeName(c.dt), " ", reduceOpName(c.op), ", buffer ", c.bufferBytes,
-                      c.tcp ? ", tcp" : ", shm"));
+                      c.tcp ? ", tcp" : ", shm", ", one-shot up to ", c.oneShotBytes,
+                      c.ranksDisagree ? ", ranks ask for different sizes" : ""));
   auto outs = runCase(c, /*maxDelayUs=*/150);
   for (size_t k = 0; k < c.counts.size(); ++k) {
     const size_t count = c.counts[k];
@@ -347,6 +352,22 @@ TEST(IpcCollectives, ManyChunksReuseBothBuffersAcrossCalls) {
   checkCase({4, DType::kBFloat16, ReduceOp::kAvg, {12347, 12347}, 2048});
 }
 
+TEST(IpcCollectives, OneShotForSmallCallsTwoStepAboveIt) {
+  // 4 KiB one-shot limit: counts up to 1021 floats run one-shot, 40961 in two steps;
+  // both on the same buffers, back to back.
+  for (int n : {2, 3, 5}) {
+    checkCase({n, DType::kFloat32, ReduceOp::kSum, {0, 1, 7, 1021, 40961, 13}, 8192, false, 4096});
+    checkCase({n, DType::kBFloat16, ReduceOp::kAvg, {1, 1021, 2049, 5}, 8192, false, 4096});
+  }
+  checkCase({3, DType::kInt32, ReduceOp::kMin, {257, 9000}, 8192, false, 8192});
+}
+
+TEST(IpcCollectives, RanksAskingForDifferentSizesAgreeOnTheSmallest) {
+  // Rank r asks for buffers and a one-shot limit 1 KiB * r larger: had each rank cut
+  // calls its own way, their barriers would not line up.
+  checkCase({3, DType::kFloat32, ReduceOp::kSum, {100, 300, 5000}, 1024, false, 1024, true});
+}
+
 TEST(IpcCollectives, BarriersOverTcpToo) { checkCase({3, DType::kFloat32, ReduceOp::kSum, {1021, 5}, 256, true}); }
 
 TEST(IpcCollectives, OneRankIsTheIdentity) { checkCase({1, DType::kFloat32, ReduceOp::kAvg, {0, 7, 100}, 64}); }
@@ -368,7 +389,7 @@ void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t buff
     uint64_t seq = 0;
     std::string why;
     auto ipc = IpcCollectives::create([&] { return std::make_unique<HostIpcDevice>(world, r, r == 0 ? 300 : 30); },
-                                      store, "ipc/", coll, bufferBytes,
+                                      store, "ipc/", coll, bufferBytes, 0,
                                       testing::makeDesc(CollType::kAllReduce, ++seq, 0), Deadline::after(kTimeout),
                                       &why);
     if (!ipc) {
@@ -467,7 +488,7 @@ TEST(IpcCollectives, FailedSetupOnOneRankFallsBackOnEveryRank) {
       if (r == 2) throw Error("no such device");  // the device cannot even be opened
       return std::make_unique<HostIpcDevice>(world, r, 0);
     };
-    auto ar = IpcCollectives::create(makeDevice, store, "ipc/", coll, 4096,
+    auto ar = IpcCollectives::create(makeDevice, store, "ipc/", coll, 4096, 0,
                                    testing::makeDesc(CollType::kAllReduce, 1, 0), Deadline::after(kTimeout),
                                    &why[r]);
     EXPECT_EQ(ar, nullptr);
