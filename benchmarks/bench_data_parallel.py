@@ -7,6 +7,7 @@ in the same run, plus the overlap figure (step vs compute-only and comm-only).
     python benchmarks/bench_data_parallel.py --steps 3 --warmup 2   # shorter
     python benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit # emulated 1 Gbit/s cluster
     python benchmarks/bench_data_parallel.py --modes dp,dp_onebit,ddp_gloo --json out.json
+    python benchmarks/bench_data_parallel.py --device cuda --modes ddp_gloo,dp,dp_fp16,ddp_pycomm
 
 Model: an MLP of ``--depth`` square ``--width`` layers between a ``--width``/4 input and
 output (default 6 x 2048: ~27M parameters, ~108 MB of float32 gradients), batch
@@ -20,6 +21,10 @@ Columns: ``step`` = median over the timed steps of the slowest rank's step time
 without communication; ``comm`` = the gradient averaging alone (the same buckets and
 compressor, no compute); ``overlap`` = step / max(compute, comm) (1.0 = perfect
 overlap; compute + comm over max(...) would be no overlap at all).
+
+``--device cuda`` puts the model, the batch and the buckets on GPU ``rank % device count``
+(several ranks may share one GPU) and times each step until the device is done; pycomm's
+CUDA path is then CUDA IPC (ranks on this host) and DDP on Gloo stages through the host.
 
 ``--hosts H`` runs the ranks inside H network namespaces joined by a ``tc``-shaped
 bridge (benchmarks/netem.py; root and iproute2 needed), pycomm over TCP.
@@ -72,16 +77,21 @@ def build_model(width: int, depth: int) -> Any:
 # ----------------------------------------------------------------------------- worker
 
 
-def _time_steps(step: Callable[[], None], warmup: int, steps: int, barrier_group: Any) -> float:
-    """Median over steps of the slowest rank's time for step()."""
+def _time_steps(step: Callable[[], None], warmup: int, steps: int, barrier_group: Any, cuda: bool = False) -> float:
+    """Median over steps of the slowest rank's time for step() (with `cuda`: until the
+    device has finished it)."""
     import torch
     import torch.distributed as dist
 
     times = []
     for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
         dist.barrier(group=barrier_group)
         t0 = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=barrier_group)
         if i >= warmup:
@@ -101,8 +111,16 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("pycomm")
     rank, world = dist.get_rank(), dist.get_world_size()
     gloo = dist.new_group(backend="gloo")
+    cuda = args.device == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_data_parallel: --device cuda, but torch sees no GPU")
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
     io = max(1, args.width // 4)
-    x = torch.randn(args.batch, io, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(args.batch, io, generator=torch.Generator().manual_seed(rank)).to(dev)
     results: Dict[str, Dict[str, float]] = {}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
@@ -114,10 +132,10 @@ def worker(args: argparse.Namespace) -> None:
         return step
 
     # Compute only: the bare module.
-    net = build_model(args.width, args.depth)
+    net = build_model(args.width, args.depth).to(dev)
     nparams = sum(p.numel() for p in net.parameters())
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
-    compute = _time_steps(train_step(net, opt), args.warmup, args.steps, gloo)
+    compute = _time_steps(train_step(net, opt), args.warmup, args.steps, gloo, cuda)
     del net, opt
     gc.collect()
     if rank == 0:
@@ -125,10 +143,10 @@ def worker(args: argparse.Namespace) -> None:
               f"{args.batch}, {world} ranks; compute-only step {compute * 1e3:.1f} ms", flush=True)
 
     for mode in modes:
-        net = build_model(args.width, args.depth)
+        net = build_model(args.width, args.depth).to(dev)
         # Compute-only again, right before this mode: the load on a shared machine drifts.
         opt = torch.optim.SGD(net.parameters(), lr=1e-4)
-        compute_here = _time_steps(train_step(net, opt), 1, args.steps, gloo)
+        compute_here = _time_steps(train_step(net, opt), 1, args.steps, gloo, cuda)
         del opt
         comm_fn: Optional[Callable[[], None]] = None
         if mode in DP_COMPRESSORS:
@@ -153,6 +171,8 @@ def worker(args: argparse.Namespace) -> None:
             # issue them in different orders (Gloo aborts: "Received data size doesn't match").
             # One bucket avoids the race (and the overlap).
             cap = {"bucket_cap_mb": 1 << 14} if mode == "ddp_gloo_powersgd" else {}
+            if cuda:
+                cap["device_ids"] = [dev.index]
             model = DDP(net, process_group=pg, gradient_as_bucket_view=True, **cap)
             if mode == "ddp_gloo_fp16":
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -175,7 +195,7 @@ def worker(args: argparse.Namespace) -> None:
                 params = list(net.parameters())
                 planned = _C.bucket_plan([p.numel() for p in params], [4] * len(params), [0] * len(params),
                                          25 << 20, 1 << 20)
-                flats = [torch.zeros(n) for _, _, n, _ in planned]
+                flats = [torch.zeros(n, device=dev) for _, _, n, _ in planned]
 
                 def comm_fn(flats=flats) -> None:
                     works = [dist.all_reduce(f, group=gloo, async_op=True) for f in flats]
@@ -183,8 +203,8 @@ def worker(args: argparse.Namespace) -> None:
                         w.wait()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up.
-        step_t = _time_steps(train_step(model, opt), max(args.warmup, 2), args.steps, gloo)
-        comm_t = _time_steps(comm_fn, 1, args.steps, gloo) if comm_fn is not None else float("nan")
+        step_t = _time_steps(train_step(model, opt), max(args.warmup, 2), args.steps, gloo, cuda)
+        comm_t = _time_steps(comm_fn, 1, args.steps, gloo, cuda) if comm_fn is not None else float("nan")
         results[mode] = {"step_ms": step_t * 1e3, "compute_ms": compute_here * 1e3, "comm_ms": comm_t * 1e3}
         if rank == 0:
             r = results[mode]
@@ -208,7 +228,7 @@ def worker(args: argparse.Namespace) -> None:
                          f"{'-' if comm != comm else f'{comm:.1f}'} | {'-' if ov != ov else f'{ov:.2f}'} |")
         print("\n".join(lines), flush=True)
         if args.json:
-            meta = {"ranks": world, "params": nparams, "batch": args.batch, "steps": args.steps,
+            meta = {"ranks": world, "params": nparams, "batch": args.batch, "steps": args.steps, "device": args.device,
                     "netem": json.loads(os.environ.get("PYCOMM_BENCH_NETEM", "null"))}
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "compute_ms": compute * 1e3, "results": results}, f, indent=1)
@@ -269,6 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated: " + ", ".join(ALL_MODES))
     ap.add_argument("--json", default="", help="write the results here (rank 0)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model and buckets live")
     ap.add_argument("--hosts", type=int, default=0, help="emulated hosts (netem); 0 = this host, shm")
     ap.add_argument("--link", default="1gbit", help="per-host link rate with --hosts (tc syntax)")
     ap.add_argument("--latency", default="100us", help="one-way latency with --hosts")

@@ -10,7 +10,7 @@
 #   STEPS="tests memcheck" bash benchmarks/gpu_check.sh   # a subset (no build: uses the
 #                                                     # pycomm._C already built in place)
 # Environment: PY, STEPS (build tests memcheck racecheck bench_kernels bench_allreduce
-# bench_allreduce_staged),
+# bench_allreduce_staged bench_dp),
 # BUDGET_S (whole-run wall budget, default 570: each step gets at most what is left),
 # CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS,
 # OUT (if set to a directory, every result file is also copied there after each step).
@@ -21,7 +21,7 @@ RES="$ROOT/benchmarks/results"
 mkdir -p "$RES"
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
-STEPS=${STEPS:-"build tests memcheck racecheck bench_kernels bench_allreduce bench_allreduce_staged"}
+STEPS=${STEPS:-"build tests memcheck racecheck bench_kernels bench_allreduce bench_allreduce_staged bench_dp"}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0"}
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
@@ -193,6 +193,18 @@ if want bench_allreduce_staged; then
   bw=$(grep -iE 'avg bus bandwidth|busbw' "$f" | tail -1 | sed 's/^ *//' || true)
   if [ "$RC" -eq 0 ]; then record bench_allreduce_staged PASS "${bw:-see file}" "$SECS"
   else record bench_allreduce_staged FAIL "rc=$RC" "$SECS"; fi
+fi
+
+# ---------------------------------------------------------------- 8. data-parallel step on CUDA
+# DataParallel (exact, FP16, OneBit) and torch DDP (Gloo; pycomm) on a CUDA MLP, 4 ranks on
+# this host's GPUs, step vs compute-only and comm-only in the same run (overlap column).
+if want bench_dp; then
+  f="$RES/gpu_bench_dp.txt"
+  run_step bench_dp 150 "$PY" benchmarks/bench_data_parallel.py --device cuda --ranks 4 \
+    --modes ddp_gloo,dp,dp_fp16,dp_onebit,ddp_pycomm --steps 5 --warmup 2
+  dp=$(grep -E '^\| dp \|' "$f" | head -1 | sed 's/^ *//' || true)
+  if [ "$RC" -eq 0 ]; then record bench_dp PASS "${dp:-see file}" "$SECS"
+  else record bench_dp FAIL "rc=$RC" "$SECS"; fi
 fi
 
 # ---------------------------------------------------------------- summary
