@@ -6,6 +6,7 @@
 // runs on the GPU is the same algorithm with the same reduceMany element math.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -412,7 +413,7 @@ void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t buff
     // all_gather, in place (rank r's input is its block of the output) and not.
     std::vector<char> all(n * per * esz), mine(per * esz);
     for (size_t i = 0; i < per; ++i) putValue(mine.data(), i, dt, inputValue(r, i, dt, op));
-    std::memcpy(all.data() + r * per * esz, mine.data(), per * esz);
+    std::copy(mine.begin(), mine.end(), all.begin() + r * per * esz);
     for (bool inPlace : {true, false}) {
       if (!inPlace) std::fill(all.begin(), all.end(), 0);
       ipc->allGather(inPlace ? all.data() + r * per * esz : mine.data(), all.data(), per * esz, coll,
