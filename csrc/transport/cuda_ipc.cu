@@ -140,9 +140,9 @@ class CudaIpcDevice : public IpcDevice {
     for (;;) {
       const cudaError_t e = cudaStreamQuery(stream_);
       if (e == cudaSuccess) return;
-      if (e != cudaErrorNotReady) check(e, "IPC all-reduce stream");
+      if (e != cudaErrorNotReady) check(e, "IPC collective stream");
       if (deadline.expired()) {
-        throw TimeoutError(strCat("pycomm: CUDA IPC all-reduce on ", name(),
+        throw TimeoutError(strCat("pycomm: CUDA IPC collective on ", name(),
                                   " did not finish on the device before the deadline (a peer's "
                                   "device work never completed)"));
       }

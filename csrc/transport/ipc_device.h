@@ -1,4 +1,4 @@
-// The device side of the single-host IPC all-reduce (algorithms/ipc_collectives.h): memory
+// The device side of the single-host IPC collectives (algorithms/ipc_collectives.h): memory
 // that each rank allocates and its peers map into their own address space, one
 // interprocess event per rank, and the stream-ordered operations the algorithm queues.
 // transport/cuda_ipc.cu implements it with CUDA IPC (cudaIpcGetMemHandle, interprocess

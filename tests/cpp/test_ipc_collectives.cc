@@ -1,4 +1,4 @@
-// The single-host IPC all-reduce (algorithms/ipc_collectives.h) over a host stand-in for
+// The single-host IPC collectives (algorithms/ipc_collectives.h) over a host stand-in for
 // CUDA IPC: each rank's "stream" is a worker thread that runs queued operations in
 // order, events follow CUDA's rule (a wait covers the peer's record as of the wait
 // call), and every operation starts after a random delay, so device work runs late and
