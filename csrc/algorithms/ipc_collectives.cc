@@ -242,6 +242,30 @@ void IpcCollectives::allGather(const void* in, void* out, size_t bytesPerRank, C
   endCall(coll, desc, deadline);
 }
 
+void IpcCollectives::reduce(void* data, size_t count, DType dtype, ReduceOp op, int root, Collectives& coll,
+                            const OpDesc& desc, const Deadline& deadline) {
+  checkReduceOp(dtype, op);
+  if (count == 0 || size_ == 1) return;
+  const size_t esz = dtypeSize(dtype);
+  const size_t cap = std::max<size_t>(1, bufferBytes_ / esz);
+  char* base = static_cast<char*>(data);
+  std::vector<const void*> srcs(size_);
+  for (size_t off = 0; off < count; off += cap) {
+    const size_t c = std::min(cap, count - off);
+    const int b = beginChunk();
+    device_->copy(mine_[b], base + off * esz, c * esz);
+    device_->record();
+    coll.barrier(desc, deadline);  // every rank's chunk is queued into its buffer, recorded
+    if (rank_ == root) {
+      device_->waitPeers();
+      for (int p = 0; p < size_; ++p) srcs[p] = peers_[b][p];
+      device_->reduceMany(base + off * esz, srcs.data(), size_, c, dtype, op);
+      device_->record();  // the peers wait for this before they reuse buffer b
+    }
+  }
+  endCall(coll, desc, deadline);
+}
+
 void IpcCollectives::broadcast(void* buf, size_t bytes, int root, Collectives& coll, const OpDesc& desc,
                                const Deadline& deadline) {
   if (bytes == 0 || size_ == 1) return;

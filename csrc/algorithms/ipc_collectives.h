@@ -11,6 +11,7 @@
 //    block r of all of them straight into its output.
 //  - all_gather: every rank's buffer holds its input's chunk; everyone copies all of them.
 //  - broadcast: the root's buffer holds the chunk; everyone copies it.
+//  - reduce: every rank's buffer holds its chunk; the root reduces all of them.
 //
 // The host only orders API calls (barriers over the group's host transport) and never
 // waits on the device until the end of a call. Results are bitwise identical on every
@@ -65,6 +66,11 @@ class IpcCollectives {
   /// rank's block of `out`.
   void allGather(const void* in, void* out, size_t bytesPerRank, Collectives& coll, const OpDesc& desc,
                  const Deadline& deadline);
+
+  /// Root's `data` = reduction of every rank's `data` (count elements); the other ranks'
+  /// data is unchanged.
+  void reduce(void* data, size_t count, DType dtype, ReduceOp op, int root, Collectives& coll, const OpDesc& desc,
+              const Deadline& deadline);
 
   /// Every rank's `buf` = root's `buf`.
   void broadcast(void* buf, size_t bytes, int root, Collectives& coll, const OpDesc& desc,

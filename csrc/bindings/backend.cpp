@@ -837,9 +837,9 @@ class PycommBackend : public c10d::Backend {
 
   /// all_reduce, broadcast and reduce of CUDA tensors, in place, on the group's comm
   /// stream for their device (after the caller's current stream, captured now).
-  /// all_reduce and broadcast go over CUDA IPC when the group's ranks share one host
-  /// (see ipcEligible, ipcFor); everything else is staged through pinned host memory in
-  /// overlapped chunks (stagedChunks).
+  /// They go over CUDA IPC when the group's ranks share one host (see ipcEligible,
+  /// ipcFor), and are staged through pinned host memory in overlapped chunks otherwise
+  /// (stagedChunks).
   c10::intrusive_ptr<c10d::Work> cudaInPlace(std::vector<at::Tensor>& tensors, c10d::OpType type, const char* name,
                                              CollType coll, const c10d::ReduceOp& rop, int root, bool asyncOp) {
     const char* what = coll == CollType::kAllReduce ? "all_reduce tensor"
@@ -859,7 +859,7 @@ class PycommBackend : public c10d::Backend {
     } else {
       ops = reduceArgs(st, rop);
     }
-    const bool ipc = coll != CollType::kReduce && ipcEligible(dev);
+    const bool ipc = ipcEligible(dev);
     auto cs = std::make_shared<CudaStage>(streams_.get(dev));
     cs->ready.record(c10::cuda::getCurrentCUDAStream(dev));
     return submit(
@@ -877,8 +877,10 @@ class PycommBackend : public c10d::Backend {
             if (ar) {
               if (coll == CollType::kAllReduce) {
                 ar->allReduce(work.data_ptr(), static_cast<size_t>(work.numel()), dt, op, c, d, dl);
-              } else {
+              } else if (coll == CollType::kBroadcast) {
                 ar->broadcast(work.data_ptr(), work.nbytes(), root, c, d, dl);
+              } else {
+                ar->reduce(work.data_ptr(), static_cast<size_t>(work.numel()), dt, op, root, c, d, dl);
               }
               cudaIpcCalls_.fetch_add(1);
             } else {

@@ -373,7 +373,7 @@ TEST(IpcCollectives, BarriersOverTcpToo) { checkCase({3, DType::kFloat32, Reduce
 
 TEST(IpcCollectives, OneRankIsTheIdentity) { checkCase({1, DType::kFloat32, ReduceOp::kAvg, {0, 7, 100}, 64}); }
 
-/// reduce_scatter, all_gather and broadcast (every root) on n ranks, `per` elements a
+/// reduce_scatter, all_gather, reduce and broadcast (every root) on n ranks, `per` elements a
 /// rank, through buffers of `bufferBytes` (many chunks), checked element by element
 /// against the float64 reference and bitwise across ranks where ranks share a result.
 void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t bufferBytes) {
@@ -425,6 +425,26 @@ void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t buff
       EXPECT_EQ(bad, 0u) << "all_gather: wrong elements on rank " << r << (inPlace ? " (in place)" : "");
     }
     gathered[r] = all;
+    // reduce to every root; the others keep their input
+    for (int root = 0; root < n; ++root) {
+      std::vector<char> buf(per * esz);
+      for (size_t i = 0; i < per; ++i) putValue(buf.data(), i, dt, inputValue(r, i, dt, op));
+      const std::vector<char> before = buf;
+      OpDesc rd = testing::makeDesc(CollType::kReduce, ++seq, per, dt);
+      rd.root = root;
+      rd.op = op;
+      ipc->reduce(buf.data(), per, dt, op, root, coll, rd, Deadline::after(kTimeout));
+      if (r != root) {
+        EXPECT_EQ(buf, before) << "reduce to root " << root << " changed rank " << r;
+        continue;
+      }
+      bad = 0;
+      for (size_t i = 0; i < per; ++i) {
+        const double want = reference(n, i, dt, op);
+        bad += std::fabs(getValue(buf.data(), i, dt) - want) > tolerance(dt) * std::max(1.0, std::fabs(want));
+      }
+      EXPECT_EQ(bad, 0u) << "reduce to root " << root << ": wrong elements";
+    }
     // broadcast from every root
     for (int root = 0; root < n; ++root) {
       std::vector<char> buf(per * esz);
@@ -440,7 +460,7 @@ void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t buff
   for (int r = 1; r < n; ++r) EXPECT_EQ(gathered[r], gathered[0]);
 }
 
-TEST(IpcCollectives, ReduceScatterAllGatherBroadcast) {
+TEST(IpcCollectives, ReduceScatterAllGatherReduceBroadcast) {
   for (int n : {1, 2, 3, 5}) {
     for (size_t per : {0, 1, 7, 1021}) {
       checkOtherCollectives(n, DType::kFloat32, ReduceOp::kSum, per, 256);

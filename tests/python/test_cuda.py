@@ -279,8 +279,9 @@ def _cuda_other_collectives_path(rank: int, ws: int, path: str) -> dict:
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_cuda_other_collectives(world_size, path):
-    """broadcast / all_gather_into_tensor / reduce_scatter_tensor take CUDA IPC on the
-    default path; reduce and the rest are staged on both."""
+    """broadcast / reduce / all_gather_into_tensor / reduce_scatter_tensor take CUDA IPC
+    on the default path; the list forms, all_to_all, gather, scatter and p2p are staged
+    on both."""
     _assert_same_digests(run_ranks(world_size, _cuda_other_collectives_path, path, timeout=600, pg_timeout=120,
                                    env=PATHS[path]))
 
