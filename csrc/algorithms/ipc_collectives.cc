@@ -64,7 +64,7 @@ std::unique_ptr<IpcCollectives> IpcCollectives::create(const std::function<std::
   try {
     ar->device_ = makeDevice();
     IpcDevice& dev = *ar->device_;
-    PYCOMM_CHECK_ARG(size <= dev.maxSources(), "the IPC all-reduce takes at most ", dev.maxSources(),
+    PYCOMM_CHECK_ARG(size <= dev.maxSources(), "the IPC collectives take at most ", dev.maxSources(),
                      " ranks, the group has ", size);
     std::string h0, h1;
     ar->mine_[0] = static_cast<char*>(dev.allocate(bufferBytes, &h0));
@@ -110,6 +110,13 @@ std::unique_ptr<IpcCollectives> IpcCollectives::create(const std::function<std::
   coll.allReduce(agreed, 3, DType::kInt64, ReduceOp::kMin, agree, deadline);
   if (!agreed[0]) {
     if (whyNot) *whyNot = why.empty() ? std::string("another rank could not set up CUDA IPC") : why;
+    // Free what was allocated, but only after every rank unmapped what it had opened.
+    try {
+      if (ar->device_) ar->device_->closePeers();
+    } catch (const std::exception&) {  // still meet the others at the barrier
+    }
+    coll.barrier(agree, deadline);
+    if (ar->device_) ar->device_->freeOnDestroy();
     return nullptr;
   }
   ar->bufferBytes_ = static_cast<size_t>(agreed[1]);

@@ -66,15 +66,25 @@ class CudaIpcDevice : public IpcDevice {
   }
 
   ~CudaIpcDevice() override {
-    // Destructors run after the last operation's closing barrier: no peer reads our
-    // buffers any more, and nothing of ours is queued. Errors are ignored: the runtime
-    // may be shutting down at process exit.
+    // Destructors run after the last operation's closing barrier: nothing of ours is
+    // queued and no peer reads our buffers any more, but peers may still have them
+    // mapped, so they are freed only if freeOnDestroy() said every peer has closed them
+    // (else the process's exit reclaims them). Errors are ignored: the runtime may be
+    // shutting down at process exit.
     DeviceScope d(device_, /*nothrow=*/true);
-    for (void* p : opened_) cudaIpcCloseMemHandle(p);
-    for (auto& [peer, ev] : peerEvents_) cudaEventDestroy(ev);
-    for (void* p : owned_) cudaFree(p);
+    closePeersNoThrow();
+    if (freeOwned_) {
+      for (void* p : owned_) cudaFree(p);
+    }
     if (event_) cudaEventDestroy(event_);
   }
+
+  void closePeers() override {
+    DeviceScope d(device_);
+    closePeersNoThrow();
+  }
+
+  void freeOnDestroy() override { freeOwned_ = true; }
 
   void* allocate(size_t bytes, std::string* handle) override {
     DeviceScope d(device_);
@@ -153,6 +163,13 @@ class CudaIpcDevice : public IpcDevice {
 
   int maxSources() const override { return kMaxReduceSources; }
 
+  void closePeersNoThrow() {
+    for (void* p : opened_) cudaIpcCloseMemHandle(p);
+    opened_.clear();
+    for (auto& [peer, ev] : peerEvents_) cudaEventDestroy(ev);
+    peerEvents_.clear();
+  }
+
   std::string name() const override { return strCat("cuda:", device_, " (IPC)"); }
 
  private:
@@ -162,6 +179,7 @@ class CudaIpcDevice : public IpcDevice {
   std::vector<void*> owned_;
   std::vector<void*> opened_;
   std::map<int, cudaEvent_t> peerEvents_;
+  bool freeOwned_ = false;  // see freeOnDestroy()
 };
 
 }  // namespace

@@ -29,8 +29,18 @@ class IpcDevice {
   /// openPeer(). Owned by this object.
   virtual void* allocate(size_t bytes, std::string* handle) = 0;
 
-  /// Maps a peer's allocation into this process (unmapped when this object dies).
+  /// Maps a peer's allocation into this process (unmapped by closePeers() or when this
+  /// object dies).
   virtual void* openPeer(const std::string& handle) = 0;
+
+  /// Unmaps every peer allocation and event this rank opened.
+  virtual void closePeers() = 0;
+
+  /// Lets the destructor free this rank's allocations. Without it they stay allocated
+  /// until the process exits: an owner must not free memory a peer still has mapped
+  /// (CUDA: undefined behaviour), and a group's teardown is not collective. Call it once
+  /// every peer has closed its mappings (create() does, after a failed setup).
+  virtual void freeOnDestroy() = 0;
 
   /// The handle of this rank's interprocess event.
   virtual std::string eventHandle() = 0;

@@ -136,6 +136,8 @@ class HostIpcDevice : public IpcDevice {
     std::lock_guard<std::mutex> g(w_.mu);
     return w_.blocks.at(std::stoul(handle))->data();
   }
+  void closePeers() override { peers_.clear(); }
+  void freeOnDestroy() override {}  // the shared blocks live as long as the HostWorld
   std::string eventHandle() override { return std::to_string(rank_); }
   void openPeerEvent(int peer, const std::string& handle) override {
     ASSERT_EQ(std::stoi(handle), peer);
