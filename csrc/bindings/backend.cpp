@@ -184,19 +184,21 @@ void stagedChunks(const at::Tensor& t, c10::cuda::CUDAStream stream, size_t chun
   at::Tensor pinned = at::empty({static_cast<int64_t>(n * esz)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   char* host = static_cast<char*>(pinned.data_ptr());
   char* dev = static_cast<char*>(t.data_ptr());
-  std::vector<at::cuda::CUDAEvent> landed(chunks);
+  // Chunk i's copy-in is marked by landed[i % 2]: that event is recorded again for
+  // chunk i + 2 only after the host has waited for chunk i.
+  at::cuda::CUDAEvent landed[2];
   auto first = [&](size_t i) { return i * per; };
   auto len = [&](size_t i) { return std::min(per, n - i * per); };
   auto fetch = [&](size_t i) {
     C10_CUDA_CHECK(cudaMemcpyAsync(host + first(i) * esz, dev + first(i) * esz, len(i) * esz,
                                    cudaMemcpyDeviceToHost, stream.stream()));
-    landed[i].record(stream);
+    landed[i % 2].record(stream);
   };
   try {
     if (copyIn) fetch(0);
     for (size_t i = 0; i < chunks; ++i) {
       if (copyIn && i + 1 < chunks) fetch(i + 1);  // overlaps coll(i)
-      if (copyIn) landed[i].synchronize();
+      if (copyIn) landed[i % 2].synchronize();
       coll(host + first(i) * esz, first(i), len(i));
       if (copyOut) {  // overlaps coll(i + 1)
         C10_CUDA_CHECK(cudaMemcpyAsync(dev + first(i) * esz, host + first(i) * esz, len(i) * esz,
@@ -817,7 +819,7 @@ class PycommBackend : public c10d::Backend {
   using CollFn = std::function<void(Collectives&, const OpDesc&, const Deadline&)>;
 
 #if defined(PYCOMM_WITH_CUDA)
-  /// Header tag of all_reduces that take the CUDA IPC path: a rank that stages instead
+  /// Header tag of collectives that take the CUDA IPC path: a rank that stages instead
   /// (its tensor on another device, PYCOMM_CUDA_IPC set differently) is a mismatch.
   static constexpr uint32_t kCudaIpcTag = 0x43495043;  // "CIPC"
 
@@ -1058,14 +1060,14 @@ class PycommBackend : public c10d::Backend {
 
   std::unique_ptr<C10dStore> store_;  // declared first: destroyed after group_
   CommStreams streams_;                // CUDA comm streams of this group
-  std::atomic<uint64_t> cudaIpcCalls_{0};      // all_reduces run over CUDA IPC
+  std::atomic<uint64_t> cudaIpcCalls_{0};      // collectives run over CUDA IPC
   std::atomic<uint64_t> cudaStagedChunks_{0};  // chunks of CUDA tensors staged through host memory
 #if defined(PYCOMM_WITH_CUDA)
   bool ipcWanted_ = false;                     // one host, PYCOMM_CUDA_IPC not 0
   size_t ipcBufferBytes_ = 0;                  // PYCOMM_CUDA_IPC_BUFFER_BYTES
   size_t stageChunkBytes_ = 0;                 // PYCOMM_CUDA_STAGE_CHUNK_BYTES
   size_t ipcOneShotBytes_ = 0;                 // PYCOMM_CUDA_IPC_ONESHOT_BYTES
-  std::atomic<c10::DeviceIndex> ipcDevice_{-1};  // picked by the first CUDA all_reduce
+  std::atomic<c10::DeviceIndex> ipcDevice_{-1};  // picked by the first IPC-capable CUDA collective
   bool ipcTried_ = false;                      // collectives only (one at a time)
   std::unique_ptr<IpcCollectives> ipc_;          // destroyed after group_'s threads are gone
 #endif

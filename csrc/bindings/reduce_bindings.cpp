@@ -3,6 +3,8 @@
 // CPU loop bitwise and the GPU check runs it under compute-sanitizer.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cctype>
 #include <string>
 #include <vector>
 
@@ -19,14 +21,15 @@
 namespace pycomm {
 namespace {
 
+/// The op whose core name (reduceOpName: "SUM", "AVG", ...) is `name` in any case.
 ReduceOp reduceOpByName(const std::string& name) {
-  static const std::pair<const char*, ReduceOp> kOps[] = {
-      {"sum", ReduceOp::kSum}, {"avg", ReduceOp::kAvg},   {"product", ReduceOp::kProduct},
-      {"min", ReduceOp::kMin}, {"max", ReduceOp::kMax},   {"band", ReduceOp::kBand},
-      {"bor", ReduceOp::kBor}, {"bxor", ReduceOp::kBxor},
-  };
-  for (const auto& [n, op] : kOps) {
-    if (name == n) return op;
+  for (int i = static_cast<int>(ReduceOp::kSum); i <= static_cast<int>(ReduceOp::kBxor); ++i) {
+    const auto op = static_cast<ReduceOp>(i);
+    const std::string known = reduceOpName(op);
+    if (name.size() == known.size() &&
+        std::equal(name.begin(), name.end(), known.begin(), [](char a, char b) { return std::toupper(a) == b; })) {
+      return op;
+    }
   }
   TORCH_CHECK_VALUE(false, "pycomm: unknown reduce op '", name, "' (sum, avg, product, min, max, band, bor, bxor)");
 }

@@ -72,13 +72,6 @@ PYCOMM_HD T reduceElem(T dst, T src) {
   return storeAcc<T>(Combine<Op, A>::apply(loadAcc<T>(dst), loadAcc<T>(src)));
 }
 
-/// AVG finalisation for one element: value / n (integers truncate toward zero, as torch).
-template <typename T>
-PYCOMM_HD T avgElem(T v, int n) {
-  using A = typename AccType<T>::type;
-  return storeAcc<T>(static_cast<A>(loadAcc<T>(v) / static_cast<A>(n)));
-}
-
 /// Rounds an accumulated value back to storage once; a divisor > 1 (AVG, combined as
 /// SUM) divides first, in the accumulation type (integers truncate toward zero).
 template <typename T>
@@ -86,6 +79,12 @@ PYCOMM_HD T finishAcc(typename AccType<T>::type acc, int avgDivisor) {
   using A = typename AccType<T>::type;
   if (avgDivisor > 1) acc = static_cast<A>(acc / static_cast<A>(avgDivisor));
   return storeAcc<T>(acc);
+}
+
+/// AVG finalisation for one element: value / n (integers truncate toward zero, as torch).
+template <typename T>
+PYCOMM_HD T avgElem(T v, int n) {
+  return finishAcc<T>(loadAcc<T>(v), n);
 }
 
 /// Element i of the reduction of n sources, combined in source order in the
