@@ -201,6 +201,11 @@ def test_destroy_with_a_collective_running_aborts_it(transport):
         p = r["payload"]
         assert p["destroy_s"] < 5.0, (r["rank"], p)  # not the 60 s deadline
         if r["rank"] != 2:
-            assert "timed out" in p["wait"], p
+            # Either this rank's own 1 s wait ran out first, or it started its all_reduce
+            # later (3 processes on few cores) and a peer that gave up first destroyed
+            # its group, which aborts this rank's collective: the error names that peer.
+            other = 1 - r["rank"]
+            assert ("timed out" in p["wait"]
+                    or f"rank {other} destroyed its process group" in p["wait"]), (r["rank"], p)
     late = results[2]["payload"]
     assert late["late"] != "completed" and late["late_s"] < 10.0, late
