@@ -18,16 +18,13 @@
 #include <cub/block/block_scan.cuh>
 
 #include "core/error.h"
+#include "kernels/cuda_check.h"
 #include "kernels/compress.h"
 
 namespace pycomm {
 namespace {
 
 constexpr int kThreads = 256;
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(strCat("pycomm CUDA ", what, ": ", cudaGetErrorString(e)));
-}
 
 unsigned gridFor(size_t n, int perBlock) {
   size_t g = (n + perBlock - 1) / perBlock;
@@ -460,7 +457,7 @@ void oneBitCompressCuda(const float* x, float* residual, size_t n, size_t chunk,
   if (chunk == 0 || numChunks == 0) return;
   const dim3 grid((unsigned)((chunk + kOneBitBlock - 1) / kOneBitBlock), (unsigned)numChunks);
   oneBitCompressKernel<<<grid, kOneBitThreads, 0, stream>>>(x, residual, n, chunk, out, oneBitPayloadBytes(chunk));
-  check(cudaGetLastError(), "oneBitCompress");
+  cudaCheck(cudaGetLastError(), "oneBitCompress");
 }
 
 void oneBitServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
@@ -471,7 +468,7 @@ void oneBitServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, si
   const unsigned blocks = (unsigned)((chunk + kOneBitBlock - 1) / kOneBitBlock);
   oneBitServerKernel<<<blocks, kOneBitThreads, 0, stream>>>(in, numPayloads, chunk, count, (float)divisor, residual,
                                                             out, oneBitPayloadBytes(chunk));
-  check(cudaGetLastError(), "oneBitServerReduce");
+  cudaCheck(cudaGetLastError(), "oneBitServerReduce");
 }
 
 void oneBitDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, size_t n, float* out, bool accumulate,
@@ -480,7 +477,7 @@ void oneBitDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, siz
   if (n == 0) return;
   oneBitDecompressKernel<<<gridFor(n, kThreads), kThreads, 0, stream>>>(in, chunk, n, oneBitPayloadBytes(chunk),
                                                                          out, accumulate);
-  check(cudaGetLastError(), "oneBitDecompress");
+  cudaCheck(cudaGetLastError(), "oneBitDecompress");
 }
 
 void qsgdCompressCuda(const float* x, float* residual, size_t n, size_t chunk, size_t numChunks, int bits,
@@ -492,7 +489,7 @@ void qsgdCompressCuda(const float* x, float* residual, size_t n, size_t chunk, s
   dim3 grid((unsigned)qsgdNumBlocks(chunk), (unsigned)numChunks);
   qsgdCompressKernel<<<grid, kQsgdThreads, 0, stream>>>(x, residual, n, chunk, bits, seed, out,
                                                         qsgdPayloadBytes(chunk, bits), indexBase);
-  check(cudaGetLastError(), "qsgdCompress");
+  cudaCheck(cudaGetLastError(), "qsgdCompress");
 }
 
 void qsgdServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
@@ -504,7 +501,7 @@ void qsgdServerReduceCuda(const uint8_t* in, int numPayloads, size_t chunk, size
   qsgdServerKernel<<<(unsigned)qsgdNumBlocks(chunk), kQsgdThreads, 0, stream>>>(
       in, numPayloads, chunk, count, (float)divisor, residual, bits, seed, out, qsgdPayloadBytes(chunk, bits),
       indexBase);
-  check(cudaGetLastError(), "qsgdServerReduce");
+  cudaCheck(cudaGetLastError(), "qsgdServerReduce");
 }
 
 void qsgdDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, size_t n, int bits, float* out,
@@ -513,14 +510,14 @@ void qsgdDecompressCuda(const uint8_t* in, size_t numChunks, size_t chunk, size_
   if (n == 0) return;
   qsgdDecompressKernel<<<gridFor(n, kThreads), kThreads, 0, stream>>>(in, chunk, n, bits,
                                                                        qsgdPayloadBytes(chunk, bits), out, accumulate);
-  check(cudaGetLastError(), "qsgdDecompress");
+  cudaCheck(cudaGetLastError(), "qsgdDecompress");
 }
 
 void halfCompressCuda(const float* x, float* residual, size_t n, size_t outCount, bool bf16, uint16_t* out,
                       CUstream_st* stream) {
   if (outCount == 0) return;
   halfCompressKernel<<<gridFor(outCount, kThreads), kThreads, 0, stream>>>(x, residual, n, outCount, bf16, out);
-  check(cudaGetLastError(), "halfCompress");
+  cudaCheck(cudaGetLastError(), "halfCompress");
 }
 
 void halfServerReduceCuda(const uint16_t* in, int numPayloads, size_t chunk, size_t count, int divisor,
@@ -528,20 +525,20 @@ void halfServerReduceCuda(const uint16_t* in, int numPayloads, size_t chunk, siz
   if (chunk == 0) return;
   halfServerKernel<<<gridFor(chunk, kThreads), kThreads, 0, stream>>>(in, numPayloads, chunk, count, (float)divisor,
                                                                       residual, bf16, out);
-  check(cudaGetLastError(), "halfServerReduce");
+  cudaCheck(cudaGetLastError(), "halfServerReduce");
 }
 
 void halfDecompressCuda(const uint16_t* in, size_t n, bool bf16, float* out, CUstream_st* stream) {
   if (n == 0) return;
   halfDecompressKernel<<<gridFor(n, kThreads), kThreads, 0, stream>>>(in, n, bf16, out);
-  check(cudaGetLastError(), "halfDecompress");
+  cudaCheck(cudaGetLastError(), "halfDecompress");
 }
 
 void floatServerReduceCuda(const float* in, int numPayloads, size_t chunk, size_t count, int divisor, float* out,
                            CUstream_st* stream) {
   if (chunk == 0) return;
   floatServerKernel<<<gridFor(chunk, kThreads), kThreads, 0, stream>>>(in, numPayloads, chunk, count, divisor, out);
-  check(cudaGetLastError(), "floatServerReduce");
+  cudaCheck(cudaGetLastError(), "floatServerReduce");
 }
 
 void topkCompressCuda(const float* x, float* residual, size_t n, size_t k, float* values, int32_t* indices,
@@ -552,37 +549,37 @@ void topkCompressCuda(const float* x, float* residual, size_t n, size_t k, float
   const size_t tiles = (n + kTopkTile - 1) / kTopkTile;
   TopkScratch* s = nullptr;
   int2* counts = nullptr;
-  check(cudaMallocAsync(reinterpret_cast<void**>(&s), sizeof(TopkScratch), stream), "malloc");
-  check(cudaMallocAsync(reinterpret_cast<void**>(&counts), tiles * sizeof(int2), stream), "malloc");
+  cudaCheck(cudaMallocAsync(reinterpret_cast<void**>(&s), sizeof(TopkScratch), stream), "malloc");
+  cudaCheck(cudaMallocAsync(reinterpret_cast<void**>(&counts), tiles * sizeof(int2), stream), "malloc");
   const unsigned g = gridFor(n, kThreads * 8) > 4096 ? 4096 : gridFor(n, kThreads * 8);
-  check(cudaMemsetAsync(s->hist, 0, sizeof(s->hist), stream), "memset");
+  cudaCheck(cudaMemsetAsync(s->hist, 0, sizeof(s->hist), stream), "memset");
   topkHistHiKernel<<<g, kThreads, 0, stream>>>(x, residual, n, s->hist);
   const float* v = residual ? residual : x;
   if (k > 0) {
     topkFindKernel<<<1, kThreads, 0, stream>>>(s, k, 0);
-    check(cudaMemsetAsync(s->hist, 0, sizeof(s->hist), stream), "memset");
+    cudaCheck(cudaMemsetAsync(s->hist, 0, sizeof(s->hist), stream), "memset");
     topkHistLoKernel<<<g, kThreads, 0, stream>>>(v, n, s);
     topkFindKernel<<<1, kThreads, 0, stream>>>(s, k, 1);
     topkTileCountKernel<<<(unsigned)tiles, kThreads, 0, stream>>>(v, n, s, counts);
     topkScanKernel<<<1, 1, 0, stream>>>(counts, tiles);
     topkEmitKernel<<<(unsigned)tiles, kThreads, 0, stream>>>(v, residual, n, s, counts, values, indices);
   }
-  check(cudaFreeAsync(counts, stream), "free");
-  check(cudaFreeAsync(s, stream), "free");
-  check(cudaGetLastError(), "topkCompress");
+  cudaCheck(cudaFreeAsync(counts, stream), "free");
+  cudaCheck(cudaFreeAsync(s, stream), "free");
+  cudaCheck(cudaGetLastError(), "topkCompress");
 }
 
 void topkDecompressCuda(const int32_t* in, int numPayloads, size_t k, size_t n, int divisor, float* out,
                         CUstream_st* stream) {
   if (n == 0) return;
-  check(cudaMemsetAsync(out, 0, n * sizeof(float), stream), "memset");
+  cudaCheck(cudaMemsetAsync(out, 0, n * sizeof(float), stream), "memset");
   if (k > 0) {
     for (int r = 0; r < numPayloads; ++r) {
       topkScatterKernel<<<gridFor(k, kThreads), kThreads, 0, stream>>>(in, r, k, out);
     }
   }
   if (divisor > 1) divideKernel<<<gridFor(n, kThreads), kThreads, 0, stream>>>(out, n, (float)divisor);
-  check(cudaGetLastError(), "topkDecompress");
+  cudaCheck(cudaGetLastError(), "topkDecompress");
 }
 
 }  // namespace pycomm

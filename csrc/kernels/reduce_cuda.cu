@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "kernels/cuda_check.h"
 #include "kernels/reduce_cuda.h"
 #include "kernels/reduce_dispatch.h"
 #include "kernels/reduce_math.h"
@@ -21,10 +22,6 @@ constexpr int kMaxBlocks = 65535;
 unsigned blocksFor(size_t work) {
   const size_t b = (work + kThreads - 1) / kThreads;
   return (unsigned)(b == 0 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
-}
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(strCat("pycomm CUDA ", what, ": ", cudaGetErrorString(e)));
 }
 
 /// 16 bytes of T, as loaded by one uint4 access.
@@ -153,7 +150,7 @@ void reduceManyCuda(void* dst, const void* const* srcs, int n, size_t count, DTy
       }
     });
   });
-  check(cudaGetLastError(), "reduceMany");
+  cudaCheck(cudaGetLastError(), "reduceMany");
 }
 
 void reduce3Cuda(void* dst, const void* a, const void* b, size_t count, DType dtype, ReduceOp op,
@@ -167,7 +164,7 @@ void reduce3Cuda(void* dst, const void* a, const void* b, size_t count, DType dt
       launchReduce<kOp, T>(static_cast<T*>(dst), static_cast<const T*>(a), static_cast<const T*>(b), count, stream);
     });
   });
-  check(cudaGetLastError(), "reduce");
+  cudaCheck(cudaGetLastError(), "reduce");
 }
 
 void reduceIntoCuda(void* dst, const void* src, size_t count, DType dtype, ReduceOp op, cudaStream_t stream) {
@@ -184,7 +181,7 @@ void finalizeAvgCuda(void* buf, size_t count, DType dtype, int n, cudaStream_t s
       avgKernel<T><<<blocksFor(count), kThreads, 0, stream>>>(static_cast<T*>(buf), count, n);
     }
   });
-  check(cudaGetLastError(), "finalizeAvg");
+  cudaCheck(cudaGetLastError(), "finalizeAvg");
 }
 
 }  // namespace pycomm

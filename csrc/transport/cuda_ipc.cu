@@ -9,18 +9,12 @@
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cuda_check.h"
 #include "kernels/reduce_cuda.h"
 
 namespace pycomm {
 
 namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();  // reset the (non-sticky) error state so later calls are not blamed
-    throw Error(strCat("CUDA ", what, ": ", cudaGetErrorString(e)));
-  }
-}
 
 /// Sets `device` current for the scope (the comm thread may have another one current).
 /// `nothrow`: for destructors, which may run while the CUDA runtime is shutting down.
@@ -32,8 +26,8 @@ class DeviceScope {
       if (prev_ >= 0 && prev_ != device) cudaSetDevice(device);
       return;
     }
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    cudaCheck(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) cudaCheck(cudaSetDevice(device), "cudaSetDevice");
   }
   ~DeviceScope() {
     if (prev_ >= 0) cudaSetDevice(prev_);
@@ -61,7 +55,7 @@ class CudaIpcDevice : public IpcDevice {
   CudaIpcDevice(int device, cudaStream_t stream) : device_(device), stream_(stream) {
     DeviceScope d(device_);
     // Interprocess events must be created without timing.
-    check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming | cudaEventInterprocess),
+    cudaCheck(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming | cudaEventInterprocess),
           "cudaEventCreateWithFlags(interprocess)");
   }
 
@@ -89,10 +83,10 @@ class CudaIpcDevice : public IpcDevice {
   void* allocate(size_t bytes, std::string* handle) override {
     DeviceScope d(device_);
     void* p = nullptr;
-    check(cudaMalloc(&p, bytes), "cudaMalloc (IPC buffer)");
+    cudaCheck(cudaMalloc(&p, bytes), "cudaMalloc (IPC buffer)");
     owned_.push_back(p);
     cudaIpcMemHandle_t h;
-    check(cudaIpcGetMemHandle(&h, p), "cudaIpcGetMemHandle");
+    cudaCheck(cudaIpcGetMemHandle(&h, p), "cudaIpcGetMemHandle");
     *handle = toString(h);
     return p;
   }
@@ -100,7 +94,7 @@ class CudaIpcDevice : public IpcDevice {
   void* openPeer(const std::string& handle) override {
     DeviceScope d(device_);
     void* p = nullptr;
-    check(cudaIpcOpenMemHandle(&p, fromString<cudaIpcMemHandle_t>(handle, "memory"),
+    cudaCheck(cudaIpcOpenMemHandle(&p, fromString<cudaIpcMemHandle_t>(handle, "memory"),
                                cudaIpcMemLazyEnablePeerAccess),
           "cudaIpcOpenMemHandle");
     opened_.push_back(p);
@@ -109,32 +103,32 @@ class CudaIpcDevice : public IpcDevice {
 
   std::string eventHandle() override {
     cudaIpcEventHandle_t h;
-    check(cudaIpcGetEventHandle(&h, event_), "cudaIpcGetEventHandle");
+    cudaCheck(cudaIpcGetEventHandle(&h, event_), "cudaIpcGetEventHandle");
     return toString(h);
   }
 
   void openPeerEvent(int peer, const std::string& handle) override {
     DeviceScope d(device_);
     cudaEvent_t ev = nullptr;
-    check(cudaIpcOpenEventHandle(&ev, fromString<cudaIpcEventHandle_t>(handle, "event")),
+    cudaCheck(cudaIpcOpenEventHandle(&ev, fromString<cudaIpcEventHandle_t>(handle, "event")),
           "cudaIpcOpenEventHandle");
     peerEvents_[peer] = ev;
   }
 
   void record() override {
     DeviceScope d(device_);
-    check(cudaEventRecord(event_, stream_), "cudaEventRecord");
+    cudaCheck(cudaEventRecord(event_, stream_), "cudaEventRecord");
   }
 
   void waitPeers() override {
     DeviceScope d(device_);
-    for (auto& [peer, ev] : peerEvents_) check(cudaStreamWaitEvent(stream_, ev, 0), "cudaStreamWaitEvent");
+    for (auto& [peer, ev] : peerEvents_) cudaCheck(cudaStreamWaitEvent(stream_, ev, 0), "cudaStreamWaitEvent");
   }
 
   void copy(void* dst, const void* src, size_t bytes) override {
     if (bytes == 0) return;
     DeviceScope d(device_);
-    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_), "cudaMemcpyAsync");
+    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_), "cudaMemcpyAsync");
   }
 
   void reduceMany(void* dst, const void* const* srcs, int n, size_t count, DType dtype, ReduceOp op) override {
@@ -150,7 +144,7 @@ class CudaIpcDevice : public IpcDevice {
     for (;;) {
       const cudaError_t e = cudaStreamQuery(stream_);
       if (e == cudaSuccess) return;
-      if (e != cudaErrorNotReady) check(e, "IPC collective stream");
+      if (e != cudaErrorNotReady) cudaCheck(e, "IPC collective stream");
       if (deadline.expired()) {
         throw TimeoutError(strCat("pycomm: CUDA IPC collective on ", name(),
                                   " did not finish on the device before the deadline (a peer's "
