@@ -159,14 +159,7 @@ TEST_P(Compressed, PipelineEqualsWholeChunkExchange) {
   reference(kind, want, n, chunk, divisor);
 
   MemStore store;
-  std::vector<std::unique_ptr<Transport>> t(w);
-  runRanks(w, [&](int r) {
-    if (tcp) {
-      t[r] = std::make_unique<TcpTransport>(store, "c/t/", r, w, kTimeout);
-    } else {
-      t[r] = std::make_unique<ShmTransport>(store, "c/s/", r, w, kTimeout);
-    }
-  });
+  auto t = testing::makeTransports(store, tcp, tcp ? "c/t/" : "c/s/", w, kTimeout);
   runRanks(w, [&](int r) {
     Collectives coll(*t[r], AlgoConfig{});
     auto codec = codecFor(kind, r);

@@ -275,14 +275,7 @@ struct Case {
 /// Runs c.counts all-reduces on every rank; returns each rank's outputs.
 std::vector<std::vector<std::vector<char>>> runCase(const Case& c, int maxDelayUs, bool skipWaits = false) {
   MemStore store;
-  std::vector<std::unique_ptr<Transport>> t(c.n);
-  runRanks(c.n, [&](int r) {
-    if (c.tcp) {
-      t[r] = std::make_unique<TcpTransport>(store, "t/", r, c.n, kTimeout);
-    } else {
-      t[r] = std::make_unique<ShmTransport>(store, "s/", r, c.n, kTimeout);
-    }
-  });
+  auto t = testing::makeTransports(store, c.tcp, c.tcp ? "t/" : "s/", c.n, kTimeout);
   HostWorld world(c.n);
   std::vector<std::vector<std::vector<char>>> outs(c.n);
   const size_t esz = dtypeSize(c.dt);
@@ -382,8 +375,7 @@ void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t buff
   SCOPED_TRACE(strCat(n, " ranks, ", dtypeName(dt), " ", reduceOpName(op), ", ", per, " a rank, buffer ",
                       bufferBytes));
   MemStore store;
-  std::vector<std::unique_ptr<ShmTransport>> t(n);
-  runRanks(n, [&](int r) { t[r] = std::make_unique<ShmTransport>(store, "s/", r, n, kTimeout); });
+  auto t = testing::makeTransports<ShmTransport>(store, "s/", n, kTimeout);
   HostWorld world(n);
   const size_t esz = dtypeSize(dt);
   std::vector<std::vector<char>> gathered(n);
@@ -503,8 +495,7 @@ TEST(IpcCollectives, FailedSetupOnOneRankFallsBackOnEveryRank) {
   };
   const int n = 3;
   MemStore store;
-  std::vector<std::unique_ptr<ShmTransport>> t(n);
-  runRanks(n, [&](int r) { t[r] = std::make_unique<ShmTransport>(store, "s/", r, n, kTimeout); });
+  auto t = testing::makeTransports<ShmTransport>(store, "s/", n, kTimeout);
   HostWorld world(n);
   std::vector<std::string> why(n);
   runRanks(n, [&](int r) {

@@ -34,14 +34,7 @@ class ChainReduce : public ::testing::TestWithParam<Param> {};
 TEST_P(ChainReduce, EveryRootExactAndOthersUntouched) {
   const auto [w, count, tcp] = GetParam();
   MemStore store;
-  std::vector<std::unique_ptr<Transport>> t(w);
-  runRanks(w, [&](int r) {
-    if (tcp) {
-      t[r] = std::make_unique<TcpTransport>(store, "r/t/", r, w, kTimeout);
-    } else {
-      t[r] = std::make_unique<ShmTransport>(store, "r/s/", r, w, kTimeout);
-    }
-  });
+  auto t = testing::makeTransports(store, tcp, tcp ? "r/t/" : "r/s/", w, kTimeout);
   AlgoConfig cfg;
   cfg.segmentBytes = 4096;  // several segments in flight along the chain
   cfg.smallBytes = 0;       // always the chain, even for one element

@@ -35,22 +35,11 @@ constexpr char kPrefix[] = "grp0/shm/";
 using testing::filled;
 using testing::makeDesc;
 using testing::matches;
+using testing::messageOf;
 
 std::vector<std::unique_ptr<ShmTransport>> makeShm(MemStore& store, int n,
                                                     const std::string& prefix = kPrefix) {
-  std::vector<std::unique_ptr<ShmTransport>> t(n);
-  runRanks(n, [&](int r) { t[r] = std::make_unique<ShmTransport>(store, prefix, r, n, kTimeout); });
-  return t;
-}
-
-template <typename Fn>
-std::string messageOf(Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
+  return testing::makeTransports<ShmTransport>(store, prefix, n, kTimeout);
 }
 
 double since(Clock::time_point t) {
@@ -297,14 +286,7 @@ TEST_P(ShmCollectiveMismatch, EveryRankRaises) {
   const MismatchCase c = GetParam();
   const std::string what = c.name;
   MemStore store;
-  std::vector<std::unique_ptr<Transport>> t(c.ranks);
-  runRanks(c.ranks, [&](int r) {
-    if (c.tcp) {
-      t[r] = std::make_unique<TcpTransport>(store, kPrefix, r, c.ranks, kTimeout);
-    } else {
-      t[r] = std::make_unique<ShmTransport>(store, kPrefix, r, c.ranks, kTimeout);
-    }
-  });
+  auto t = testing::makeTransports(store, c.tcp, kPrefix, c.ranks, kTimeout);
   std::vector<std::string> msgs(c.ranks);
   auto start = Clock::now();
   runRanks(c.ranks, [&](int r) {

@@ -34,23 +34,12 @@ constexpr char kPrefix[] = "grp0/tcp/";
 using testing::filled;
 using testing::makeDesc;
 using testing::matches;
+using testing::messageOf;
 
 // Builds an n-rank mesh (constructors run concurrently, as on real ranks).
 std::vector<std::unique_ptr<TcpTransport>> makeMesh(MemStore& store, int n,
                                                      milliseconds timeout = kTimeout) {
-  std::vector<std::unique_ptr<TcpTransport>> t(n);
-  runRanks(n, [&](int r) { t[r] = std::make_unique<TcpTransport>(store, kPrefix, r, n, timeout); });
-  return t;
-}
-
-template <typename Fn>
-std::string messageOf(Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
+  return testing::makeTransports<TcpTransport>(store, kPrefix, n, timeout);
 }
 
 // A raw client socket to "host:port".

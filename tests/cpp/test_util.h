@@ -5,6 +5,7 @@
 #include <exception>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -12,6 +13,8 @@
 
 #include "core/error.h"
 #include "core/store.h"
+#include "transport/shm.h"
+#include "transport/tcp.h"
 #include "transport/transport.h"
 
 namespace pycomm {
@@ -97,6 +100,39 @@ inline void runRanks(int n, const std::function<void(int)>& fn) {
   for (auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
+}
+
+/// An n-rank group of transports T (ShmTransport, TcpTransport) under `prefix`; the
+/// constructors run concurrently, as on real ranks.
+template <typename T>
+std::vector<std::unique_ptr<T>> makeTransports(MemStore& store, const std::string& prefix, int n,
+                                               std::chrono::milliseconds timeout) {
+  std::vector<std::unique_ptr<T>> t(n);
+  runRanks(n, [&](int r) { t[r] = std::make_unique<T>(store, prefix, r, n, timeout); });
+  return t;
+}
+
+/// The same over TCP (`tcp`) or shared memory, as the Transport interface.
+inline std::vector<std::unique_ptr<Transport>> makeTransports(MemStore& store, bool tcp, const std::string& prefix,
+                                                              int n, std::chrono::milliseconds timeout) {
+  std::vector<std::unique_ptr<Transport>> out;
+  if (tcp) {
+    for (auto& t : makeTransports<TcpTransport>(store, prefix, n, timeout)) out.push_back(std::move(t));
+  } else {
+    for (auto& t : makeTransports<ShmTransport>(store, prefix, n, timeout)) out.push_back(std::move(t));
+  }
+  return out;
+}
+
+/// What fn() throws (its what()), or "" when it returns.
+template <typename Fn>
+std::string messageOf(Fn&& fn) {
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
 }
 
 }  // namespace testing
