@@ -532,6 +532,17 @@ class PycommBackend : public c10d::Backend {
                       ": all_gather output list has ", outs.size(), " tensors, the group has ", size_,
                       " ranks");
     for (auto& o : outs) checkSameShape(o, inputs[0], "all_gather output");
+#if defined(PYCOMM_WITH_CUDA)
+    const auto onInputDevice = [&](const at::Tensor& o) { return o.device() == inputs[0].device(); };
+    if (inputs[0].is_cuda() && std::all_of(outs.begin(), outs.end(), onInputDevice) &&
+        ipcEligible(inputs[0].device().index())) {
+      at::Tensor flat = at::empty({static_cast<int64_t>(size_) * inputs[0].numel()}, inputs[0].options());
+      if (auto w = cudaIpcFlat(flat, inputs[0], CollType::kAllGather, c10d::OpType::ALLGATHER, "pycomm:all_gather",
+                               c10d::ReduceOp(), opts.asyncOp, outs)) {
+        return w;
+      }
+    }
+#endif
     Staged in = stage(inputs[0], false, rank_, "all_gather input");
     at::Tensor flat = at::empty({static_cast<int64_t>(size_) * inputs[0].numel()},
                                 inputs[0].options().device(at::kCPU));
@@ -636,17 +647,18 @@ class PycommBackend : public c10d::Backend {
       TORCH_CHECK_VALUE(inputs.size() == 1 && static_cast<int>(inputs[0].size()) == size_, "pycomm rank ",
                         rank_, ": scatter on the root needs a list of ", size_, " input tensors");
       for (auto& i : inputs[0]) checkSameShape(i, outputs[0], "scatter input");
-      std::vector<at::Tensor> flatParts;
-      for (auto& i : inputs[0]) flatParts.push_back(i.to(at::kCPU).reshape({-1}));
-      flat = at::cat(flatParts);
+      flat = concatOnDevice(inputs[0], "scatter input");
     } else {
       TORCH_CHECK_VALUE(inputs.empty() || inputs[0].empty(), "pycomm rank ", rank_,
                         ": scatter input list must be empty on non-root ranks");
     }
     Staged out = stage(outputs[0], true, rank_, "scatter output");
-    return submit(opts.asyncOp, c10d::OpType::SCATTER, "pycomm:scatter", CollType::kScatter, outputs, {out}, root,
-                  [out, flat, root](Collectives& c, const OpDesc& d, const Deadline& dl) {
-                    c.scatter(flat.defined() ? flat.data_ptr() : nullptr, out.data(), out.bytes(), root, d, dl);
+    std::vector<Staged> staged{out};
+    std::optional<Staged> in;
+    if (flat.defined()) staged.push_back(*(in = stage(flat, false, rank_, "scatter input")));
+    return submit(opts.asyncOp, c10d::OpType::SCATTER, "pycomm:scatter", CollType::kScatter, outputs, staged, root,
+                  [out, in, root](Collectives& c, const OpDesc& d, const Deadline& dl) {
+                    c.scatter(in ? in->data() : nullptr, out.data(), out.bytes(), root, d, dl);
                   },
                   outputs[0].numel(), {out});
   }
@@ -660,9 +672,7 @@ class PycommBackend : public c10d::Backend {
                       ": reduce_scatter input list has ", inputs[0].size(), " tensors, the group has ",
                       size_, " ranks");
     for (auto& i : inputs[0]) checkSameShape(i, outputs[0], "reduce_scatter input");
-    std::vector<at::Tensor> parts;
-    for (auto& i : inputs[0]) parts.push_back(i.to(at::kCPU).reshape({-1}));
-    at::Tensor flat = at::cat(parts);
+    at::Tensor flat = concatOnDevice(inputs[0], "reduce_scatter input");
     return _reduce_scatter_base(outputs[0], flat, opts);
   }
 
@@ -752,14 +762,12 @@ class PycommBackend : public c10d::Backend {
                                           const c10d::AllToAllOptions& opts) override {
     TORCH_CHECK_VALUE(static_cast<int>(outputs.size()) == size_ && static_cast<int>(inputs.size()) == size_,
                       "pycomm rank ", rank_, ": all_to_all needs ", size_, " input and output tensors");
+    Staged in = stage(concatOnDevice(inputs, "all_to_all input"), false, rank_, "all_to_all input");
     std::vector<size_t> sendOff(size_), sendBytes(size_), recvOff(size_), recvBytes(size_);
-    std::vector<at::Tensor> inParts, outParts;
     size_t so = 0, ro = 0;
     for (int p = 0; p < size_; ++p) {
-      checkTensor(inputs[p], rank_, "all_to_all input");
       checkTensor(outputs[p], rank_, "all_to_all output");
-      checkSameDType(outputs[p], inputs[p], "all_to_all");
-      inParts.push_back(inputs[p].to(at::kCPU).reshape({-1}));
+      checkSameDType(outputs[p], inputs[0], "all_to_all");
       sendOff[p] = so;
       sendBytes[p] = inputs[p].numel() * inputs[p].element_size();
       so += sendBytes[p];
@@ -767,16 +775,13 @@ class PycommBackend : public c10d::Backend {
       recvBytes[p] = outputs[p].numel() * outputs[p].element_size();
       ro += recvBytes[p];
     }
-    at::Tensor inFlat = at::cat(inParts);
     at::Tensor outFlat = at::empty({static_cast<int64_t>(ro / std::max<size_t>(1, outputs[0].element_size()))},
                                    outputs[0].options().device(at::kCPU));
     std::vector<at::Tensor> outs = outputs;
-    Staged in{inFlat, inFlat, false};
     return submit(opts.asyncOp, c10d::OpType::ALLTOALL, "pycomm:all_to_all", CollType::kAllToAll, outs, {in}, -1,
-                  [inFlat, outFlat, outs, sendOff, sendBytes, recvOff, recvBytes](
+                  [in, outFlat, outs, sendOff, sendBytes, recvOff, recvBytes](
                       Collectives& c, const OpDesc& d, const Deadline& dl) {
-                    c.allToAll(inFlat.data_ptr(), sendOff, sendBytes, outFlat.data_ptr(), recvOff, recvBytes, d,
-                               dl);
+                    c.allToAll(in.data(), sendOff, sendBytes, outFlat.data_ptr(), recvOff, recvBytes, d, dl);
                     int64_t off = 0;
                     for (auto& o : outs) {
                       o.copy_(outFlat.narrow(0, off, o.numel()).view(o.sizes()));
@@ -910,9 +915,11 @@ class PycommBackend : public c10d::Backend {
   /// all_gather_into_tensor / reduce_scatter_tensor over CUDA IPC, when both tensors are
   /// on the group's IPC device (ipcEligible); null otherwise, and the caller stages them
   /// through host memory. If IPC turns out unavailable at setup, this call stages too.
+  /// `splitInto` (list-form all_gather): after the collective, output's equal parts are
+  /// copied into these tensors on the comm stream, and they are the Work's outputs.
   c10::intrusive_ptr<c10d::Work> cudaIpcFlat(at::Tensor& output, at::Tensor& input, CollType coll,
                                              c10d::OpType type, const char* name, const c10d::ReduceOp& rop,
-                                             bool asyncOp) {
+                                             bool asyncOp, std::vector<at::Tensor> splitInto = {}) {
     checkTensor(input, rank_, coll == CollType::kAllGather ? "all_gather input" : "reduce_scatter input");
     checkTensor(output, rank_, coll == CollType::kAllGather ? "all_gather output" : "reduce_scatter output");
     if (!input.is_cuda() || input.device() != output.device() || !ipcEligible(input.device().index())) return {};
@@ -922,9 +929,11 @@ class PycommBackend : public c10d::Backend {
     auto cs = std::make_shared<CudaStage>(streams_.get(dev));
     cs->ready.record(c10::cuda::getCurrentCUDAStream(dev));
     const int64_t count = coll == CollType::kAllGather ? input.numel() : output.numel();
+    std::vector<at::Tensor> workOutputs = splitInto.empty() ? std::vector<at::Tensor>{output} : splitInto;
     return submit(
-        asyncOp, type, name, coll, {output}, {Staged{input, input, false}, Staged{output, output, false}}, -1,
-        [this, input, output, cs, dev, coll, dt, op](Collectives& c, const OpDesc& d, const Deadline& dl) {
+        asyncOp, type, name, coll, workOutputs, {Staged{input, input, false}, Staged{output, output, false}}, -1,
+        [this, input, output, splitInto, cs, dev, coll, dt, op](Collectives& c, const OpDesc& d,
+                                                               const Deadline& dl) {
           c10::cuda::CUDAGuard device(dev);
           c10::cuda::CUDAStreamGuard guard(cs->stream);
           cs->ready.block(cs->stream);  // after everything the caller queued before the call
@@ -956,6 +965,10 @@ class PycommBackend : public c10d::Backend {
             out.copy_(hout, /*non_blocking=*/true);
           }
           if (!out.is_same(output)) output.copy_(out);
+          if (!splitInto.empty()) {
+            auto parts = output.chunk(static_cast<int64_t>(splitInto.size()));
+            for (size_t i = 0; i < splitInto.size(); ++i) splitInto[i].copy_(parts[i].view(splitInto[i].sizes()));
+          }
           cs->stream.synchronize();
         },
         count, {}, op, kCudaIpcTag);
@@ -981,6 +994,22 @@ class PycommBackend : public c10d::Backend {
     return ipc_.get();
   }
 #endif
+
+  /// The tensors of a list argument (one dtype, one device) flattened into one tensor on
+  /// that device. On a CUDA device the copies are queued on the caller's current stream,
+  /// which the collective's staging waits for: the caller's thread never waits for the GPU.
+  at::Tensor concatOnDevice(const std::vector<at::Tensor>& ts, const char* what) {
+    std::vector<at::Tensor> parts;
+    for (auto& t : ts) {
+      checkTensor(t, rank_, what);
+      checkSameDType(t, ts[0], what);
+      TORCH_CHECK_VALUE(t.device() == ts[0].device(), "pycomm rank ", rank_, ": the ", what,
+                        " tensors must be on one device, got ", ts[0].device(), " and ", t.device());
+      parts.push_back(t.reshape({-1}));
+    }
+    at::NoGradGuard noGrad;
+    return at::cat(parts);
+  }
 
   /// Stages with this group's comm streams (see the free function).
   Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda = true) {

@@ -183,8 +183,60 @@ def _cuda_other_collectives(rank: int, ws: int) -> dict:
             dist.send(buf, other, tag=4)
             buf = got
         assert bool(torch.all(buf == other + 10)), "blocking cuda send/recv"
+    _cuda_list_forms(rank, ws, dev)
     dist.barrier()
     return digests
+
+
+def _cuda_list_forms(rank: int, ws: int, dev: torch.device) -> None:
+    """The list forms of all_gather / reduce_scatter / all_to_all and gather / scatter on
+    tensors on `dev` (lists built on the device, so flattening them is device work)."""
+    import torch.distributed as dist
+
+    seed = 95000
+    for dtype in DTYPES:
+        for n in SIZES:
+            seed += 1
+            op = OPS[seed % len(OPS)]
+            inputs = [rounded(data(seed, r, n * ws, dtype, op), dtype) for r in range(ws)]
+            x = to_torch(data(seed, rank, n * ws, dtype, op), dtype).to(dev)
+            out = torch.empty(n, dtype=dtype, device=dev)
+            parts = list(x.chunk(ws)) if n else [torch.empty(0, dtype=dtype, device=dev)] * ws
+            dist.reduce_scatter(out, parts, op=red(op))
+            check(_host(out), reference(inputs, dtype, op)[rank * n:(rank + 1) * n], dtype, ws,
+                  f"{dev.type} reduce_scatter list {dtype} {op} n={n}")
+            seed += 1
+            inputs = [rounded(data(seed, r, n, dtype, "SUM"), dtype) for r in range(ws)]
+            x = to_torch(data(seed, rank, n, dtype, "SUM"), dtype).to(dev)
+            outs = [torch.empty(n, dtype=dtype, device=dev) for _ in range(ws)]
+            dist.all_gather(outs, x)
+            for r in range(ws):
+                check(_host(outs[r]), inputs[r], dtype, ws, f"{dev.type} all_gather list {dtype} n={n} from {r}")
+            # all_to_all list: rank q sends n + p elements to rank p
+            seed += 1
+            sizes = [n + p for p in range(ws)]
+            srcs = [rounded(data(seed, q, sum(n + p for p in range(ws)), dtype, "SUM"), dtype) for q in range(ws)]
+            ins = list(to_torch(srcs[rank], dtype).to(dev).split(sizes))
+            outs = [torch.empty(n + rank, dtype=dtype, device=dev) for _ in range(ws)]
+            dist.all_to_all(outs, ins)
+            for q in range(ws):
+                start = sum(sizes[:rank])
+                check(_host(outs[q]), srcs[q][start:start + n + rank], dtype, ws,
+                      f"{dev.type} all_to_all list {dtype} n={n} from {q}")
+        for root in range(ws):
+            seed += 1
+            n = SIZES[(seed + root) % len(SIZES)]
+            inputs = [rounded(data(seed, r, n, dtype, "SUM"), dtype) for r in range(ws)]
+            x = to_torch(data(seed, rank, n, dtype, "SUM"), dtype).to(dev)
+            outs = [torch.empty(n, dtype=dtype, device=dev) for _ in range(ws)] if rank == root else None
+            dist.gather(x, gather_list=outs, dst=root)
+            if rank == root:
+                for r in range(ws):
+                    check(_host(outs[r]), inputs[r], dtype, ws, f"{dev.type} gather {dtype} n={n} from {r} root={root}")
+            out = torch.empty(n, dtype=dtype, device=dev)
+            src = [to_torch(i, dtype).to(dev) for i in inputs] if rank == root else None
+            dist.scatter(out, scatter_list=src, src=root)
+            check(_host(out), inputs[rank], dtype, ws, f"{dev.type} scatter {dtype} n={n} root={root}")
 
 
 def _assert_same_digests(results: list) -> None:
@@ -279,9 +331,9 @@ def _cuda_other_collectives_path(rank: int, ws: int, path: str) -> dict:
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_cuda_other_collectives(world_size, path):
-    """broadcast / reduce / all_gather_into_tensor / reduce_scatter_tensor take CUDA IPC
-    on the default path; the list forms, all_to_all, gather, scatter and p2p are staged
-    on both."""
+    """broadcast / reduce / all_gather_into_tensor / reduce_scatter_tensor and the list
+    forms of all_gather / reduce_scatter take CUDA IPC on the default path; all_to_all,
+    gather, scatter and p2p are staged on both."""
     _assert_same_digests(run_ranks(world_size, _cuda_other_collectives_path, path, timeout=600, pg_timeout=120,
                                    env=PATHS[path]))
 
