@@ -294,4 +294,62 @@ void IpcCollectives::broadcast(void* buf, size_t bytes, int root, Collectives& c
   endCall(coll, desc, deadline);
 }
 
+void IpcCollectives::allToAll(const void* in, const std::vector<size_t>& sendOffsets,
+                              const std::vector<size_t>& sendBytes, void* out,
+                              const std::vector<size_t>& recvOffsets, const std::vector<size_t>& recvBytes,
+                              Collectives& coll, const OpDesc& desc, const Deadline& deadline) {
+  const int n = size_;
+  PYCOMM_CHECK_ARG(static_cast<int>(sendOffsets.size()) == n && static_cast<int>(sendBytes.size()) == n &&
+                       static_cast<int>(recvOffsets.size()) == n && static_cast<int>(recvBytes.size()) == n,
+                   "all_to_all needs one split per rank (", n, ")");
+  // Row q of `all`: rank q's send sizes, then its receive sizes.
+  const size_t row = 2 * static_cast<size_t>(n);
+  std::vector<int64_t> mine(row), all(row * n);
+  for (int p = 0; p < n; ++p) {
+    mine[p] = static_cast<int64_t>(sendBytes[p]);
+    mine[n + p] = static_cast<int64_t>(recvBytes[p]);
+  }
+  OpDesc sizes = desc;
+  sizes.coll = CollType::kAllGather;
+  sizes.count = row;
+  sizes.dtype = DType::kInt64;
+  coll.allGather(mine.data(), all.data(), row * sizeof(int64_t), sizes, deadline);
+  size_t most = 0;  // the largest piece between two different ranks: sets the rounds
+  for (int q = 0; q < n; ++q) {
+    for (int p = 0; p < n; ++p) {
+      const int64_t sent = all[q * row + p];
+      const int64_t expected = all[p * row + n + q];
+      if (sent != expected) {
+        throw MismatchError(strCat("pycomm: all_to_all split sizes disagree: rank ", q, " sends ", sent,
+                                   " bytes to rank ", p, ", which expects ", expected, " [seen by rank ", rank_,
+                                   "]"));
+      }
+      if (p != q) most = std::max(most, static_cast<size_t>(sent));
+    }
+  }
+  const char* src = static_cast<const char*>(in);
+  char* dst = static_cast<char*>(out);
+  if (sendBytes[rank_]) device_->copy(dst + recvOffsets[rank_], src + sendOffsets[rank_], sendBytes[rank_]);
+  size_t slot = std::max<size_t>(1, bufferBytes_ / n);  // 16-byte aligned slots where they fit
+  if (slot >= 16) slot &= ~static_cast<size_t>(15);
+  for (size_t off = 0; off < most; off += slot) {
+    const int b = beginChunk();
+    for (int p = 0; p < n; ++p) {
+      if (p != rank_ && sendBytes[p] > off) {
+        device_->copy(mine_[b] + p * slot, src + sendOffsets[p] + off, std::min(slot, sendBytes[p] - off));
+      }
+    }
+    device_->record();
+    coll.barrier(desc, deadline);  // every rank's pieces are queued into its buffer, recorded
+    device_->waitPeers();
+    for (int q = 0; q < n; ++q) {
+      if (q != rank_ && recvBytes[q] > off) {
+        device_->copy(dst + recvOffsets[q] + off, peers_[b][q] + rank_ * slot, std::min(slot, recvBytes[q] - off));
+      }
+    }
+    device_->record();
+  }
+  endCall(coll, desc, deadline);
+}
+
 }  // namespace pycomm

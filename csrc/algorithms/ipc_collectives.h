@@ -12,6 +12,8 @@
 //  - all_gather: every rank's buffer holds its input's chunk; everyone copies all of them.
 //  - broadcast: the root's buffer holds the chunk; everyone copies it.
 //  - reduce: every rank's buffer holds its chunk; the root reduces all of them.
+//  - all_to_all: a buffer is one slot per peer; slot p holds the next piece of what this
+//    rank sends to p, and p copies it from there into its output.
 //
 // The host only orders API calls (barriers over the group's host transport) and never
 // waits on the device until the end of a call. Results are bitwise identical on every
@@ -75,6 +77,15 @@ class IpcCollectives {
   /// Every rank's `buf` = root's `buf`.
   void broadcast(void* buf, size_t bytes, int root, Collectives& coll, const OpDesc& desc,
                  const Deadline& deadline);
+
+  /// Personalised exchange: rank p gets bytes [sendOffsets[p], +sendBytes[p]) of this
+  /// rank's `in` at its own recvOffsets[this rank] of `out`. The ranks first exchange all
+  /// their split sizes over the host transport, so every rank checks every pair (a
+  /// mismatch raises MismatchError on every rank, before any device work) and all agree
+  /// on the number of rounds. `in` and `out` must not overlap.
+  void allToAll(const void* in, const std::vector<size_t>& sendOffsets, const std::vector<size_t>& sendBytes,
+                void* out, const std::vector<size_t>& recvOffsets, const std::vector<size_t>& recvBytes,
+                Collectives& coll, const OpDesc& desc, const Deadline& deadline);
 
   /// The device, for messages.
   IpcDevice& device() { return *device_; }

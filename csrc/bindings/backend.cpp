@@ -538,7 +538,8 @@ class PycommBackend : public c10d::Backend {
         ipcEligible(inputs[0].device().index())) {
       at::Tensor flat = at::empty({static_cast<int64_t>(size_) * inputs[0].numel()}, inputs[0].options());
       if (auto w = cudaIpcFlat(flat, inputs[0], CollType::kAllGather, c10d::OpType::ALLGATHER, "pycomm:all_gather",
-                               c10d::ReduceOp(), opts.asyncOp, outs)) {
+                               "all_gather", opts.asyncOp, inputs[0].numel(), ReduceOp::kSum,
+                               allGatherOps(inputs[0].nbytes()), outs)) {
         return w;
       }
     }
@@ -580,7 +581,8 @@ class PycommBackend : public c10d::Backend {
     checkSameDType(output, input, "all_gather_into_tensor");
 #if defined(PYCOMM_WITH_CUDA)
     if (auto w = cudaIpcFlat(output, input, CollType::kAllGather, c10d::OpType::_ALLGATHER_BASE,
-                             "pycomm:all_gather_into_tensor", c10d::ReduceOp(), opts.asyncOp)) {
+                             "pycomm:all_gather_into_tensor", "all_gather", opts.asyncOp, input.numel(),
+                             ReduceOp::kSum, allGatherOps(input.nbytes()))) {
       return w;
     }
 #endif
@@ -683,9 +685,20 @@ class PycommBackend : public c10d::Backend {
                       output.numel() * size_, " (output ", output.numel(), " x ", size_, " ranks)");
     checkSameDType(output, input, "reduce_scatter");
 #if defined(PYCOMM_WITH_CUDA)
-    if (auto w = cudaIpcFlat(output, input, CollType::kReduceScatter, c10d::OpType::_REDUCE_SCATTER_BASE,
-                             "pycomm:reduce_scatter", opts.reduceOp, opts.asyncOp)) {
-      return w;
+    if (input.is_cuda()) {
+      checkTensor(input, rank_, "reduce_scatter input");
+      const DType dt = toDType(input.scalar_type(), rank_);
+      const ReduceOp op = toReduceOp(opts.reduceOp, dt, rank_);
+      const size_t count = static_cast<size_t>(output.numel());
+      FlatOps ops{[count, dt, op](IpcCollectives& ipc, const void* in, void* out, Collectives& c, const OpDesc& d,
+                                  const Deadline& dl) { ipc.reduceScatter(in, out, count, dt, op, c, d, dl); },
+                  [count, dt, op](Collectives& c, const void* in, void* out, const OpDesc& d, const Deadline& dl) {
+                    c.reduceScatter(in, out, count, dt, op, d, dl);
+                  }};
+      if (auto w = cudaIpcFlat(output, input, CollType::kReduceScatter, c10d::OpType::_REDUCE_SCATTER_BASE,
+                               "pycomm:reduce_scatter", "reduce_scatter", opts.asyncOp, output.numel(), op, ops)) {
+        return w;
+      }
     }
 #endif
     Staged in = stage(input, false, rank_, "reduce_scatter input");
@@ -746,6 +759,13 @@ class PycommBackend : public c10d::Backend {
     };
     auto [sendOff, sendBytes] = splits(input, inputSplits, "input");
     auto [recvOff, recvBytes] = splits(output, outputSplits, "output");
+#if defined(PYCOMM_WITH_CUDA)
+    if (auto w = cudaIpcFlat(output, input, CollType::kAllToAll, c10d::OpType::ALLTOALL_BASE,
+                             "pycomm:all_to_all_single", "all_to_all", opts.asyncOp, equal ? input.numel() : 0,
+                             ReduceOp::kSum, allToAllOps(sendOff, sendBytes, recvOff, recvBytes))) {
+      return w;
+    }
+#endif
     Staged in = stage(input, false, rank_, "all_to_all input");
     Staged out = stage(output, true, rank_, "all_to_all output");
     std::vector<at::Tensor> outs{output};
@@ -762,7 +782,7 @@ class PycommBackend : public c10d::Backend {
                                           const c10d::AllToAllOptions& opts) override {
     TORCH_CHECK_VALUE(static_cast<int>(outputs.size()) == size_ && static_cast<int>(inputs.size()) == size_,
                       "pycomm rank ", rank_, ": all_to_all needs ", size_, " input and output tensors");
-    Staged in = stage(concatOnDevice(inputs, "all_to_all input"), false, rank_, "all_to_all input");
+    at::Tensor inFlat = concatOnDevice(inputs, "all_to_all input");
     std::vector<size_t> sendOff(size_), sendBytes(size_), recvOff(size_), recvBytes(size_);
     size_t so = 0, ro = 0;
     for (int p = 0; p < size_; ++p) {
@@ -775,8 +795,21 @@ class PycommBackend : public c10d::Backend {
       recvBytes[p] = outputs[p].numel() * outputs[p].element_size();
       ro += recvBytes[p];
     }
-    at::Tensor outFlat = at::empty({static_cast<int64_t>(ro / std::max<size_t>(1, outputs[0].element_size()))},
-                                   outputs[0].options().device(at::kCPU));
+    const int64_t outCount = static_cast<int64_t>(ro / std::max<size_t>(1, outputs[0].element_size()));
+#if defined(PYCOMM_WITH_CUDA)
+    const auto onInputDevice = [&](const at::Tensor& o) { return o.device() == inFlat.device(); };
+    if (inFlat.is_cuda() && std::all_of(outputs.begin(), outputs.end(), onInputDevice) &&
+        ipcEligible(inFlat.device().index())) {
+      at::Tensor outFlat = at::empty({outCount}, inFlat.options());
+      if (auto w = cudaIpcFlat(outFlat, inFlat, CollType::kAllToAll, c10d::OpType::ALLTOALL, "pycomm:all_to_all",
+                               "all_to_all", opts.asyncOp, 0, ReduceOp::kSum,
+                               allToAllOps(sendOff, sendBytes, recvOff, recvBytes), outputs)) {
+        return w;
+      }
+    }
+#endif
+    Staged in = stage(inFlat, false, rank_, "all_to_all input");
+    at::Tensor outFlat = at::empty({outCount}, outputs[0].options().device(at::kCPU));
     std::vector<at::Tensor> outs = outputs;
     return submit(opts.asyncOp, c10d::OpType::ALLTOALL, "pycomm:all_to_all", CollType::kAllToAll, outs, {in}, -1,
                   [in, outFlat, outs, sendOff, sendBytes, recvOff, recvBytes](
@@ -912,28 +945,35 @@ class PycommBackend : public c10d::Backend {
         -1, {}, ops.empty() ? ReduceOp::kSum : ops[0].second, ipc ? kCudaIpcTag : 0);
   }
 
-  /// all_gather_into_tensor / reduce_scatter_tensor over CUDA IPC, when both tensors are
-  /// on the group's IPC device (ipcEligible); null otherwise, and the caller stages them
-  /// through host memory. If IPC turns out unavailable at setup, this call stages too.
-  /// `splitInto` (list-form all_gather): after the collective, output's equal parts are
+  /// What an out-of-place collective runs on contiguous buffers: over the group's CUDA
+  /// IPC collectives (device pointers), or, if IPC could not be set up on this group, over
+  /// the host transport (whole tensors copied through pinned host memory).
+  struct FlatOps {
+    std::function<void(IpcCollectives&, const void* in, void* out, Collectives&, const OpDesc&, const Deadline&)>
+        onIpc;
+    std::function<void(Collectives&, const void* in, void* out, const OpDesc&, const Deadline&)> onHost;
+  };
+
+  /// An out-of-place collective (all_gather, reduce_scatter, all_to_all and their list
+  /// forms) over CUDA IPC, when both tensors are on the group's IPC device (ipcEligible);
+  /// null otherwise, and the caller stages them through host memory. `what` names the
+  /// collective in messages; `count` and `op` go into the header as the host path's would.
+  /// `splitInto` (list forms): after the collective, output's consecutive parts are
   /// copied into these tensors on the comm stream, and they are the Work's outputs.
   c10::intrusive_ptr<c10d::Work> cudaIpcFlat(at::Tensor& output, at::Tensor& input, CollType coll,
-                                             c10d::OpType type, const char* name, const c10d::ReduceOp& rop,
-                                             bool asyncOp, std::vector<at::Tensor> splitInto = {}) {
-    checkTensor(input, rank_, coll == CollType::kAllGather ? "all_gather input" : "reduce_scatter input");
-    checkTensor(output, rank_, coll == CollType::kAllGather ? "all_gather output" : "reduce_scatter output");
+                                             c10d::OpType type, const char* name, const char* what, bool asyncOp,
+                                             int64_t count, ReduceOp op, FlatOps ops,
+                                             std::vector<at::Tensor> splitInto = {}) {
+    checkTensor(input, rank_, (std::string(what) + " input").c_str());
+    checkTensor(output, rank_, (std::string(what) + " output").c_str());
     if (!input.is_cuda() || input.device() != output.device() || !ipcEligible(input.device().index())) return {};
     const c10::DeviceIndex dev = input.device().index();
-    const DType dt = toDType(input.scalar_type(), rank_);
-    const ReduceOp op = coll == CollType::kReduceScatter ? toReduceOp(rop, dt, rank_) : ReduceOp::kSum;
     auto cs = std::make_shared<CudaStage>(streams_.get(dev));
     cs->ready.record(c10::cuda::getCurrentCUDAStream(dev));
-    const int64_t count = coll == CollType::kAllGather ? input.numel() : output.numel();
     std::vector<at::Tensor> workOutputs = splitInto.empty() ? std::vector<at::Tensor>{output} : splitInto;
     return submit(
         asyncOp, type, name, coll, workOutputs, {Staged{input, input, false}, Staged{output, output, false}}, -1,
-        [this, input, output, splitInto, cs, dev, coll, dt, op](Collectives& c, const OpDesc& d,
-                                                               const Deadline& dl) {
+        [this, input, output, splitInto, cs, dev, coll, ops](Collectives& c, const OpDesc& d, const Deadline& dl) {
           c10::cuda::CUDAGuard device(dev);
           c10::cuda::CUDAStreamGuard guard(cs->stream);
           cs->ready.block(cs->stream);  // after everything the caller queued before the call
@@ -942,13 +982,10 @@ class PycommBackend : public c10d::Backend {
           const char* a = static_cast<const char*>(in.data_ptr());
           const char* b = static_cast<const char*>(out.data_ptr());
           const bool overlap = a < b + out.nbytes() && b < a + in.nbytes();
-          if (coll == CollType::kReduceScatter && overlap && out.nbytes() > 0) in = in.clone();
+          // all_gather's input may be this rank's block of its output; nothing else may overlap.
+          if (coll != CollType::kAllGather && overlap && out.nbytes() > 0) in = in.clone();
           if (IpcCollectives* ipc = ipcFor(c, d, dl, dev, cs->stream)) {
-            if (coll == CollType::kAllGather) {
-              ipc->allGather(in.data_ptr(), out.data_ptr(), in.nbytes(), c, d, dl);
-            } else {
-              ipc->reduceScatter(in.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()), dt, op, c, d, dl);
-            }
+            ops.onIpc(*ipc, in.data_ptr(), out.data_ptr(), c, d, dl);
             cudaIpcCalls_.fetch_add(1);
           } else {  // IPC could not be set up on this group: whole tensors through pinned memory
             auto pinned = [](const at::Tensor& t) {
@@ -957,21 +994,39 @@ class PycommBackend : public c10d::Backend {
             at::Tensor hin = pinned(in), hout = pinned(out);
             hin.copy_(in, /*non_blocking=*/true);
             cs->stream.synchronize();
-            if (coll == CollType::kAllGather) {
-              c.allGather(hin.data_ptr(), hout.data_ptr(), hin.nbytes(), d, dl);
-            } else {
-              c.reduceScatter(hin.data_ptr(), hout.data_ptr(), static_cast<size_t>(hout.numel()), dt, op, d, dl);
-            }
+            ops.onHost(c, hin.data_ptr(), hout.data_ptr(), d, dl);
             out.copy_(hout, /*non_blocking=*/true);
           }
           if (!out.is_same(output)) output.copy_(out);
           if (!splitInto.empty()) {
-            auto parts = output.chunk(static_cast<int64_t>(splitInto.size()));
-            for (size_t i = 0; i < splitInto.size(); ++i) splitInto[i].copy_(parts[i].view(splitInto[i].sizes()));
+            const at::Tensor whole = output.reshape({-1});
+            int64_t off = 0;
+            for (const at::Tensor& o : splitInto) {
+              o.copy_(whole.narrow(0, off, o.numel()).view(o.sizes()));
+              off += o.numel();
+            }
           }
           cs->stream.synchronize();
         },
         count, {}, op, kCudaIpcTag);
+  }
+
+  static FlatOps allGatherOps(size_t bytesPerRank) {
+    return {[bytesPerRank](IpcCollectives& ipc, const void* in, void* out, Collectives& c, const OpDesc& d,
+                           const Deadline& dl) { ipc.allGather(in, out, bytesPerRank, c, d, dl); },
+            [bytesPerRank](Collectives& c, const void* in, void* out, const OpDesc& d, const Deadline& dl) {
+              c.allGather(in, out, bytesPerRank, d, dl);
+            }};
+  }
+
+  static FlatOps allToAllOps(std::vector<size_t> sendOff, std::vector<size_t> sendBytes, std::vector<size_t> recvOff,
+                             std::vector<size_t> recvBytes) {
+    return {[=](IpcCollectives& ipc, const void* in, void* out, Collectives& c, const OpDesc& d, const Deadline& dl) {
+              ipc.allToAll(in, sendOff, sendBytes, out, recvOff, recvBytes, c, d, dl);
+            },
+            [=](Collectives& c, const void* in, void* out, const OpDesc& d, const Deadline& dl) {
+              c.allToAll(in, sendOff, sendBytes, out, recvOff, recvBytes, d, dl);
+            }};
   }
 
   /// The group's IPC collectives, set up on first use (collectively: every rank's first

@@ -465,6 +465,90 @@ TEST(IpcCollectives, ReduceScatterAllGatherReduceBroadcast) {
   checkOtherCollectives(4, DType::kFloat16, ReduceOp::kSum, 4099, 4096);
 }
 
+/// all_to_all on n ranks through buffers of `bufferBytes`: rank q sends bytes(q, p)
+/// bytes to rank p (byte i is a function of q, p and i), laid out in rank order with a
+/// gap of `gap` bytes between pieces on both sides; returns each rank's error message
+/// ("" when the call succeeded, in which case every byte was checked, gaps included).
+/// `expectFrom` overrides what rank p expects from q (for the mismatch test).
+std::vector<std::string> runAllToAll(int n, size_t bufferBytes, const std::function<size_t(int, int)>& bytes,
+                                     size_t gap, const std::function<size_t(int, int)>& expectFrom = nullptr) {
+  SCOPED_TRACE(strCat(n, " ranks, buffer ", bufferBytes, ", gap ", gap));
+  auto value = [](int q, int p, size_t i) { return static_cast<char>((q * 31 + p * 7 + i * 13 + i / 253) & 0xff); };
+  MemStore store;
+  auto t = testing::makeTransports<ShmTransport>(store, "s/", n, kTimeout);
+  HostWorld world(n);
+  std::vector<std::string> errors(n);
+  runRanks(n, [&](int r) {
+    Collectives coll(*t[r], AlgoConfig{});
+    std::string why;
+    auto ipc = IpcCollectives::create([&] { return std::make_unique<HostIpcDevice>(world, r, r == 0 ? 300 : 30); },
+                                      store, "ipc/", coll, bufferBytes, 0,
+                                      testing::makeDesc(CollType::kAllReduce, 1, 0), Deadline::after(kTimeout), &why);
+    if (!ipc) {
+      ADD_FAILURE() << why;
+      return;
+    }
+    std::vector<size_t> sendOff(n), sendBytes(n), recvOff(n), recvBytes(n);
+    size_t so = gap, ro = gap;
+    for (int p = 0; p < n; ++p) {
+      sendOff[p] = so;
+      sendBytes[p] = bytes(r, p);
+      so += sendBytes[p] + gap;
+      recvOff[p] = ro;
+      recvBytes[p] = expectFrom ? expectFrom(p, r) : bytes(p, r);
+      ro += recvBytes[p] + gap;
+    }
+    std::vector<char> in(so, 0x55), out(ro, 0x66);
+    for (int p = 0; p < n; ++p) {
+      for (size_t i = 0; i < sendBytes[p]; ++i) in[sendOff[p] + i] = value(r, p, i);
+    }
+    try {
+      ipc->allToAll(in.data(), sendOff, sendBytes, out.data(), recvOff, recvBytes, coll,
+                    testing::makeDesc(CollType::kAllToAll, 2, 0), Deadline::after(kTimeout));
+    } catch (const std::exception& e) {
+      errors[r] = e.what();
+      return;
+    }
+    size_t bad = 0;
+    std::vector<char> want(ro, 0x66);
+    for (int q = 0; q < n; ++q) {
+      for (size_t i = 0; i < recvBytes[q]; ++i) want[recvOff[q] + i] = value(q, r, i);
+    }
+    for (size_t i = 0; i < ro; ++i) bad += out[i] != want[i];
+    EXPECT_EQ(bad, 0u) << "all_to_all: wrong bytes on rank " << r;
+  });
+  return errors;
+}
+
+TEST(IpcCollectives, AllToAllUnequalSplitsManyRounds) {
+  for (int n : {1, 2, 3, 5}) {
+    // Equal pieces, pieces of 0..several slots (rank q to p: depends on both), and one
+    // pair carrying far more than any other (the others sit out the extra rounds).
+    const std::vector<std::function<size_t(int, int)>> shapes = {
+        [](int, int) { return size_t{1021}; },
+        [](int q, int p) { return static_cast<size_t>((q * 5 + p * 3) % 7) * 97; },
+        [n](int q, int p) { return q == n - 1 && p == 0 ? size_t{20000} : static_cast<size_t>(q + p); },
+        [](int, int) { return size_t{0}; },
+    };
+    for (const auto& shape : shapes) {
+      for (size_t buffer : {256, 4096}) {
+        for (const auto& e : runAllToAll(n, buffer, shape, 3)) EXPECT_EQ(e, "");
+      }
+    }
+  }
+}
+
+TEST(IpcCollectives, AllToAllMismatchedSplitsFailOnEveryRank) {
+  // Rank 2 expects 5 bytes from rank 0, which sends it 7: every rank raises, naming the pair.
+  auto bytes = [](int, int) { return size_t{7}; };
+  auto expect = [](int q, int p) { return q == 0 && p == 2 ? size_t{5} : size_t{7}; };
+  const auto errors = runAllToAll(3, 256, bytes, 0, expect);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_NE(errors[r].find("rank 0 sends 7 bytes to rank 2, which expects 5"), std::string::npos)
+        << "rank " << r << ": " << errors[r];
+  }
+}
+
 TEST(IpcCollectives, HarnessCatchesMissingDeviceOrdering) {
 #if defined(__SANITIZE_THREAD__)
   GTEST_SKIP() << "races on purpose: ThreadSanitizer would (rightly) report them";
