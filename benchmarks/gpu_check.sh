@@ -10,7 +10,7 @@
 #   STEPS="tests memcheck" bash benchmarks/gpu_check.sh   # a subset (no build: uses the
 #                                                     # pycomm._C already built in place)
 # Environment: PY, STEPS (build tests memcheck racecheck bench_kernels bench_allreduce
-# bench_allreduce_staged bench_dp),
+# bench_allreduce_staged bench_collectives bench_dp),
 # BUDGET_S (whole-run wall budget, default 570: each step gets at most what is left),
 # CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS,
 # OUT (if set to a directory, every result file is also copied there after each step).
@@ -21,7 +21,7 @@ RES="$ROOT/benchmarks/results"
 mkdir -p "$RES"
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
-STEPS=${STEPS:-"build tests memcheck racecheck bench_kernels bench_allreduce bench_allreduce_staged bench_dp"}
+STEPS=${STEPS:-"build tests memcheck racecheck bench_kernels bench_allreduce bench_allreduce_staged bench_collectives bench_dp"}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0"}
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
@@ -195,7 +195,24 @@ if want bench_allreduce_staged; then
   else record bench_allreduce_staged FAIL "rc=$RC" "$SECS"; fi
 fi
 
-# ---------------------------------------------------------------- 8. data-parallel step on CUDA
+# ---------------------------------------------------------------- 8. the other IPC collectives
+# all_gather, reduce_scatter and all_to_all on CUDA tensors, each over CUDA IPC and then
+# staged (PYCOMM_CUDA_IPC=0) on the same ranks; key: the three IPC/staged busbw ratios.
+if want bench_collectives; then
+  f="$RES/gpu_bench_collectives.txt"
+  run_step bench_collectives 150 bash -c "for c in all_gather reduce_scatter all_to_all; do \
+      for ipc in 1 0; do echo \"## \$c PYCOMM_CUDA_IPC=\$ipc\"; \
+        PYCOMM_CUDA_IPC=\$ipc '$PY' -m pycomm.bench \$c --ranks 4 -b 1K -e 16M -f 4 --device cuda || exit 1; \
+      done; done"
+  key=$(awk '/^## /{name=$2; ipc=$3} /Avg bus bandwidth/{bw[name, ipc]=$NF}
+             END{n=split("all_gather reduce_scatter all_to_all", cs, " ");
+                 for (i=1;i<=n;i++){a=bw[cs[i],"PYCOMM_CUDA_IPC=1"]; b=bw[cs[i],"PYCOMM_CUDA_IPC=0"];
+                   printf "%s %s/%s%s", cs[i], a, b, (b>0 ? sprintf(" (%.1fx)", a/b) : ""); if (i<n) printf "; "}}' "$f" || true)
+  if [ "$RC" -eq 0 ]; then record bench_collectives PASS "${key:-see file}" "$SECS"
+  else record bench_collectives FAIL "rc=$RC" "$SECS"; fi
+fi
+
+# ---------------------------------------------------------------- 9. data-parallel step on CUDA
 # DataParallel (exact, FP16, OneBit) and torch DDP (Gloo; pycomm) on a CUDA MLP, 4 ranks on
 # this host's GPUs, step vs compute-only and comm-only in the same run (overlap column).
 if want bench_dp; then
