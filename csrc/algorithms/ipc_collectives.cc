@@ -124,6 +124,11 @@ std::unique_ptr<IpcCollectives> IpcCollectives::create(const std::function<std::
   return ar;
 }
 
+size_t IpcCollectives::slotBytes() const {
+  const size_t slot = std::max<size_t>(1, bufferBytes_ / size_);
+  return slot >= 16 ? slot & ~static_cast<size_t>(15) : slot;  // 16-byte aligned where that fits
+}
+
 int IpcCollectives::beginChunk() {
   device_->waitPeers();
   return static_cast<int>(chunks_++ & 1);
@@ -294,6 +299,57 @@ void IpcCollectives::broadcast(void* buf, size_t bytes, int root, Collectives& c
   endCall(coll, desc, deadline);
 }
 
+void IpcCollectives::gather(const void* in, void* out, size_t bytesPerRank, int root, Collectives& coll,
+                            const OpDesc& desc, const Deadline& deadline) {
+  if (bytesPerRank == 0) return;
+  const char* src = static_cast<const char*>(in);
+  char* dst = static_cast<char*>(out);
+  if (rank_ == root) device_->copy(dst + root * bytesPerRank, src, bytesPerRank);
+  if (size_ > 1) {
+    for (size_t off = 0; off < bytesPerRank; off += bufferBytes_) {
+      const size_t c = std::min(bufferBytes_, bytesPerRank - off);
+      const int b = beginChunk();
+      if (rank_ != root) device_->copy(mine_[b], src + off, c);
+      device_->record();
+      coll.barrier(desc, deadline);  // every rank's chunk is queued into its buffer, recorded
+      if (rank_ == root) {
+        device_->waitPeers();
+        for (int p = 0; p < size_; ++p) {
+          if (p != root) device_->copy(dst + p * bytesPerRank + off, peers_[b][p], c);
+        }
+        device_->record();  // the peers wait for this before they reuse buffer b
+      }
+    }
+  }
+  endCall(coll, desc, deadline);
+}
+
+void IpcCollectives::scatter(const void* in, void* out, size_t bytesPerRank, int root, Collectives& coll,
+                             const OpDesc& desc, const Deadline& deadline) {
+  if (bytesPerRank == 0) return;
+  const char* src = static_cast<const char*>(in);
+  char* dst = static_cast<char*>(out);
+  if (rank_ == root) device_->copy(dst, src + root * bytesPerRank, bytesPerRank);
+  const size_t slot = slotBytes();
+  for (size_t off = 0; size_ > 1 && off < bytesPerRank; off += slot) {
+    const size_t c = std::min(slot, bytesPerRank - off);
+    const int b = beginChunk();
+    if (rank_ == root) {
+      for (int p = 0; p < size_; ++p) {
+        if (p != root) device_->copy(mine_[b] + p * slot, src + p * bytesPerRank + off, c);
+      }
+      device_->record();
+      coll.barrier(desc, deadline);  // the root's pieces are queued into its buffer, recorded
+    } else {
+      coll.barrier(desc, deadline);
+      device_->waitPeers();
+      device_->copy(dst + off, peers_[b][root] + rank_ * slot, c);
+      device_->record();  // the root waits for this before it reuses buffer b
+    }
+  }
+  endCall(coll, desc, deadline);
+}
+
 void IpcCollectives::allToAll(const void* in, const std::vector<size_t>& sendOffsets,
                               const std::vector<size_t>& sendBytes, void* out,
                               const std::vector<size_t>& recvOffsets, const std::vector<size_t>& recvBytes,
@@ -330,8 +386,7 @@ void IpcCollectives::allToAll(const void* in, const std::vector<size_t>& sendOff
   const char* src = static_cast<const char*>(in);
   char* dst = static_cast<char*>(out);
   if (sendBytes[rank_]) device_->copy(dst + recvOffsets[rank_], src + sendOffsets[rank_], sendBytes[rank_]);
-  size_t slot = std::max<size_t>(1, bufferBytes_ / n);  // 16-byte aligned slots where they fit
-  if (slot >= 16) slot &= ~static_cast<size_t>(15);
+  const size_t slot = slotBytes();
   for (size_t off = 0; off < most; off += slot) {
     const int b = beginChunk();
     for (int p = 0; p < n; ++p) {

@@ -12,6 +12,8 @@
 //  - all_gather: every rank's buffer holds its input's chunk; everyone copies all of them.
 //  - broadcast: the root's buffer holds the chunk; everyone copies it.
 //  - reduce: every rank's buffer holds its chunk; the root reduces all of them.
+//  - gather: every rank's buffer holds its chunk; the root copies all of them.
+//  - scatter: the root's buffer is one slot per rank, slot p holding p's next piece.
 //  - all_to_all: a buffer is one slot per peer; slot p holds the next piece of what this
 //    rank sends to p, and p copies it from there into its output.
 //
@@ -78,6 +80,16 @@ class IpcCollectives {
   void broadcast(void* buf, size_t bytes, int root, Collectives& coll, const OpDesc& desc,
                  const Deadline& deadline);
 
+  /// Root's `out` (size() * bytesPerRank) = every rank's `in`, in rank order; `out` is
+  /// only read on the root (null elsewhere).
+  void gather(const void* in, void* out, size_t bytesPerRank, int root, Collectives& coll, const OpDesc& desc,
+              const Deadline& deadline);
+
+  /// Every rank's `out` (bytesPerRank) = block `rank` of the root's `in` (size() *
+  /// bytesPerRank); `in` is only read on the root (null elsewhere).
+  void scatter(const void* in, void* out, size_t bytesPerRank, int root, Collectives& coll, const OpDesc& desc,
+               const Deadline& deadline);
+
   /// Personalised exchange: rank p gets bytes [sendOffsets[p], +sendBytes[p]) of this
   /// rank's `in` at its own recvOffsets[this rank] of `out`. The ranks first exchange all
   /// their split sizes over the host transport, so every rank checks every pair (a
@@ -104,6 +116,8 @@ class IpcCollectives {
   /// chunk's barrier, which cover their reads of this buffer two chunks ago (or in an
   /// earlier call, which ended with a device sync and a barrier). Returns its index.
   int beginChunk();
+  /// A buffer cut into one slot per rank (scatter, all_to_all): the slot's bytes.
+  size_t slotBytes() const;
   /// End of a call: this rank's device work is done, then nobody reads our buffers any
   /// more, so the next call (or the group's destruction) may overwrite or free them.
   void endCall(Collectives& coll, const OpDesc& desc, const Deadline& deadline);

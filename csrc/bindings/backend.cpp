@@ -537,9 +537,11 @@ class PycommBackend : public c10d::Backend {
     if (inputs[0].is_cuda() && std::all_of(outs.begin(), outs.end(), onInputDevice) &&
         ipcEligible(inputs[0].device().index())) {
       at::Tensor flat = at::empty({static_cast<int64_t>(size_) * inputs[0].numel()}, inputs[0].options());
-      if (auto w = cudaIpcFlat(flat, inputs[0], CollType::kAllGather, c10d::OpType::ALLGATHER, "pycomm:all_gather",
-                               "all_gather", opts.asyncOp, inputs[0].numel(), ReduceOp::kSum,
-                               allGatherOps(inputs[0].nbytes()), outs)) {
+      FlatCall call{CollType::kAllGather, c10d::OpType::ALLGATHER, "pycomm:all_gather", "all_gather",
+                    inputs[0].numel()};
+      call.ops = allGatherOps(inputs[0].nbytes());
+      call.splitInto = outs;
+      if (auto w = cudaIpcFlat(flat, inputs[0], call, opts.asyncOp)) {
         return w;
       }
     }
@@ -580,9 +582,10 @@ class PycommBackend : public c10d::Backend {
                       input.numel() * size_, " (input ", input.numel(), " x ", size_, " ranks)");
     checkSameDType(output, input, "all_gather_into_tensor");
 #if defined(PYCOMM_WITH_CUDA)
-    if (auto w = cudaIpcFlat(output, input, CollType::kAllGather, c10d::OpType::_ALLGATHER_BASE,
-                             "pycomm:all_gather_into_tensor", "all_gather", opts.asyncOp, input.numel(),
-                             ReduceOp::kSum, allGatherOps(input.nbytes()))) {
+    FlatCall call{CollType::kAllGather, c10d::OpType::_ALLGATHER_BASE, "pycomm:all_gather_into_tensor", "all_gather",
+                  input.numel()};
+    call.ops = allGatherOps(input.nbytes());
+    if (auto w = cudaIpcFlat(output, input, call, opts.asyncOp)) {
       return w;
     }
 #endif
@@ -623,6 +626,28 @@ class PycommBackend : public c10d::Backend {
       TORCH_CHECK_VALUE(outputs.empty() || outputs[0].empty(), "pycomm rank ", rank_,
                         ": gather output list must be empty on non-root ranks");
     }
+#if defined(PYCOMM_WITH_CUDA)
+    checkTensor(inputs[0], rank_, "gather input");
+    const auto onInputDevice = [&](const at::Tensor& o) { return o.device() == inputs[0].device(); };
+    if (inputs[0].is_cuda() && std::all_of(outs.begin(), outs.end(), onInputDevice) &&
+        ipcEligible(inputs[0].device().index())) {
+      // The root gathers into one flat device tensor; the others have no output.
+      at::Tensor flat = at::empty({rank_ == root ? static_cast<int64_t>(size_) * inputs[0].numel() : 0},
+                                  inputs[0].options());
+      FlatCall call{CollType::kGather, c10d::OpType::GATHER, "pycomm:gather", "gather", inputs[0].numel()};
+      call.root = root;
+      const size_t bytes = inputs[0].nbytes();
+      call.ops = {[bytes, root, this](IpcCollectives& ipc, const void* in, void* out, Collectives& c,
+                                      const OpDesc& d, const Deadline& dl) {
+                    ipc.gather(in, rank_ == root ? out : nullptr, bytes, root, c, d, dl);
+                  },
+                  [bytes, root, this](Collectives& c, const void* in, void* out, const OpDesc& d, const Deadline& dl) {
+                    c.gather(in, rank_ == root ? out : nullptr, bytes, root, d, dl);
+                  }};
+      call.splitInto = outs;
+      if (auto w = cudaIpcFlat(flat, inputs[0], call, opts.asyncOp)) return w;
+    }
+#endif
     Staged in = stage(inputs[0], false, rank_, "gather input");
     at::Tensor flat = rank_ == root ? at::empty({static_cast<int64_t>(size_) * inputs[0].numel()},
                                                 inputs[0].options().device(at::kCPU))
@@ -654,6 +679,25 @@ class PycommBackend : public c10d::Backend {
       TORCH_CHECK_VALUE(inputs.empty() || inputs[0].empty(), "pycomm rank ", rank_,
                         ": scatter input list must be empty on non-root ranks");
     }
+#if defined(PYCOMM_WITH_CUDA)
+    checkTensor(outputs[0], rank_, "scatter output");
+    if (outputs[0].is_cuda() && (!flat.defined() || flat.device() == outputs[0].device()) &&
+        ipcEligible(outputs[0].device().index())) {
+      // Only the root has an input.
+      at::Tensor in = flat.defined() ? flat : at::empty({0}, outputs[0].options());
+      FlatCall call{CollType::kScatter, c10d::OpType::SCATTER, "pycomm:scatter", "scatter", outputs[0].numel()};
+      call.root = root;
+      const size_t bytes = outputs[0].nbytes();
+      call.ops = {[bytes, root, this](IpcCollectives& ipc, const void* in, void* out, Collectives& c,
+                                      const OpDesc& d, const Deadline& dl) {
+                    ipc.scatter(rank_ == root ? in : nullptr, out, bytes, root, c, d, dl);
+                  },
+                  [bytes, root, this](Collectives& c, const void* in, void* out, const OpDesc& d, const Deadline& dl) {
+                    c.scatter(rank_ == root ? in : nullptr, out, bytes, root, d, dl);
+                  }};
+      if (auto w = cudaIpcFlat(outputs[0], in, call, opts.asyncOp)) return w;
+    }
+#endif
     Staged out = stage(outputs[0], true, rank_, "scatter output");
     std::vector<Staged> staged{out};
     std::optional<Staged> in;
@@ -690,13 +734,14 @@ class PycommBackend : public c10d::Backend {
       const DType dt = toDType(input.scalar_type(), rank_);
       const ReduceOp op = toReduceOp(opts.reduceOp, dt, rank_);
       const size_t count = static_cast<size_t>(output.numel());
-      FlatOps ops{[count, dt, op](IpcCollectives& ipc, const void* in, void* out, Collectives& c, const OpDesc& d,
+      FlatCall call{CollType::kReduceScatter, c10d::OpType::_REDUCE_SCATTER_BASE, "pycomm:reduce_scatter",
+                    "reduce_scatter", output.numel(), op};
+      call.ops = {[count, dt, op](IpcCollectives& ipc, const void* in, void* out, Collectives& c, const OpDesc& d,
                                   const Deadline& dl) { ipc.reduceScatter(in, out, count, dt, op, c, d, dl); },
                   [count, dt, op](Collectives& c, const void* in, void* out, const OpDesc& d, const Deadline& dl) {
                     c.reduceScatter(in, out, count, dt, op, d, dl);
                   }};
-      if (auto w = cudaIpcFlat(output, input, CollType::kReduceScatter, c10d::OpType::_REDUCE_SCATTER_BASE,
-                               "pycomm:reduce_scatter", "reduce_scatter", opts.asyncOp, output.numel(), op, ops)) {
+      if (auto w = cudaIpcFlat(output, input, call, opts.asyncOp)) {
         return w;
       }
     }
@@ -760,9 +805,10 @@ class PycommBackend : public c10d::Backend {
     auto [sendOff, sendBytes] = splits(input, inputSplits, "input");
     auto [recvOff, recvBytes] = splits(output, outputSplits, "output");
 #if defined(PYCOMM_WITH_CUDA)
-    if (auto w = cudaIpcFlat(output, input, CollType::kAllToAll, c10d::OpType::ALLTOALL_BASE,
-                             "pycomm:all_to_all_single", "all_to_all", opts.asyncOp, equal ? input.numel() : 0,
-                             ReduceOp::kSum, allToAllOps(sendOff, sendBytes, recvOff, recvBytes))) {
+    FlatCall call{CollType::kAllToAll, c10d::OpType::ALLTOALL_BASE, "pycomm:all_to_all_single", "all_to_all",
+                  equal ? input.numel() : 0};
+    call.ops = allToAllOps(sendOff, sendBytes, recvOff, recvBytes);
+    if (auto w = cudaIpcFlat(output, input, call, opts.asyncOp)) {
       return w;
     }
 #endif
@@ -801,9 +847,10 @@ class PycommBackend : public c10d::Backend {
     if (inFlat.is_cuda() && std::all_of(outputs.begin(), outputs.end(), onInputDevice) &&
         ipcEligible(inFlat.device().index())) {
       at::Tensor outFlat = at::empty({outCount}, inFlat.options());
-      if (auto w = cudaIpcFlat(outFlat, inFlat, CollType::kAllToAll, c10d::OpType::ALLTOALL, "pycomm:all_to_all",
-                               "all_to_all", opts.asyncOp, 0, ReduceOp::kSum,
-                               allToAllOps(sendOff, sendBytes, recvOff, recvBytes), outputs)) {
+      FlatCall call{CollType::kAllToAll, c10d::OpType::ALLTOALL, "pycomm:all_to_all", "all_to_all", 0};
+      call.ops = allToAllOps(sendOff, sendBytes, recvOff, recvBytes);
+      call.splitInto = outputs;
+      if (auto w = cudaIpcFlat(outFlat, inFlat, call, opts.asyncOp)) {
         return w;
       }
     }
@@ -954,25 +1001,39 @@ class PycommBackend : public c10d::Backend {
     std::function<void(Collectives&, const void* in, void* out, const OpDesc&, const Deadline&)> onHost;
   };
 
-  /// An out-of-place collective (all_gather, reduce_scatter, all_to_all and their list
-  /// forms) over CUDA IPC, when both tensors are on the group's IPC device (ipcEligible);
-  /// null otherwise, and the caller stages them through host memory. `what` names the
-  /// collective in messages; `count` and `op` go into the header as the host path's would.
-  /// `splitInto` (list forms): after the collective, output's consecutive parts are
-  /// copied into these tensors on the comm stream, and they are the Work's outputs.
-  c10::intrusive_ptr<c10d::Work> cudaIpcFlat(at::Tensor& output, at::Tensor& input, CollType coll,
-                                             c10d::OpType type, const char* name, const char* what, bool asyncOp,
-                                             int64_t count, ReduceOp op, FlatOps ops,
-                                             std::vector<at::Tensor> splitInto = {}) {
-    checkTensor(input, rank_, (std::string(what) + " input").c_str());
-    checkTensor(output, rank_, (std::string(what) + " output").c_str());
+  /// One out-of-place collective for cudaIpcFlat: what the header says (as the host
+  /// path's would), the operation, and for the list forms where its result goes.
+  struct FlatCall {
+    CollType coll;
+    c10d::OpType type;
+    const char* name;  // "pycomm:..." (the Work's)
+    const char* what;  // the collective in messages
+    int64_t count;
+    ReduceOp op = ReduceOp::kSum;
+    int root = -1;
+    FlatOps ops;
+    /// List forms: after the collective, output's consecutive parts are copied into these
+    /// tensors on the comm stream, and they (not output) are the Work's outputs.
+    std::optional<std::vector<at::Tensor>> splitInto = std::nullopt;
+  };
+
+  /// An out-of-place collective (all_gather, reduce_scatter, all_to_all, gather, scatter
+  /// and their list forms) over CUDA IPC, when both tensors are on the group's IPC device
+  /// (ipcEligible); null otherwise, and the caller stages them through host memory.
+  c10::intrusive_ptr<c10d::Work> cudaIpcFlat(at::Tensor& output, at::Tensor& input, FlatCall call, bool asyncOp) {
+    checkTensor(input, rank_, (std::string(call.what) + " input").c_str());
+    checkTensor(output, rank_, (std::string(call.what) + " output").c_str());
     if (!input.is_cuda() || input.device() != output.device() || !ipcEligible(input.device().index())) return {};
     const c10::DeviceIndex dev = input.device().index();
     auto cs = std::make_shared<CudaStage>(streams_.get(dev));
     cs->ready.record(c10::cuda::getCurrentCUDAStream(dev));
-    std::vector<at::Tensor> workOutputs = splitInto.empty() ? std::vector<at::Tensor>{output} : splitInto;
+    const std::vector<at::Tensor> splitInto = call.splitInto.value_or(std::vector<at::Tensor>{});
+    const std::vector<at::Tensor> workOutputs = call.splitInto ? splitInto : std::vector<at::Tensor>{output};
+    const CollType coll = call.coll;
+    const FlatOps ops = call.ops;
     return submit(
-        asyncOp, type, name, coll, workOutputs, {Staged{input, input, false}, Staged{output, output, false}}, -1,
+        asyncOp, call.type, call.name, coll, workOutputs, {Staged{input, input, false}, Staged{output, output, false}},
+        call.root,
         [this, input, output, splitInto, cs, dev, coll, ops](Collectives& c, const OpDesc& d, const Deadline& dl) {
           c10::cuda::CUDAGuard device(dev);
           c10::cuda::CUDAStreamGuard guard(cs->stream);
@@ -1008,7 +1069,7 @@ class PycommBackend : public c10d::Backend {
           }
           cs->stream.synchronize();
         },
-        count, {}, op, kCudaIpcTag);
+        call.count, {}, call.op, kCudaIpcTag);
   }
 
   static FlatOps allGatherOps(size_t bytesPerRank) {

@@ -368,7 +368,7 @@ TEST(IpcCollectives, BarriersOverTcpToo) { checkCase({3, DType::kFloat32, Reduce
 
 TEST(IpcCollectives, OneRankIsTheIdentity) { checkCase({1, DType::kFloat32, ReduceOp::kAvg, {0, 7, 100}, 64}); }
 
-/// reduce_scatter, all_gather, reduce and broadcast (every root) on n ranks, `per` elements a
+/// reduce_scatter, all_gather, then reduce, gather, scatter and broadcast (every root) on n ranks, `per` elements a
 /// rank, through buffers of `bufferBytes` (many chunks), checked element by element
 /// against the float64 reference and bitwise across ranks where ranks share a result.
 void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t bufferBytes) {
@@ -439,6 +439,32 @@ void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t buff
       }
       EXPECT_EQ(bad, 0u) << "reduce to root " << root << ": wrong elements";
     }
+    // gather to and scatter from every root (the root's input is its copy of everything)
+    for (int root = 0; root < n; ++root) {
+      std::vector<char> got(r == root ? n * per * esz + 1 : 0, 0x3c);
+      OpDesc gd = testing::makeDesc(CollType::kGather, ++seq, per * esz);
+      gd.root = root;
+      ipc->gather(mine.data(), r == root ? got.data() : nullptr, per * esz, root, coll, gd,
+                  Deadline::after(kTimeout));
+      if (r == root) {
+        bad = 0;
+        for (int p = 0; p < n; ++p) {
+          for (size_t i = 0; i < per; ++i) bad += getValue(got.data() + p * per * esz, i, dt) != asStored(p, i, dt, op);
+        }
+        EXPECT_EQ(bad, 0u) << "gather to root " << root << ": wrong elements";
+        EXPECT_EQ(got.back(), 0x3c) << "gather wrote past the root's output";
+      }
+      std::vector<char> piece(per * esz + 1, 0x3c);
+      OpDesc sd = testing::makeDesc(CollType::kScatter, ++seq, per * esz);
+      sd.root = root;
+      // the root scatters the all_gather result: rank p gets rank p's input back
+      ipc->scatter(r == root ? all.data() : nullptr, piece.data(), per * esz,
+                   root, coll, sd, Deadline::after(kTimeout));
+      bad = 0;
+      for (size_t i = 0; i < per; ++i) bad += getValue(piece.data(), i, dt) != asStored(r, i, dt, op);
+      EXPECT_EQ(bad, 0u) << "scatter from root " << root << ": wrong elements on rank " << r;
+      EXPECT_EQ(piece.back(), 0x3c) << "scatter wrote past rank " << r << "'s output";
+    }
     // broadcast from every root
     for (int root = 0; root < n; ++root) {
       std::vector<char> buf(per * esz);
@@ -454,7 +480,7 @@ void checkOtherCollectives(int n, DType dt, ReduceOp op, size_t per, size_t buff
   for (int r = 1; r < n; ++r) EXPECT_EQ(gathered[r], gathered[0]);
 }
 
-TEST(IpcCollectives, ReduceScatterAllGatherReduceBroadcast) {
+TEST(IpcCollectives, ReduceScatterAllGatherReduceGatherScatterBroadcast) {
   for (int n : {1, 2, 3, 5}) {
     for (size_t per : {0, 1, 7, 1021}) {
       checkOtherCollectives(n, DType::kFloat32, ReduceOp::kSum, per, 256);

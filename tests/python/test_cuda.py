@@ -331,9 +331,8 @@ def _cuda_other_collectives_path(rank: int, ws: int, path: str) -> dict:
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_cuda_other_collectives(world_size, path):
-    """broadcast / reduce / all_gather_into_tensor / reduce_scatter_tensor /
-    all_to_all_single and the list forms of all_gather / reduce_scatter / all_to_all take
-    CUDA IPC on the default path; gather, scatter and p2p are staged on both."""
+    """Every collective but p2p takes CUDA IPC on the default path (PATHS["ipc"]); all are
+    staged with PYCOMM_CUDA_IPC=0."""
     _assert_same_digests(run_ranks(world_size, _cuda_other_collectives_path, path, timeout=600, pg_timeout=120,
                                    env=PATHS[path]))
 
