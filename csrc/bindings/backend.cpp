@@ -97,7 +97,7 @@ struct CudaStage {
 
 // A tensor as the core sees it: a contiguous CPU buffer. Non-contiguous CPU tensors are
 // copied and written back afterwards; CUDA tensors are staged through pinned host memory
-// on the group's comm stream (CudaStage) or, for send/recv, synchronously.
+// on the group's comm stream (CudaStage), by the thread that runs the operation.
 struct Staged {
   at::Tensor orig;
   at::Tensor buf;
@@ -125,6 +125,7 @@ struct Staged {
 #if defined(PYCOMM_WITH_CUDA)
     if (cuda) {
       c10::cuda::CUDAStreamGuard g(cuda->stream);
+      cuda->ready.block(cuda->stream);  // not before the caller's earlier work on the tensor (recv)
       orig.copy_(buf, /*non_blocking=*/true);
       cuda->stream.synchronize();  // the pinned buffer is released with the Work
       return;
@@ -880,8 +881,13 @@ class PycommBackend : public c10d::Backend {
     TORCH_CHECK_VALUE(tensors.size() == 1, "pycomm rank ", rank_, ": send takes one tensor");
     TORCH_CHECK_VALUE(dstRank >= 0 && dstRank < size_ && dstRank != rank_, "pycomm rank ", rank_,
                       ": send to invalid rank ", dstRank, " (group size ", size_, ")");
-    Staged s = stage(tensors[0], false, rank_, "send tensor", /*deferCuda=*/false);
-    auto c = group_->submitSend(dstRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {});
+    // A CUDA tensor is copied to pinned memory on the send thread, after the caller's
+    // current stream (Staged::prepare): the caller's thread does not wait for the device.
+    Staged s = stage(tensors[0], false, rank_, "send tensor");
+    auto c = group_->submitSend(dstRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {
+      at::NoGradGuard noGrad;
+      s.prepare();
+    });
     return c10::make_intrusive<PycommWork>(rank_, c10d::OpType::SEND, "pycomm:send", tensors, c, 0);
   }
 
@@ -889,11 +895,14 @@ class PycommBackend : public c10d::Backend {
     TORCH_CHECK_VALUE(tensors.size() == 1, "pycomm rank ", rank_, ": recv takes one tensor");
     TORCH_CHECK_VALUE(srcRank >= 0 && srcRank < size_ && srcRank != rank_, "pycomm rank ", rank_,
                       ": recv from invalid rank ", srcRank, " (group size ", size_, ")");
-    Staged s = stage(tensors[0], true, rank_, "recv tensor", /*deferCuda=*/false);
-    auto c = group_->submitRecv(srcRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {});
-    if (s.copyBack) c->onFinish([s](std::exception_ptr e) { if (!e) s.finish(); });
-    auto w = c10::make_intrusive<PycommWork>(rank_, c10d::OpType::RECV, "pycomm:recv", tensors, c, 0);
-    return w;
+    // What arrived is written into the tensor (a staged CUDA or non-contiguous one) on the
+    // receive thread before the Work completes, so wait() returning means it is there.
+    Staged s = stage(tensors[0], true, rank_, "recv tensor");
+    auto c = group_->submitRecv(srcRank, s.data(), s.bytes(), static_cast<uint32_t>(tag), [s] {
+      at::NoGradGuard noGrad;
+      s.finish();
+    });
+    return c10::make_intrusive<PycommWork>(rank_, c10d::OpType::RECV, "pycomm:recv", tensors, c, 0);
   }
 
   c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>&, int) override {

@@ -108,22 +108,24 @@ OpDesc p2pDesc(std::vector<uint64_t>& seqs, int peer, size_t bytes, uint32_t tag
 }  // namespace
 
 std::shared_ptr<Completion> Group::submitSend(int peer, const void* buf, size_t bytes, uint32_t tag,
-                                              std::function<void()> keepAlive) {
+                                              std::function<void()> before) {
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "send: invalid destination rank ", peer,
                    " (this is rank ", rank_, " of ", size_, ")");
   const OpDesc desc = p2pDesc(sendSeq_, peer, bytes, tag);
-  return sendQueue_->push([this, peer, buf, bytes, desc, keepAlive = std::move(keepAlive)] {
+  return sendQueue_->push([this, peer, buf, bytes, desc, before = std::move(before)] {
+    if (before) before();
     p2p_->send(peer, buf, bytes, desc, Deadline::after(timeout_));
   });
 }
 
 std::shared_ptr<Completion> Group::submitRecv(int peer, void* buf, size_t bytes, uint32_t tag,
-                                              std::function<void()> keepAlive) {
+                                              std::function<void()> after) {
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "recv: invalid source rank ", peer,
                    " (this is rank ", rank_, " of ", size_, ")");
   const OpDesc desc = p2pDesc(recvSeq_, peer, bytes, tag);
-  return recvQueue_->push([this, peer, buf, bytes, desc, keepAlive = std::move(keepAlive)] {
+  return recvQueue_->push([this, peer, buf, bytes, desc, after = std::move(after)] {
     p2p_->recv(peer, buf, bytes, desc, Deadline::after(timeout_));
+    if (after) after();
   });
 }
 

@@ -59,12 +59,15 @@ class Group {
 
   /// Queues a point-to-point send (on the send thread) or receive (on the receive
   /// thread); sends and receives progress independently, so any order that matches
-  /// between the two ranks completes.
+  /// between the two ranks completes. `before` runs on the send thread just before the
+  /// send (it fills `buf`, e.g. from device memory); `after` on the receive thread once
+  /// the data is in `buf`, before the operation completes (e.g. copies it out). Both
+  /// may be empty; what they capture lives until the operation ends.
   std::shared_ptr<Completion> submitSend(int peer, const void* buf, size_t bytes, uint32_t tag,
-                                         std::function<void()> keepAlive);
+                                         std::function<void()> before);
   /// See submitSend.
   std::shared_ptr<Completion> submitRecv(int peer, void* buf, size_t bytes, uint32_t tag,
-                                         std::function<void()> keepAlive);
+                                         std::function<void()> after);
 
   /// Counters: collectives run, bytes sent/received per transport.
   std::map<std::string, uint64_t> stats() const;

@@ -261,6 +261,17 @@ def other_collective_cases(rank: int, ws: int) -> dict:
             rw.wait()
             sw.wait()
             assert torch.all(got == prv), f"send/recv n={n}"
+        # non-contiguous both ways: sent from a transposed view, received into a strided one
+        # (staged, written back on the receive thread before wait() returns), many times
+        for step in range(20):
+            mine = (torch.arange(60, dtype=torch.float64).reshape(6, 10) * (rank + 1) + step).t()
+            holder = torch.full((10, 12), -1.0, dtype=torch.float64)
+            got = holder[:, ::2]
+            sw = dist.isend(mine, nxt, tag=8)
+            dist.recv(got, prv, tag=8)
+            want = (torch.arange(60, dtype=torch.float64).reshape(6, 10) * (prv + 1) + step).t()
+            assert torch.equal(got, want) and torch.all(holder[:, 1::2] == -1.0), f"strided send/recv {step}"
+            sw.wait()
         # both ranks receive first, then send: independent send/recv threads keep it deadlock-free
         if ws == 2:
             other = 1 - rank

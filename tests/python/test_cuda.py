@@ -751,6 +751,25 @@ def _stream_semantics(rank: int, ws: int) -> None:
     torch.cuda.current_stream().wait_stream(side)
     assert bool(torch.all(back == -2.0)), "(f) kernel ordering on the current stream"
 
+    # (g) send/recv staged on the p2p threads: the send reads the input written behind a
+    # sleep on the busy current stream; the receive lands after a pending fill of its
+    # buffer on that stream (not before, which the fill would overwrite)
+    nxt, prv = (rank + 1) % ws, (rank - 1) % ws
+    mine = torch.zeros(n, device=dev)
+    got = torch.zeros(n, device=dev)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        mine.fill_(rank + 1)
+        got.fill_(-1.0)
+        sw = dist.isend(mine, nxt, tag=21)
+        rw = dist.irecv(got, prv, tag=21)
+        rw.wait()
+        sw.wait()
+        got2 = got * 2
+    torch.cuda.current_stream().wait_stream(side)
+    assert bool(torch.all(got2 == 2 * (prv + 1))), f"(g) p2p stream ordering: got {got2[:4].tolist()}"
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("world_size", [2, 3])
