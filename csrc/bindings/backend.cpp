@@ -214,23 +214,22 @@ void stagedChunks(const at::Tensor& t, c10::cuda::CUDAStream stream, size_t chun
 }
 #endif
 
-/// Stages `t` for a collective. `deferCuda`: copy a CUDA tensor on the communication
-/// thread (prepare/finish) instead of synchronously here.
-Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda,
-             CommStreams* streams) {
+/// Stages `t` for an operation. A CUDA tensor is copied by the thread that runs the
+/// operation (prepare/finish), on its device's stream from `streams`; without pycomm's
+/// CUDA code, synchronously here.
+Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, CommStreams& streams) {
   checkTensor(t, rank, what);
   Staged s;
   s.orig = t;
 #if defined(PYCOMM_WITH_CUDA)
-  if (t.device().is_cuda() && deferCuda && streams) {
+  if (t.device().is_cuda()) {
     s.buf = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
     s.copyBack = isOutput;
-    s.cuda = std::make_shared<CudaStage>(streams->get(t.device().index()));
+    s.cuda = std::make_shared<CudaStage>(streams.get(t.device().index()));
     s.cuda->ready.record(c10::cuda::getCurrentCUDAStream(t.device().index()));
     return s;
   }
 #else
-  (void)deferCuda;
   (void)streams;
 #endif
   if (t.device().is_cpu() && t.is_contiguous()) {
@@ -1137,8 +1136,8 @@ class PycommBackend : public c10d::Backend {
   }
 
   /// Stages with this group's comm streams (see the free function).
-  Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, bool deferCuda = true) {
-    return pycomm::stage(t, isOutput, rank, what, deferCuda, &streams_);
+  Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what) {
+    return pycomm::stage(t, isOutput, rank, what, streams_);
   }
 
   std::vector<std::pair<DType, ReduceOp>> reduceArgs(const std::vector<Staged>& st, const c10d::ReduceOp& op) {
