@@ -1078,6 +1078,10 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``pycomm-bench`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the strategy evaluation (pycomm/evaluation)
+        from pycomm.evaluation.cli import main as train_main
+
+        return train_main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     _THP_DEFAULT[0] = bool(args.thp)

@@ -111,6 +111,9 @@ class DataParallel(torch.nn.Module):
 
     The parameters and buffers of the group's first rank are broadcast at wrap time.
     Environment: ``PYCOMM_TIMELINE=trace.json`` writes a per-rank Chrome trace.
+    ``comm_stats`` accumulates, per synchronised iteration, the seconds some bucket was
+    being communicated and the seconds the end of backward was blocked waiting for
+    them (exposed communication); :meth:`reset_comm_stats` zeroes it.
     """
 
     def __init__(self, module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None,
@@ -150,6 +153,7 @@ class DataParallel(torch.nn.Module):
         self._keys = [classes.setdefault((p.dtype, p.device), len(classes)) for p in self._params]
 
         self._timeline = _tl.from_env(dist.get_rank())
+        self.reset_comm_stats()
         self._sync_module_states()
 
         # Per-iteration state.
@@ -368,6 +372,7 @@ class DataParallel(torch.nn.Module):
             if used_work is not None:
                 used_work.wait()
             t_waited = _tl.now_ns()
+            self._account(t_wait, t_waited)
             if tl is not None:
                 tl.span("wait for buckets", t_wait, t_waited)
                 for b in self._buckets:
@@ -384,6 +389,28 @@ class DataParallel(torch.nn.Module):
             tl.flush()
         if error is not None:
             raise error
+
+    def reset_comm_stats(self) -> None:
+        """Zeroes :attr:`comm_stats` (seconds accumulated over synchronised iterations)."""
+        self.comm_stats = {"iterations": 0, "comm_seconds": 0.0, "exposed_seconds": 0.0}
+
+    def _account(self, t_wait: int, t_waited: int) -> None:
+        # comm_seconds: the union of the buckets' [issue, done] intervals (time during which
+        # some bucket was being communicated); exposed_seconds: the time backward's end spent
+        # blocked waiting for them (communication not hidden behind compute).
+        spans = sorted((b.t_issue, b.t_done or t_waited) for b in self._buckets)
+        busy, end = 0, None
+        for s, e in spans:
+            if end is None or s > end:
+                busy += e - s
+                end = e
+            elif e > end:
+                busy += e - end
+                end = e
+        st = self.comm_stats
+        st["iterations"] += 1
+        st["comm_seconds"] += busy * 1e-9
+        st["exposed_seconds"] += (t_waited - t_wait) * 1e-9
 
     def _write_back(self) -> None:
         tl = self._timeline
