@@ -129,8 +129,9 @@ def merge(cell: Dict[str, Any], ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
         curve.append(dict(point, train_loss=statistics.fmean(epoch_losses) if epoch_losses else None))
     hit = next((p for p in curve if spec.reached(p["metric"])), None)
     mean_step = train / steps
-    comm = statistics.fmean(r["comm_seconds"] for r in ranks) / steps
-    exposed = min(comm, statistics.fmean(r["exposed_seconds"] for r in ranks) / steps)
+    clocked = [r for r in ranks if r["comm_seconds"] is not None]
+    comm = statistics.fmean(r["comm_seconds"] for r in clocked) / steps if clocked else None
+    exposed = min(comm, statistics.fmean(r["exposed_seconds"] for r in clocked) / steps) if clocked else None
     sent = [r["bytes_sent"] for r in ranks if r.get("bytes_sent") is not None]
     link = [r["link_bytes"] for r in ranks if r.get("link_bytes") is not None]
     memory = {k: max(r["memory"][k] for r in ranks) for k in ranks[0]["memory"]}
@@ -144,7 +145,8 @@ def merge(cell: Dict[str, Any], ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
         time_to_target_s=hit["wall_s"] if hit else None, epochs_to_target=hit["epoch"] if hit else None,
         curve=curve, loss_step_var=statistics.pvariance(diffs) if len(diffs) > 1 else None,
         comm_seconds_per_step=comm, exposed_comm_seconds_per_step=exposed,
-        comm_share=min(1.0, comm / mean_step), exposed_share=min(1.0, exposed / mean_step),
+        comm_share=min(1.0, comm / mean_step) if clocked else None,
+        exposed_share=min(1.0, exposed / mean_step) if clocked else None,
         bytes_sent_per_step=statistics.fmean(sent) / steps if sent else None,
         link_bytes_per_step=statistics.fmean(link) / steps if link else None,
         memory=memory, param_digest=ranks[0]["param_digest"], log_tail=None)

@@ -18,7 +18,9 @@ Where communication time comes from, per strategy (docs/EVALUATION.md):
 - pipeline: ``PipelineStage.comm_wait_seconds`` (time blocked in receives, which
   includes the pipeline bubble; exposed = in flight), plus the hybrid's gradient
   averaging over the data-parallel group (synchronous, after the pipeline step);
-- local SGD: its ``comm_stats``.
+- local SGD: its ``comm_stats``;
+- torch's DTensor tensor parallelism and torch's pipelining: none (no clock to read
+  without changing what they do; the report says n/a).
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ STRATEGIES: Dict[str, Tuple[str, str]] = {
     "tp": ("pycomm", "Megatron-style tensor parallelism over every rank"),
     "pp-gpipe": ("pycomm", "pipeline, GPipe schedule, 4 micro-batches"),
     "pp-1f1b": ("pycomm", "pipeline, 1F1B schedule, 4 micro-batches"),
+    "tp-dtensor": ("gloo", "torch DTensor tensor parallelism (Colwise/Rowwise plans) on Gloo (baseline)"),
+    "pp-torch": ("gloo", "torch.distributed.pipelining, 1F1B schedule, 4 micro-batches, on Gloo (baseline)"),
     "dp-tp": ("pycomm", "hybrid: tensor parallel over 2 ranks x data parallel over the rest"),
     "dp-pp": ("pycomm", "hybrid: 2-stage 1F1B pipeline x data parallel over the rest"),
 }
@@ -71,6 +75,10 @@ def applicable(strategy: str, spec: ModelSpec, world: int) -> Optional[str]:
         if not hasattr(pycomm, "LocalSGD"):
             return "pycomm.LocalSGD is not in this build"
     if strategy == "tp":
+        return tp_applies(spec, world)
+    if strategy == "tp-dtensor":
+        if spec.name not in ("mlp", "large"):
+            return "the DTensor baseline has a parallelisation plan for the MLPs only"
         return tp_applies(spec, world)
     if strategy.startswith("pp-"):
         if 4 % world:
@@ -356,6 +364,65 @@ class PPTrainer(Trainer):
         return c, c
 
 
+class DTensorTPTrainer(Trainer):
+    """torch DTensor tensor parallelism of the MLPs: column-wise then row-wise linear
+    pairs over a 1-d CPU device mesh of every rank (the baseline of ``tp``)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        model = spec.build()
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        plan = {"0.0": ColwiseParallel(), "1.0": RowwiseParallel(), "2.0": ColwiseParallel(),
+                "3": RowwiseParallel()}
+        parallelize_module(model, mesh, plan)
+        super().__init__(spec, model)
+
+    def comm(self) -> Tuple[Optional[float], Optional[float]]:  # type: ignore[override]
+        return None, None
+
+
+class TorchPipelineTrainer(Trainer):
+    """torch.distributed.pipelining's 1F1B over every rank (the baseline of ``pp-1f1b``)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        module = pieces(spec.build(), world)[rank]
+        self.first, self.last = rank == 0, rank == world - 1
+        self.prev = None if self.first else rank - 1
+        self.next = None if self.last else rank + 1
+        stage = PipelineStage(module, rank, world, torch.device("cpu"))
+        self.schedule = Schedule1F1B(stage, spec.recipe.microbatches, loss_fn=spec.loss)
+        super().__init__(spec, module)
+        self.losses_known = self.last
+
+    def step(self, x: Tensor, y: Tensor) -> Optional[float]:
+        self.opt.zero_grad()
+        losses: List[Tensor] = []
+        if self.first:
+            self.schedule.step(x)
+        elif self.last:
+            self.schedule.step(target=y, losses=losses)
+        else:
+            self.schedule.step()
+        self.opt.step()
+        return float(torch.stack(losses).mean()) if losses else None
+
+    def evaluate(self, x: Tensor, y: Tensor) -> float:
+        out = _pipe_forward(self.model, x if self.first else None, self.first, self.last, self.prev, self.next)
+        value = torch.zeros(1, dtype=torch.float64)
+        if self.last:
+            value[0] = self.spec.score(out, y)
+        dist.broadcast(value, dist.get_world_size() - 1)
+        return float(value.item())
+
+    def comm(self) -> Tuple[Optional[float], Optional[float]]:  # type: ignore[override]
+        return None, None
+
+
 def make_trainer(strategy: str, spec: ModelSpec) -> Trainer:
     """This rank's trainer for ``strategy`` (process group already initialised; the
     torch seed set identically on every rank, so replicas start equal)."""
@@ -373,6 +440,10 @@ def make_trainer(strategy: str, spec: ModelSpec) -> Trainer:
         return TPTrainer(spec, None)
     if strategy in ("pp-gpipe", "pp-1f1b"):
         return PPTrainer(spec, None, strategy[3:])
+    if strategy == "tp-dtensor":
+        return DTensorTPTrainer(spec)
+    if strategy == "pp-torch":
+        return TorchPipelineTrainer(spec)
     world = dist.get_world_size()
     if strategy == "dp-tp":
         g = parallel.init_groups(dp=world // 2, tp=2)
@@ -386,7 +457,7 @@ def make_trainer(strategy: str, spec: ModelSpec) -> Trainer:
 def layout(strategy: str, world: int) -> str:
     if strategy in ("dp-tp", "dp-pp"):
         return f"dp={world // 2} {strategy[3:]}=2"
-    if strategy == "tp":
+    if strategy in ("tp", "tp-dtensor"):
         return f"tp={world}"
     if strategy.startswith("pp-"):
         return f"pp={world}"

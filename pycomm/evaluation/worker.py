@@ -22,13 +22,18 @@ import torch
 import torch.distributed as dist
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class ActivationMeter:
     """Peak bytes of tensors autograd saved for backward (activations), counted through
     ``saved_tensors_hooks``: a saved tensor counts from pack until autograd frees it,
     each storage once, parameters not at all."""
 
     def __init__(self, params: List[torch.Tensor]) -> None:
-        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self._param_ptrs = {_local(p).untyped_storage().data_ptr() for p in params}
         self._live: Dict[int, List[int]] = {}  # storage ptr -> [refs, bytes]
         self.bytes = 0
         self.peak = 0
@@ -41,7 +46,7 @@ class ActivationMeter:
             del self._live[ptr]
 
     def pack(self, t: torch.Tensor) -> Any:
-        storage = t.untyped_storage()
+        storage = _local(t).untyped_storage()
         ptr = storage.data_ptr()
         if ptr in self._param_ptrs or storage.nbytes() == 0:
             return t
@@ -71,7 +76,7 @@ class _Held:
 
 
 def _tensor_bytes(ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+    return sum(_local(t).numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -164,7 +169,8 @@ def run(cell: Dict[str, Any], rank: int, world: int) -> Dict[str, Any]:
     # A fingerprint of this rank's final parameters (float64 sum and sum of squares per
     # tensor, in order): replicas of exact strategies must agree with each other and with
     # the single-rank run up to rounding (tests/python/test_evaluation.py).
-    digest = [[float(p.detach().double().sum()), float(p.detach().double().pow(2).sum())] for p in params]
+    digest = [[float(_local(p.detach()).double().sum()), float(_local(p.detach()).double().pow(2).sum())]
+              for p in params]
     steps = len(step_times)
     rec = {
         "rank": rank, "steps": steps, "epochs": epochs, "global_batch": batch, "train_seconds": train_seconds,
