@@ -75,6 +75,8 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy"],
+    install_requires=["torch", "numpy", "tqdm"],
+    # pycomm-bench train: the digits data (scikit-learn) and the report's plots (matplotlib).
+    extras_require={"eval": ["scikit-learn", "matplotlib"]},
     entry_points={"console_scripts": ["pycomm-bench=pycomm.bench:main"]},
 )
