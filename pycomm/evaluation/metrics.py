@@ -129,6 +129,11 @@ def _fmt_bytes(n: Optional[float]) -> str:
     return f"{n:.1f} GiB"
 
 
+def _exposed(row: Dict[str, Any]) -> str:
+    share = row.get("exposed_share")
+    return "exposed share n/a" if share is None else f"{share * 100:.0f}% exposed"
+
+
 def recommend(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per (model, link): among the rows at the largest world size with any successful
     run, the strategy with the shortest median time to target (ties and misses fall back
@@ -143,7 +148,8 @@ def recommend(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         rs = [r for r in rs if r["world"] == world]
         reached = [r for r in rs if r["time_to_target"]]
         if reached:
-            ranked = sorted(reached, key=lambda r: r["time_to_target"]["median"])
+            ranked = sorted(reached, key=lambda r: (r["time_to_target"]["median"],
+                                                    -(r["throughput"] or {}).get("median", 0.0)))
             basis = "time to target"
             val = lambda r: r["time_to_target"]["median"]  # noqa: E731
         else:
@@ -158,11 +164,9 @@ def recommend(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             margin = None
         why = []
         if best.get("comm_share") is not None:
-            why.append(f"communication {best['comm_share'] * 100:.0f}% of its step "
-                       f"({(best.get('exposed_share') or 0) * 100:.0f}% exposed)")
+            why.append(f"communication {best['comm_share'] * 100:.0f}% of its step ({_exposed(best)})")
         if second is not None and second.get("comm_share") is not None:
-            why.append(f"{second['strategy']}: {second['comm_share'] * 100:.0f}% "
-                       f"({(second.get('exposed_share') or 0) * 100:.0f}% exposed)")
+            why.append(f"{second['strategy']}: {second['comm_share'] * 100:.0f}% ({_exposed(second)})")
         if best.get("bytes_sent_per_step") is not None:
             why.append(f"{_fmt_bytes(best['bytes_sent_per_step'])} sent per rank per step")
         peak = (best.get("memory") or {}).get("model_state")

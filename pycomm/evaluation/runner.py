@@ -156,21 +156,31 @@ def merge(cell: Dict[str, Any], ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------- launching
 
 class _Hosts:
-    """Where a cell's ranks run: this host (link ``shm``) or one emulated host per rank."""
+    """Where a cell's ranks run: this host (link ``shm``) or one emulated host per rank.
+    One emulated cluster is up at a time (cells are ordered by link), torn down when the
+    link changes and at the end of the run."""
 
     def __init__(self, stack: ExitStack) -> None:
         self.stack = stack
-        self.clusters: Dict[str, Any] = {}
+        self.current: Any = None
+        self.made = 0
+        stack.callback(self.close)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.down()
+            self.current = None
 
     def cluster(self, link: str, hosts: int) -> Any:
-        c = self.clusters.get(link)
-        if c is None or c.hosts < hosts:
-            if c is not None:
-                c.down()
+        c = self.current
+        if c is None or c.link != link or c.hosts < hosts:
+            self.close()
             from pycomm.bench import _load_netem
 
-            c = self.stack.enter_context(_load_netem().Cluster(hosts=hosts, link=link, quiet=True))
-            self.clusters[link] = c
+            self.made += 1
+            c = _load_netem().Cluster(hosts=hosts, link=link, quiet=True, prefix=f"pcm{os.getpid()}c{self.made}")
+            c.up()
+            self.current = c
         return c
 
 

@@ -116,7 +116,7 @@ def test_link_counters_carry_the_reported_bytes(tmp_path):
 
 
 def test_bad_input_is_refused_with_the_known_names(tmp_path):
-    p = _train(tmp_path, "--strategies", "dp,warp", check=False)
+    p = _train(tmp_path, "--strategies", "dp,warp", check=False)  # refused before anything runs
     assert p.returncode == 2
     assert "unknown strategy warp" in p.stderr and "ddp-gloo" in p.stderr
     p = _train(tmp_path, "--models", "resnet9000", check=False)
@@ -126,7 +126,7 @@ def test_bad_input_is_refused_with_the_known_names(tmp_path):
 def test_cells_that_cannot_run_are_reported_with_why(tmp_path):
     # 3 ranks cannot split the global batch of 64; a 1.5-second cell timeout fails the
     # 2-rank cells; the run still completes, and results.json and the report say why.
-    _train(tmp_path, "--models", "mlp", "--strategies", "dp", "--worlds", "1,2,3", "--repeats", "1",
+    _train(tmp_path, "--models", "mlp", "--strategies", "dp", "--worlds", "1,2,3", "--links", "shm", "--repeats", "1",
            "--epochs", "1", "--cell-timeout", "1.5")
     res = _results(tmp_path)
     dp3 = _cell(res, "dp", 3)
