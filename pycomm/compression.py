@@ -55,6 +55,10 @@ __all__ = [
     "PowerSGD",
     "compressed_all_reduce",
     "ring_all_reduce_bytes",
+    "MomentumCorrection",
+    "for_training",
+    "OneBitAdam",
+    "OneBitSGD",
 ]
 
 _ALIGN: int = int(_C.COMPRESS_ALIGN)
@@ -776,3 +780,9 @@ class _Uncompressed(Compressor):
 
 
 _NONE = _Uncompressed()
+
+
+# Momentum-aware compression and compressed-momentum optimizers (issue 15) live in their
+# own modules; they are part of this namespace.
+from pycomm.momentum import DEFAULT_WARMUP_STEPS, MomentumCorrection, for_training  # noqa: E402,F401
+from pycomm.compressed_optim import OneBitAdam, OneBitSGD  # noqa: E402

@@ -17,11 +17,12 @@ Register the hook before the first backward, and pass the same group as DDP's
 iteration, so bucket indices (the compressor keys) change once: error-feedback state
 keyed by an old index is re-created at the new size.
 """
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
+from pycomm import compression as _compression
 from pycomm import timeline as _tl
 
 __all__ = ["DDPHookState", "ddp_comm_hook"]
@@ -34,13 +35,22 @@ class DDPHookState:
         compression: a :mod:`pycomm.compression` compressor (its error-feedback state
             lives in it, keyed by DDP bucket index); None for an exact all-reduce.
         group: the process group DDP runs on (None = the world).
+        params: the DDP model's parameters; lets ``momentum="auto"`` pick the optimizer
+            that steps them (default: the first torch optimizer that steps).
+
+    OneBit, TopK and PowerSGD are wrapped in :class:`pycomm.compression.MomentumCorrection`
+    (:func:`pycomm.compression.for_training`): with ``torch.optim.SGD`` they communicate the
+    momentum-corrected velocity, with other optimizers they run bare after 10 exact steps.
+    Pass a ``MomentumCorrection`` yourself to choose.
 
     Attributes:
         calls: hook invocations so far (one per bucket per iteration).
     """
 
-    def __init__(self, compression: Any = None, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.compression = compression
+    def __init__(self, compression: Any = None, group: Optional[dist.ProcessGroup] = None,
+                 params: Optional[Iterable[torch.Tensor]] = None) -> None:
+        # Sign / sparse / low-rank compressors get momentum correction + warm-up (issue 15).
+        self.compression = _compression.for_training(compression, params)
         self.group = group
         self.calls = 0
         self._timeline: Optional[_tl.Timeline] = None
@@ -54,15 +64,30 @@ class DDPHookState:
         return self._timeline
 
     def state_dict(self) -> dict:
-        """The compressor's state (for checkpoints) and the call count."""
-        comp = self.compression.state_dict() if self.compression is not None else None
-        return {"calls": self.calls, "compression": comp}
+        """The compressor's state (for checkpoints) and the call count. With momentum
+        correction, ``compression`` is still the compressor's own state and the
+        wrapper's (velocities, steps) is under ``momentum_correction``."""
+        comp = self.compression
+        out = {"calls": self.calls, "compression": None}
+        if isinstance(comp, _compression.MomentumCorrection):
+            mc = comp.state_dict()
+            out["compression"] = mc.pop("inner")
+            out["momentum_correction"] = mc
+        elif comp is not None:
+            out["compression"] = comp.state_dict()
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict`."""
         self.calls = int(state.get("calls", 0))
-        if self.compression is not None and state.get("compression") is not None:
-            self.compression.load_state_dict(state["compression"])
+        comp = self.compression
+        if isinstance(comp, _compression.MomentumCorrection):
+            if state.get("momentum_correction") is not None:
+                comp.load_state_dict(dict(state["momentum_correction"], inner=state.get("compression")))
+            elif comp.compressor is not None and state.get("compression") is not None:
+                comp.compressor.load_state_dict(state["compression"])
+        elif comp is not None and state.get("compression") is not None:
+            comp.load_state_dict(state["compression"])
 
     def __repr__(self) -> str:
         return f"DDPHookState(compression={self.compression!r})"

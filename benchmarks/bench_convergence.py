@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Convergence matrix of gradient compression (issue 15): optimizers x models x compressors
+x seeds, the recipe fixed once for the uncompressed run and reused unchanged, test
+accuracy (mean, spread) next to the bytes each rank put on the wire.
+
+    python benchmarks/bench_convergence.py                         # the default (reduced) matrix
+    python benchmarks/bench_convergence.py --optimizers sgdm,adam --compressors none,OneBit \\
+        --seeds 0,1,2 --ranks 4 --epochs 15 --out benchmarks/results/convergence_digits
+
+Every cell trains through ``pycomm.DataParallel(model, compression=C)`` exactly as a user
+would write it (so the compressor runs with DataParallel's defaults, i.e. sign and sparse
+compressors under :func:`pycomm.compression.for_training`), with a stock torch optimizer.
+Extra cells:
+
+- ``<C>-raw``: the compressor bare, ``MomentumCorrection(C, momentum=0, warmup_steps=0)``
+  (what DataParallel did before issue 15: error feedback on raw gradients, no warm-up);
+  ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``;
+- optimizer ``1bit-adam`` / ``1bit-sgd``: :class:`pycomm.compression.OneBitAdam` /
+  ``OneBitSGD`` on an unwrapped model, the compressor column naming the momentum's
+  compressor (``none`` = exact all-reduce throughout).
+
+Recipe (fixed, from the uncompressed run): batch 32 per rank, ``--epochs`` epochs, no
+schedule; SGD lr 0.1, momentum 0.9 (Nesterov too for ``nesterov``); Adam / AdamW lr 1e-3
+(AdamW weight decay 1e-2). Models: ``mlp`` 64-64-10 and ``cnn`` (two 3x3 convolutions,
+pooling, two linear layers) on scikit-learn's digits (80/20 split, no download).
+
+Wire bytes: ``pycomm.stats("all")["bytes_sent"]`` of rank 0 over the cell's training
+(pycomm backend; warm-up steps included), next to what an fp32 ring all-reduce of every
+step's gradients would send. Each cell also checks that every rank ends with bitwise
+identical parameters and that no value is NaN/inf.
+
+Raw results are written as they come to ``<out>.json`` (stamped with machine, torch,
+date, load average and the command); the summary table goes to ``<out>.md`` at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+LR = {"sgd": 0.1, "sgdm": 0.1, "nesterov": 0.1, "adam": 1e-3, "adamw": 1e-3, "1bit-adam": 1e-3, "1bit-sgd": 0.1}
+
+
+def make_compressor(name: str) -> Any:
+    import pycomm.compression as C
+
+    base, _, variant = name.partition("-")
+    raw, mc = variant == "raw", variant.startswith("mc")
+    comp = {
+        "none": lambda: None,
+        "FP16": C.FP16,
+        "OneBit": C.OneBit,
+        "TopK": lambda: C.TopK(0.01),
+        "QSGD": lambda: C.QSGD(bits=8),
+        "PowerSGD": lambda: C.PowerSGD(rank=4),
+    }[base]()
+    if raw and comp is not None:
+        comp = C.MomentumCorrection(comp, momentum=0.0, warmup_steps=0)
+    if mc and comp is not None:
+        comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
+    return comp
+
+
+def make_model(name: str) -> Any:
+    import torch
+    from torch import nn
+
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    if name == "cnn":
+        return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
+    raise ValueError(name)  # pragma: no cover
+
+
+def make_optimizer(name: str, params: Any, comp: Any) -> Any:
+    import torch
+    import pycomm.compression as C
+
+    lr = LR[name]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "sgdm":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "nesterov":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    if name == "1bit-adam":
+        return C.OneBitAdam(params, lr=lr, warmup_steps=50, compression=comp)
+    if name == "1bit-sgd":
+        return C.OneBitSGD(params, lr=lr, momentum=0.9, warmup_steps=10, compression=comp)
+    raise ValueError(name)  # pragma: no cover
+
+
+def digits():
+    import torch
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    split = int(0.8 * len(y))
+    return x[:split], y[:split], x[split:], y[split:]
+
+
+def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name: str, seed: int,
+               epochs: int, batch: int) -> Dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    import pycomm
+    import pycomm.compression as C
+
+    xtr, ytr, xte, yte = digits()
+    xtr, ytr = xtr[rank::world], ytr[rank::world]
+    torch.manual_seed(seed)
+    net = make_model(model_name)
+    comp = make_compressor(comp_name)
+    numel = sum(p.numel() for p in net.parameters())
+    if opt_name.startswith("1bit"):
+        model = net
+        opt = make_optimizer(opt_name, net.parameters(), comp)
+        if comp_name == "none":
+            opt.warmup_steps = 10 ** 9  # exact all-reduce throughout: the optimizer's own baseline
+    else:
+        model = pycomm.DataParallel(net, compression=comp)
+        opt = make_optimizer(opt_name, model.parameters(), None)
+    steps = len(ytr) // batch
+    dist.barrier()
+    before = pycomm.stats("all")["bytes_sent"] if dist.get_backend() == "pycomm" else 0
+    t0 = time.perf_counter()
+    finite = True
+    loss_v = float("nan")
+    for epoch in range(epochs):
+        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed * 100003 + epoch * 1000 + rank))
+        for s in range(steps):
+            idx = perm[s * batch:(s + 1) * batch]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            loss.backward()
+            opt.step()
+            loss_v = loss.item()
+        finite = finite and all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    elapsed = time.perf_counter() - t0
+    sent = (pycomm.stats("all")["bytes_sent"] - before) if dist.get_backend() == "pycomm" else None
+    with torch.no_grad():
+        acc = (net(xte).argmax(1) == yte).float().mean().item() * 100
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    digest = torch.tensor([float(flat.double().sum()), float((flat.double() ** 2).sum())], dtype=torch.float64)
+    digests = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(digests, digest)
+    identical = all(torch.equal(d, digests[0]) for d in digests)
+    ring = C.ring_all_reduce_bytes(numel, world) * steps * epochs
+    return {"model": model_name, "optimizer": opt_name, "compressor": comp_name, "seed": seed,
+            "test_acc": acc, "final_train_loss": loss_v, "finite": finite, "ranks_identical": identical,
+            "bytes_sent_rank0": sent, "fp32_ring_bytes": ring, "params": numel, "steps": steps * epochs,
+            "seconds": elapsed}
+
+
+def _stamp(argv: List[str]) -> Dict[str, Any]:
+    import torch
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"machine": {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+                        "platform": platform.platform()},
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "loadavg_start": list(os.getloadavg()),
+            "command": " ".join(["python", "benchmarks/bench_convergence.py"] + argv)}
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, header: Dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    import pycomm  # noqa: F401
+
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(args.backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    cells: List[Dict[str, Any]] = []
+    for model_name in args.models:
+        for opt_name in args.optimizers:
+            for comp_name in args.compressors:
+                if opt_name.startswith("1bit") and comp_name not in ("none", "OneBit"):
+                    continue
+                for seed in args.seeds:
+                    cell = train_cell(rank, world, model_name, opt_name, comp_name, seed, args.epochs, args.batch)
+                    if rank == 0:
+                        cells.append(cell)
+                        print(f"{model_name:4} {opt_name:9} {comp_name:13} seed {seed}: acc {cell['test_acc']:6.2f}  "
+                              f"bytes {cell['bytes_sent_rank0']}  {cell['seconds']:.1f}s", flush=True)
+                        doc = dict(header, loadavg_now=list(os.getloadavg()), cells=cells)
+                        tmp = args.out + ".json.tmp"
+                        with open(tmp, "w") as f:
+                            json.dump(doc, f, indent=1)
+                        os.replace(tmp, args.out + ".json")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def summarize(doc: Dict[str, Any]) -> str:
+    cells = doc["cells"]
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["model"], c["optimizer"], c["compressor"]), []).append(c)
+    base: Dict[tuple, float] = {}
+    for (m, o, comp), cs in groups.items():
+        if comp == "none":
+            base[(m, o)] = statistics.mean(c["test_acc"] for c in cs)
+    lines = [f"# Convergence matrix ({doc['date']})", "",
+             f"`{doc['command']}`", "",
+             f"Machine: {doc['machine']['cpu']} ({doc['machine']['cores']} cores), torch {doc['torch']}, "
+             f"load average at start {doc['loadavg_start'][0]:.2f}, at end {doc.get('loadavg_now', [0])[0]:.2f}. "
+             f"{doc['ranks']} ranks ({doc['backend']}), {doc['epochs']} epochs, batch {doc['batch']} per rank, "
+             "no schedule. Accuracy: mean over seeds, +- population std, min..max. Wire: bytes rank 0 sent "
+             "(pycomm.stats, warm-up included) vs an fp32 ring all-reduce of every step.", "",
+             "| model | optimizer | compression | seeds | test acc % | delta vs none | min..max | fp32 ring / sent | "
+             "NaN/inf | ranks identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (m, o, comp), cs in groups.items():
+        accs = [c["test_acc"] for c in cs]
+        mean = statistics.mean(accs)
+        sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+        b = base.get((m, o))
+        delta = f"{mean - b:+.2f}" if b is not None else "n/a"
+        sent = [c["bytes_sent_rank0"] for c in cs if c["bytes_sent_rank0"]]
+        ratio = f"{statistics.mean(c['fp32_ring_bytes'] for c in cs) / statistics.mean(sent):.1f}x" if sent else "n/a"
+        lines.append(f"| {m} | {o} | {comp} | {len(cs)} | {mean:.2f} +- {sd:.2f} | {delta} | "
+                     f"{min(accs):.2f}..{max(accs):.2f} | {ratio} | "
+                     f"{'none' if all(c['finite'] for c in cs) else 'YES'} | "
+                     f"{'yes' if all(c['ranks_identical'] for c in cs) else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mlp")
+    ap.add_argument("--optimizers", default="sgd,sgdm,nesterov,adam,adamw,1bit-sgd,1bit-adam")
+    ap.add_argument("--compressors", default="none,OneBit,TopK,PowerSGD,OneBit-raw,TopK-raw,PowerSGD-raw")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--backend", default="pycomm")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "convergence_digits"))
+    args = ap.parse_args(argv)
+    args.models = args.models.split(",")
+    args.optimizers = args.optimizers.split(",")
+    args.compressors = args.compressors.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    sys.path.insert(0, ROOT)
+    header = _stamp(argv)
+    header.update(ranks=args.ranks, backend=args.backend, epochs=args.epochs, batch=args.batch, lr=LR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, args.ranks, port, args, header)) for r in range(args.ranks)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        print("a rank failed", [p.exitcode for p in procs], file=sys.stderr)
+        return 1
+    with open(args.out + ".json") as f:
+        doc = json.load(f)
+    doc["loadavg_now"] = list(os.getloadavg())
+    with open(args.out + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    table = summarize(doc)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

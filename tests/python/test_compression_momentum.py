@@ -1,0 +1,311 @@
+"""Momentum-aware compression (issue 15): MomentumCorrection through DataParallel and the
+DDP hook, and the compressed-momentum optimizers OneBitAdam / OneBitSGD.
+
+- the math: with a lossless inner compressor the wrapper equals plain momentum SGD (any
+  beta); with OneBit the optimizer's momentum buffer equals the communicated velocity;
+- accuracy: the digits MLP with plain momentum SGD (lr 0.1, momentum 0.9, no schedule)
+  through ``DataParallel(compression=OneBit())`` within 2 points of uncompressed;
+- no_sync: one compressed call per synchronised step, exact with a lossless inner;
+- OneBitAdam near Adam on digits, and its state (error feedback included) round-trips.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from dist_util import run_ranks
+
+RANKS = 2
+
+
+def _digits(rank, world):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    split = int(0.8 * len(y))
+    return x[:split][rank::world], y[:split][rank::world], x[split:], y[split:]
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _fit(model, opt, xtr, ytr, rank, epochs, batch=32, seed=0):
+    for epoch in range(epochs):
+        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed * 7919 + epoch * 1000 + rank))
+        for s in range(len(ytr) // batch):
+            idx = perm[s * batch:(s + 1) * batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+
+
+def _accuracy(net, xte, yte):
+    with torch.no_grad():
+        return (net(xte).argmax(1) == yte).float().mean().item() * 100
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def _body_math(rank, world):
+    import pycomm.compression as C
+    from pycomm.data_parallel import DataParallel
+
+    xtr, ytr, _, _ = _digits(rank, world)
+    xtr, ytr = xtr[:320], ytr[:320]
+    out = {}
+    # Reference: exact DataParallel + SGD(momentum 0.9, weight decay, Nesterov off/on).
+    for nesterov in (False, True):
+        ref = DataParallel(_mlp())
+        opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
+        _fit(ref, opt, xtr, ytr, rank, epochs=2)
+        for beta in (0.9, 0.5, "auto"):
+            comp = C.MomentumCorrection(None, momentum=beta, warmup_steps=0)
+            ours = DataParallel(_mlp(), compression=comp, bucket_cap_mb=0.01, first_bucket_mb=0.005)
+            opt = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
+            _fit(ours, opt, xtr, ytr, rank, epochs=2)
+            if beta == "auto":
+                assert comp.momentum == 0.9, comp.momentum
+            diff = float((_flat(ours) - _flat(ref)).abs().max())
+            assert diff < 2e-5, (nesterov, beta, diff)  # 20 steps; a wrong inverse is off by ~1e-1
+            out[(nesterov, beta)] = diff
+
+    # Lossy (OneBit, default wrapping): the optimizer's momentum buffer re-integrates the
+    # returned gradients into exactly the communicated velocity V.
+    model = DataParallel(_mlp(), compression=C.OneBit())
+    comp = model.compression
+    assert isinstance(comp, C.MomentumCorrection) and isinstance(comp.compressor, C.OneBit)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _fit(model, opt, xtr, ytr, rank, epochs=2)
+    assert comp.momentum == 0.9
+    (key,) = comp._states
+    assert comp._states[key]["step"] == 20 and comp.compressor._states[key]["worker"].abs().sum() > 0
+    bufs = {id(p): opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()}
+    v = comp._states[key]["v"]
+    b = model._buckets[0]
+    for pi, off in zip(b.params, b.offsets):
+        p = model._params[pi]
+        torch.testing.assert_close(bufs[id(p)], v[off:off + p.numel()], atol=1e-5, rtol=1e-4)
+
+    # Adam: auto picks 0 (the bare compressor after the warm-up).
+    model = DataParallel(_mlp(), compression=C.TopK(0.05))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _fit(model, opt, xtr, ytr, rank, epochs=1)
+    assert model.compression.momentum == 0.0
+    return out
+
+
+def test_lossless_momentum_correction_is_plain_momentum_sgd():
+    res = run_ranks(RANKS, _body_math, backend="pycomm", timeout=60)
+    assert res[0] == res[1]
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def _body_accuracy(rank, world):
+    import torch.distributed as dist
+
+    import pycomm.compression as C
+    from pycomm.data_parallel import DataParallel
+
+    xtr, ytr, xte, yte = _digits(rank, world)
+    out = {}
+    for name in ("none", "OneBit", "OneBit-bare"):
+        comp = {"none": None, "OneBit": C.OneBit(),
+                "OneBit-bare": C.MomentumCorrection(C.OneBit(), momentum=0.0, warmup_steps=0)}[name]
+        accs = []
+        for seed in (0, 1):
+            net = _mlp(seed)
+            model = DataParallel(net, compression=copy.deepcopy(comp) if comp is not None else None)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            _fit(model, opt, xtr, ytr, rank, epochs=15, seed=seed)
+            flat = _flat(net)
+            assert bool(torch.isfinite(flat).all())
+            gathered = [torch.zeros_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            assert all(torch.equal(g, flat) for g in gathered), f"{name}: ranks diverged"
+            accs.append(_accuracy(net, xte, yte))
+        out[name] = sum(accs) / len(accs)
+    return out
+
+
+def test_onebit_dataparallel_momentum_sgd_keeps_accuracy():
+    res = run_ranks(RANKS, _body_accuracy, backend="pycomm", timeout=90)
+    acc = res[0]
+    print(f"\ndigits MLP, {RANKS} ranks, SGD lr 0.1 momentum 0.9, 15 epochs, mean of 2 seeds: {acc}")
+    assert acc["none"] > 93.0, acc
+    assert acc["OneBit"] >= acc["none"] - 2.0, acc
+    # The mechanism matters: the bare compressor (error feedback on raw gradients) does not
+    # come close under momentum 0.9 (~45-90 % here).
+    assert acc["OneBit-bare"] < acc["OneBit"] - 3.0, acc
+
+
+# --------------------------------------------------------------------------- no_sync, state, DDP
+
+
+def _body_no_sync(rank, world):
+    import pycomm
+    import pycomm.compression as C
+    from pycomm.data_parallel import DataParallel
+
+    xtr, ytr, _, _ = _digits(rank, world)
+    steps, micro = 6, 3
+
+    def run(model, opt, start=0, count=steps):
+        for s in range(start, start + count):
+            opt.zero_grad()
+            for m in range(micro):
+                idx = slice((s * micro + m) * 16, (s * micro + m + 1) * 16)
+                loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]) / micro
+                if m < micro - 1:
+                    with model.no_sync():
+                        loss.backward()
+                else:
+                    loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+    # Lossless inner: accumulation + clipping give exactly the exact DataParallel's result.
+    ref = DataParallel(_mlp())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    run(ref, opt)
+    comp = C.MomentumCorrection(None, warmup_steps=0)
+    ours = DataParallel(_mlp(), compression=comp)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+    run(ours, opt)
+    assert float((_flat(ours) - _flat(ref)).abs().max()) < 1e-5
+    assert [st["step"] for st in comp._states.values()] == [steps], "one call per synchronised step"
+
+    # OneBit with warm-up 2: compressed once per synchronised step; checkpoint mid-run and
+    # resume from it (wrapper + inner error feedback + optimizer): bitwise the same.
+    comp = C.MomentumCorrection(C.OneBit(), warmup_steps=2)
+    model = DataParallel(_mlp(), compression=comp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    run(model, opt, 0, 3)
+    (key,) = comp._states
+    assert comp._states[key]["step"] == 3
+    buf = io.BytesIO()
+    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "comp": comp.state_dict()}, buf)
+    run(model, opt, 3, 3)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    net2 = _mlp(1)
+    net2.load_state_dict(ck["model"])
+    comp2 = C.MomentumCorrection(C.OneBit(), warmup_steps=2)
+    comp2.load_state_dict(ck["comp"])
+    model2 = DataParallel(net2, compression=comp2)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(ck["opt"])
+    run(model2, opt2, 3, 3)
+    assert torch.equal(_flat(model2), _flat(model)), "resumed run differs"
+
+    # A non-finite bucket (an fp16 loss scaler's overflow): reaches every rank, state reset.
+    model.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(xtr[:8]), ytr[:8]) * (float("inf") if rank == 0 else 1.0)
+    loss.backward()
+    assert not bool(torch.isfinite(torch.cat([p.grad.reshape(-1) for p in model.parameters()])).all())
+    assert key not in comp._states and key not in comp.compressor._states
+
+    # The DDP hook wraps too, and its state_dict keeps the compressor's own state in place.
+    st = pycomm.DDPHookState(C.OneBit())
+    assert isinstance(st.compression, C.MomentumCorrection)
+    sd = st.state_dict()
+    assert sd["compression"]["type"] == "OneBit" and sd["momentum_correction"]["type"] == "MomentumCorrection"
+    pycomm.DDPHookState(C.OneBit()).load_state_dict(sd)
+    return True
+
+
+def test_no_sync_clipping_checkpoint_and_overflow():
+    run_ranks(RANKS, _body_no_sync, backend="pycomm", timeout=60)
+
+
+# --------------------------------------------------------------------------- OneBitAdam
+
+
+def _body_onebit_adam(rank, world):
+    import pycomm.compression as C
+
+    xtr, ytr, xte, yte = _digits(rank, world)
+    accs = {}
+    for name in ("adam", "1bit-adam"):
+        net = _mlp()
+        if name == "adam":  # exact: the warm-up never ends
+            opt = C.OneBitAdam(net.parameters(), lr=1e-3, warmup_steps=10 ** 9)
+        else:
+            opt = C.OneBitAdam(net.parameters(), lr=1e-3, warmup_steps=60)
+        _fit(net, opt, xtr, ytr, rank, epochs=15)
+        assert bool(torch.isfinite(_flat(net)).all())
+        accs[name] = _accuracy(net, xte, yte)
+        if name == "adam":
+            # The warm-up path is torch's Adam on averaged gradients.
+            ref = _mlp()
+            ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+            ours_net = _mlp()
+            ours = C.OneBitAdam(ours_net.parameters(), lr=1e-3, warmup_steps=10 ** 9)
+            import torch.distributed as dist
+
+            for s in range(5):
+                idx = slice(s * 32, (s + 1) * 32)
+                for m, o in ((ref, ref_opt), (ours_net, ours)):
+                    o.zero_grad()
+                    torch.nn.functional.cross_entropy(m(xtr[idx]), ytr[idx]).backward()
+                    if m is ref:
+                        for p in m.parameters():
+                            dist.all_reduce(p.grad)
+                            p.grad.div_(world)
+                    o.step()
+            assert float((_flat(ours_net) - _flat(ref)).abs().max()) < 1e-6
+
+    # State round-trip: moments, frozen variance, steps and OneBit's error feedback.
+    net = _mlp()
+    opt = C.OneBitAdam(net.parameters(), lr=1e-3, warmup_steps=3)
+    batches = [slice(s * 32, (s + 1) * 32) for s in range(10)]
+
+    def steps(n, o, idxs):
+        for idx in idxs:
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(n(xtr[idx]), ytr[idx]).backward()
+            o.step()
+
+    steps(net, opt, batches[:6])
+    buf = io.BytesIO()
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict()}, buf)
+    assert "compression" in opt.state_dict() and opt.state_dict()["compression"]["states"]
+    steps(net, opt, batches[6:])
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    net2 = _mlp(3)
+    net2.load_state_dict(ck["net"])
+    opt2 = C.OneBitAdam(net2.parameters(), lr=1e-3, warmup_steps=3)
+    opt2.load_state_dict(ck["opt"])
+    steps(net2, opt2, batches[6:])
+    assert torch.equal(_flat(net2), _flat(net)), "OneBitAdam resumed run differs"
+
+    # OneBitSGD runs and stays in sync (accuracy is measured by the benchmark).
+    net = _mlp()
+    opt = C.OneBitSGD(net.parameters(), lr=0.1, momentum=0.9, warmup_steps=5, weight_decay=1e-4)
+    _fit(net, opt, xtr, ytr, rank, epochs=3)
+    return accs, _flat(net).tolist()
+
+
+def test_onebit_adam_near_adam_and_state_round_trip():
+    res = run_ranks(RANKS, _body_onebit_adam, backend="pycomm", timeout=90)
+    accs = res[0][0]
+    print(f"\ndigits MLP, {RANKS} ranks, 15 epochs, lr 1e-3: {accs}")
+    assert accs["adam"] > 88.0, accs
+    assert accs["1bit-adam"] >= accs["adam"] - 2.0, accs
+    assert res[0][1] == res[1][1], "OneBitSGD ranks diverged"
