@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds before a cell's ranks are killed (default 180 quick, 1800 full)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--render", metavar="RESULTS_JSON", default=None,
-                    help="only re-render the report of an existing results.json (into --out or its folder)")
+    ap.add_argument("--render", metavar="RESULTS_JSON", nargs="+", default=None,
+                    help="only re-render the report of existing results.json files (several: one report of "
+                         "all their cells, with every run's stamp; into --out, default the first's folder)")
     return ap
 
 
@@ -79,10 +80,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.render:
         from pycomm.evaluation import report
+        from pycomm.evaluation.runner import combine, write_json
 
-        with open(args.render) as f:
-            results = json.load(f)
-        out = args.out or os.path.dirname(os.path.abspath(args.render))
+        parts = []
+        for path in args.render:
+            try:
+                with open(path) as f:
+                    parts.append(json.load(f))
+            except (OSError, ValueError) as e:
+                ap.error(f"cannot read {path}: {e}")
+        results = combine(parts)
+        out = args.out or os.path.dirname(os.path.abspath(args.render[0]))
+        if len(parts) > 1:
+            os.makedirs(out, exist_ok=True)
+            write_json(os.path.join(out, "results.json"), results)
         paths = report.write_report(results, out)
         print(f"report: {paths['html']}")
         return 0

@@ -331,5 +331,30 @@ def run(plan: Plan, out_dir: str, command: str, progress: bool = True) -> Dict[s
     return results
 
 
+def combine(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One results dict from several runs' (e.g. one run per model, each with its own
+    matrix): the cells concatenated, the matrices united, every run's stamp kept under
+    ``meta.parts`` and the top-level stamp saying it is a combination."""
+    if len(parts) == 1:
+        return parts[0]
+    metas = [p["meta"] for p in parts]
+    meta = dict(metas[0])
+    meta.update(
+        command=" ; ".join(m.get("command", "?") for m in metas),
+        date=f"{min(m.get('date', '') for m in metas)} .. {max(m.get('date', '') for m in metas)}",
+        loadavg_end=metas[-1].get("loadavg_end"), complete=all(m.get("complete") for m in metas),
+        quick=all(m.get("quick") for m in metas), parts=metas)
+    for key in ("models", "strategies", "links"):
+        meta[key] = {k: v for m in metas for k, v in (m.get(key) or {}).items()}
+    matrix: Dict[str, Any] = {}
+    for p in parts:
+        for k, v in p.get("matrix", {}).items():
+            if isinstance(v, list):
+                matrix[k] = matrix.get(k, []) + [x for x in v if x not in matrix.get(k, [])]
+            else:
+                matrix[k] = max(matrix.get(k, v), v)
+    return {"meta": meta, "matrix": matrix, "cells": [c for p in parts for c in p["cells"]]}
+
+
 def command_line(argv: Sequence[str]) -> str:
     return "pycomm-bench train " + " ".join(shlex.quote(a) for a in argv)
