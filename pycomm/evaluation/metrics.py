@@ -137,7 +137,8 @@ def _exposed(row: Dict[str, Any]) -> str:
 def recommend(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per (model, link): among the rows at the largest world size with any successful
     run, the strategy with the shortest median time to target (ties and misses fall back
-    to the highest throughput), the runner-up, the margin, and a reason in words."""
+    to the highest throughput), the runner-up, the margin, the same figure of the one-rank
+    ``single`` baseline (``single_value``: does parallelism pay at all?), and a reason."""
     by: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in rows:
         if r["status"] == "ok" and r["world"] > 1:
@@ -172,8 +173,17 @@ def recommend(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         peak = (best.get("memory") or {}).get("model_state")
         if peak:
             why.append(f"{_fmt_bytes(peak)} of parameters+gradients+optimizer state per rank")
+        # Does parallelism pay at all? The same figure of the one-rank baseline.
+        single = next((r for r in rows if r["model"] == model and r["strategy"] == BASELINE and r["world"] == 1
+                       and r["status"] == "ok"), None)
+        single_value = None
+        if single is not None:
+            if basis == "time to target":
+                single_value = single["time_to_target"]["median"] if single["time_to_target"] else None
+            else:
+                single_value = (single["throughput"] or {}).get("median")
         out.append({"model": model, "link": link, "world": world, "basis": basis, "best": best["strategy"],
                     "runner_up": second["strategy"] if second else None, "margin": margin,
                     "best_value": val(best), "runner_up_value": val(second) if second else None,
-                    "why": "; ".join(why)})
+                    "single_value": single_value, "why": "; ".join(why)})
     return out

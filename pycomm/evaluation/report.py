@@ -234,7 +234,19 @@ def _recommendation_text(run: _Run, rec: Dict[str, Any]) -> str:
         if ru is not None:
             text += (f", {_fixed(margin, '.2f')}× the throughput of the runner-up {ru} "
                      f"({rec['runner_up_value']:.1f} samples/s)")
-    return f"{text}. Why: {rec['why'] or 'no communication or memory figures were recorded'}."
+    text = f"{text}. Why: {rec['why'] or 'no communication or memory figures were recorded'}."
+    one = rec.get("single_value")
+    if one and rec["best_value"]:
+        if rec["basis"] == "time to target":
+            ratio, pays = one / rec["best_value"], rec["best_value"] < one
+            figure = f"{_secs(one)} to the target"
+        else:
+            ratio, pays = rec["best_value"] / one, rec["best_value"] > one
+            figure = f"{one:.1f} samples/s"
+        text += (f" One rank alone ({BASELINE}): {figure}, so {rec['best']} is {_fixed(ratio, '.2f')}× as fast as "
+                 + ("one rank: parallelism pays here." if pays else
+                    "one rank: **no strategy beats one rank for this model on this link**."))
+    return text
 
 
 def _recommendation(run: _Run) -> List[Block]:
