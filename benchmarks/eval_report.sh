@@ -21,3 +21,5 @@ train charlm --models charlm --links shm --worlds 1,2,4 --strategies dp,ddp-gloo
 train large --models large --links shm,1gbit --worlds 1,4 --strategies dp,dp-onebit,ddp-gloo,localsgd,tp,pp-1f1b
 
 "$PY" -m pycomm.bench train --render "$RUNS"/{mlp,cnn,charlm,large}/results.json --out "$OUT"
+# The per-model reports are parts of the combined one; their raw results.json stay.
+rm -rf "$RUNS"/*/plots "$RUNS"/*/report.md "$RUNS"/*/report.html
