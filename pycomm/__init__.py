@@ -27,6 +27,9 @@ register()
 from pycomm import compression  # noqa: E402
 from pycomm.data_parallel import DataParallel  # noqa: E402
 from pycomm.ddp_hooks import DDPHookState, ddp_comm_hook  # noqa: E402
+from pycomm.local_sgd import AsyncLocalSGD, LocalSGD  # noqa: E402
+from pycomm import balance  # noqa: E402
+from pycomm.balance import SpeedBalancer  # noqa: E402
 
 
 def init_process_group(backend: str = "pycomm", timeout: Optional[datetime.timedelta] = None, **kwargs: Any) -> None:
@@ -53,4 +56,5 @@ __all__ = [
     "init_process_group", "all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all",
     "send", "recv", "barrier", "stats", "transport", "is_pycomm_group", "compressed_all_reduce", "as_tensor",
     "compression", "DataParallel", "DDPHookState", "ddp_comm_hook",
+    "LocalSGD", "AsyncLocalSGD", "balance", "SpeedBalancer",
 ]

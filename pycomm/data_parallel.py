@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import _C
+from pycomm import compression as _compression
 from pycomm import timeline as _tl
 
 __all__ = ["DataParallel"]
@@ -96,7 +97,9 @@ class DataParallel(torch.nn.Module):
         compression: a :mod:`pycomm.compression` compressor, used as
             ``compression.all_reduce(bucket, group=group, key=bucket_index, op="avg",
             async_op=True)``; None for an exact all-reduce. Give each DataParallel its
-            own compressor (the state is keyed by bucket index).
+            own compressor (the state is keyed by bucket index). OneBit, TopK and
+            PowerSGD are wrapped in :class:`pycomm.compression.MomentumCorrection`
+            (:func:`pycomm.compression.for_training`; pass a MomentumCorrection to choose).
         broadcast_buffers: broadcast the module's buffers (BatchNorm statistics) from
             the group's first rank at every forward, as DDP does.
         find_unused_parameters: parameters that got no gradient contribute zeros
@@ -108,6 +111,11 @@ class DataParallel(torch.nn.Module):
             with ``zero_grad(set_to_none=False)`` no copy into the bucket either:
             backward accumulates in place). Gradients then share memory with the
             buckets; don't keep references to them across steps.
+        balance: a :class:`pycomm.balance.SpeedBalancer`: each bucket is scaled by its
+            ``grad_scale`` (``world * share / global_batch``) before the average, so uneven
+            local batches give the big-batch gradient; each synchronised iteration's
+            compute time (forward start to end of backward, without the wait for buckets)
+            is recorded and ``balance.step()`` runs at its end (see docs/DATA_PARALLEL.md).
 
     The parameters and buffers of the group's first rank are broadcast at wrap time.
     Environment: ``PYCOMM_TIMELINE=trace.json`` writes a per-rank Chrome trace.
@@ -119,17 +127,23 @@ class DataParallel(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, group: Optional[dist.ProcessGroup] = None,
                  bucket_cap_mb: Optional[float] = None, first_bucket_mb: Optional[float] = None,
                  compression: Any = None, broadcast_buffers: bool = True,
-                 find_unused_parameters: bool = False, gradient_as_bucket_view: bool = False) -> None:
+                 find_unused_parameters: bool = False, gradient_as_bucket_view: bool = False,
+                 balance: Any = None) -> None:
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("pycomm.DataParallel: torch.distributed is not initialised")
         self.module = module
         self.group = group
-        self.compression = compression
+        # Sign / sparse / low-rank compressors get momentum correction + warm-up (issue 15).
+        self.compression = _compression.for_training(compression, [p for p in module.parameters()])
         self.broadcast_buffers = broadcast_buffers
         self.find_unused_parameters = find_unused_parameters
         self.gradient_as_bucket_view = gradient_as_bucket_view
         self.world_size = dist.get_world_size(group)
+        if balance is not None and balance.world_size != self.world_size:
+            raise ValueError("pycomm.DataParallel: the balancer's group differs in size from the model's")
+        self.balance = balance
+        self._t_forward = 0
         self.rank = dist.get_rank(group)
         self._src = dist.get_global_rank(group, 0) if group is not None else 0
         cap = bucket_cap_mb if bucket_cap_mb is not None else _env_mb("PYCOMM_BUCKET_CAP_MB", 25.0)
@@ -213,7 +227,7 @@ class DataParallel(torch.nn.Module):
     # -- forward ----------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = _tl.now_ns()
+        t0 = self._t_forward = _tl.now_ns()
         if self.broadcast_buffers and self.world_size > 1:
             bufs = [b.detach() for b in self.module.buffers()]
             if bufs:
@@ -306,6 +320,8 @@ class DataParallel(torch.nn.Module):
     def _launch(self, bucket: _Bucket) -> None:
         bucket.t_issue = _tl.now_ns()
         flat = bucket.flat
+        if self.balance is not None:
+            flat.mul_(self.balance.grad_scale)  # uneven shares: average of (world * n_i / N) g_i
         if self.world_size == 1:
             fut: torch.futures.Future = torch.futures.Future()
             fut.set_result(flat)
@@ -373,6 +389,9 @@ class DataParallel(torch.nn.Module):
                 used_work.wait()
             t_waited = _tl.now_ns()
             self._account(t_wait, t_waited)
+            if self.balance is not None:  # on every rank, error or not: step() may all-reduce
+                self.balance.record(max(0, t_wait - self._t_forward) * 1e-9)
+                self.balance.step()
             if tl is not None:
                 tl.span("wait for buckets", t_wait, t_waited)
                 for b in self._buckets:

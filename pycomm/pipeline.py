@@ -35,6 +35,16 @@ Schedules (``F(i)``/``B(i)``: forward/backward of micro-batch ``i`` on one stage
 Sends are posted with ``isend`` and completed at the end of the step; receives block.
 Since both schedules' dependency graphs are acyclic, this cannot deadlock regardless of
 whether the backend's sends wait for the matching receive.
+
+Balancing the stages: :func:`profile_layers` measures each layer's forward + backward
+time (and a memory estimate); :func:`partition` splits the layers into contiguous
+stages minimising the slowest stage (optionally under a per-stage memory limit and
+with per-stage speed factors); :func:`equal_partition` is the equal-layer split;
+:func:`split_layers` builds the stage modules::
+
+    costs, mem = profile_layers(layers, sample_microbatch, return_memory=True)
+    bounds = partition(costs, num_stages=4, memory=mem, memory_limit=8 << 30)
+    stage = PipelineStage(split_layers(layers, bounds)[rank], group=pp_group)
 """
 from __future__ import annotations
 
@@ -45,7 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["PipelineStage", "ScheduleGPipe", "Schedule1F1B", "split_microbatches"]
+__all__ = ["PipelineStage", "ScheduleGPipe", "Schedule1F1B", "split_microbatches", "partition", "equal_partition",
+           "stage_costs", "profile_layers", "split_layers"]
 
 Tensors = Tuple[torch.Tensor, ...]
 
@@ -280,3 +291,148 @@ class Schedule1F1B(_Schedule):
             acts += [("F", warmup + i), ("B", i)]
         acts += [("B", i) for i in range(m - warmup, m)]
         return acts
+
+
+# ----------------------------------------------------------------------------- balancing
+
+
+def equal_partition(num_layers: int, num_stages: int) -> List[Tuple[int, int]]:
+    """The equal-layer split: ``num_stages`` contiguous ``(start, stop)`` ranges whose
+    sizes differ by at most one (the first stages take the extra layers)."""
+    if num_stages < 1 or num_layers < num_stages:
+        raise ValueError(f"pipeline: cannot split {num_layers} layers into {num_stages} non-empty stages")
+    q, r = divmod(num_layers, num_stages)
+    out, start = [], 0
+    for s in range(num_stages):
+        stop = start + q + (1 if s < r else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def stage_costs(costs: Sequence[float], bounds: Sequence[Tuple[int, int]],
+                speed: Optional[Sequence[float]] = None) -> List[float]:
+    """Time of each stage: the sum of its layers' costs divided by its speed factor."""
+    sp = list(speed) if speed is not None else [1.0] * len(bounds)
+    return [sum(costs[a:b]) / sp[i] for i, (a, b) in enumerate(bounds)]
+
+
+def partition(costs: Sequence[float], num_stages: int, memory: Optional[Sequence[float]] = None,
+              memory_limit: Union[None, float, Sequence[float]] = None,
+              speed: Optional[Sequence[float]] = None) -> List[Tuple[int, int]]:
+    """Splits layers ``0..L-1`` into ``num_stages`` contiguous non-empty stages so that
+    the slowest stage is as fast as possible (exact).
+
+    Args:
+        costs: per-layer time (e.g. forward + backward seconds from :func:`profile_layers`).
+        num_stages: number of stages ``S`` (``1 <= S <= L``).
+        memory: per-layer memory (any unit), needed with ``memory_limit``.
+        memory_limit: the most memory a stage may hold: one number, or one per stage.
+        speed: per-stage speed factors (stage ``s`` takes ``sum(costs) / speed[s]``),
+            e.g. relative device throughput; default all 1.
+
+    Returns ``[(start, stop), ...]``, stage ``s`` holding layers ``start..stop-1``.
+    Minimises ``max_s sum(costs[start_s:stop_s]) / speed[s]`` by dynamic programming
+    over split points (O(S L^2)); ties are broken deterministically. Raises ValueError
+    when no split satisfies the memory limit.
+    """
+    L, S = len(costs), int(num_stages)
+    if S < 1 or L < S:
+        raise ValueError(f"pipeline.partition: cannot split {L} layers into {S} non-empty stages")
+    if any(c < 0 for c in costs):
+        raise ValueError("pipeline.partition: costs must be >= 0")
+    sp = [1.0] * S if speed is None else [float(v) for v in speed]
+    if len(sp) != S or any(not v > 0 for v in sp):
+        raise ValueError("pipeline.partition: speed needs one positive factor per stage")
+    if memory_limit is not None:
+        if memory is None or len(memory) != L:
+            raise ValueError("pipeline.partition: memory_limit needs memory, one value per layer")
+        if any(m < 0 for m in memory):
+            raise ValueError("pipeline.partition: memory must be >= 0")
+        lim = [float(memory_limit)] * S if isinstance(memory_limit, (int, float)) else \
+            [float(v) for v in memory_limit]
+        if len(lim) != S:
+            raise ValueError("pipeline.partition: memory_limit needs one value per stage")
+    else:
+        lim = None
+    pc = [0.0]
+    for c in costs:
+        pc.append(pc[-1] + float(c))
+    pm = [0.0]
+    for m in (memory if memory is not None else [0.0] * L):
+        pm.append(pm[-1] + float(m))
+    inf = float("inf")
+    # best[s][j]: the slowest stage when stages 0..s hold layers 0..j-1; arg[s][j]: where stage s starts.
+    best = [[inf] * (L + 1) for _ in range(S)]
+    arg = [[-1] * (L + 1) for _ in range(S)]
+    for j in range(1, L - S + 2):
+        if lim is None or pm[j] <= lim[0]:
+            best[0][j] = pc[j] / sp[0]
+            arg[0][j] = 0
+    for s in range(1, S):
+        for j in range(s + 1, L - (S - 1 - s) + 1):
+            b, a = inf, -1
+            for i in range(j - 1, s - 1, -1):  # stage s holds i..j-1
+                if lim is not None and pm[j] - pm[i] > lim[s]:
+                    break  # earlier starts only add memory
+                prev = best[s - 1][i]
+                if prev == inf:
+                    continue
+                v = max(prev, (pc[j] - pc[i]) / sp[s])
+                if v < b:
+                    b, a = v, i
+            best[s][j], arg[s][j] = b, a
+    if best[S - 1][L] == inf:
+        raise ValueError(f"pipeline.partition: no split of {L} layers into {S} stages fits memory_limit")
+    bounds, j = [], L
+    for s in range(S - 1, -1, -1):
+        i = arg[s][j]
+        bounds.append((i, j))
+        j = i
+    return bounds[::-1]
+
+
+def split_layers(layers: Sequence[nn.Module], bounds: Sequence[Tuple[int, int]]) -> List[nn.Sequential]:
+    """One ``nn.Sequential`` per stage from ``(start, stop)`` bounds (shares the modules)."""
+    return [nn.Sequential(*list(layers)[a:b]) for a, b in bounds]
+
+
+def profile_layers(layers: Sequence[nn.Module], sample_input, warmup: int = 1, repeats: int = 3,
+                   return_memory: bool = False):
+    """Measures each layer's forward + backward time on ``sample_input`` (one
+    micro-batch: a tensor or tuple, fed to the first layer; each layer gets the previous
+    layer's output). Backward uses all-ones output gradients and accumulates into the
+    layers' ``.grad`` (zero them afterwards). Returns per-layer seconds (median of
+    ``repeats`` after ``warmup``); with ``return_memory=True`` also per-layer bytes:
+    parameters + their gradients + the layer's output activation for one micro-batch
+    (an estimate for :func:`partition`'s ``memory``). CUDA work is synchronised around
+    each timing."""
+    layers = list(layers)
+    x = _as_tuple(sample_input)
+    times: List[List[float]] = [[] for _ in layers]
+    mem: List[int] = [0] * len(layers)
+    cuda = any(t.is_cuda for t in x)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for rep in range(warmup + repeats):
+        cur = x
+        for li, layer in enumerate(layers):
+            inp = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in cur)
+            sync()
+            t0 = time.perf_counter()
+            out = _as_tuple(layer(*inp))
+            outs = [o for o in out if o.is_floating_point() and o.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            sync()
+            if rep >= warmup:
+                times[li].append(time.perf_counter() - t0)
+            if rep == 0:
+                pbytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+                mem[li] = 2 * pbytes + sum(o.numel() * o.element_size() for o in out)
+            cur = tuple(o.detach() for o in out)
+    med = [sorted(ts)[len(ts) // 2] for ts in times]
+    return (med, mem) if return_memory else med
