@@ -189,6 +189,9 @@ class Trainer:
     def after_backward(self) -> None:
         pass
 
+    def end_epoch(self) -> None:
+        """Runs on every rank after an epoch's steps, inside the timed training time."""
+
     def evaluate(self, x: Tensor, y: Tensor) -> float:
         with torch.no_grad():
             return self.spec.score(self.model(x), y)
@@ -257,6 +260,11 @@ class LocalSGDTrainer(Trainer):
         loss.backward()
         self.local.step()
         return loss.item()
+
+    def end_epoch(self) -> None:
+        # Finish the rounds in flight and average the progress since the last one, so the
+        # epoch's score is the group's model, not one rank's local copy.
+        self.local.flush()
 
     def comm(self) -> Tuple[float, float]:
         st = self.local.comm_stats

@@ -149,6 +149,9 @@ def run(cell: Dict[str, Any], rank: int, world: int) -> Dict[str, Any]:
             step_times.append(dt)
             train_seconds += dt
             losses.append(loss)
+        t0 = time.perf_counter()
+        trainer.end_epoch()  # e.g. LocalSGD's last round: training time, bytes on the wire
+        train_seconds += time.perf_counter() - t0
         s1, l1 = _pycomm_sent(backend), _tx_bytes(ifname)
         if s0 is not None and s1 is not None:
             sent = (sent or 0) + s1 - s0
