@@ -26,7 +26,8 @@ from pycomm.evaluation.strategies import STRATEGIES, applicable, layout
 
 SHM = "shm"  # ranks on one host (pycomm picks its shared-memory transport)
 
-QUICK = {"models": ["mlp"], "strategies": ["single", "dp", "dp-onebit", "ddp-gloo", "tp", "pp-1f1b", "dp-tp"],
+QUICK = {"models": ["mlp"], "strategies": ["single", "dp", "dp-onebit", "ddp-gloo", "localsgd", "tp", "pp-1f1b",
+                                                "dp-tp"],
          "worlds": [1, 2, 4], "links": [SHM], "repeats": 1}
 FULL = {"models": ["mlp", "cnn", "charlm", "large"], "strategies": list(STRATEGIES), "worlds": [1, 2, 4],
         "links": [SHM, "10gbit", "1gbit"], "repeats": 3}
