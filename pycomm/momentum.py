@@ -42,7 +42,7 @@ inner compressor's state, and the non-finite result is handed on for the scaler 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Hashable, Iterable, Optional, Union
+from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -89,7 +89,8 @@ class MomentumCorrection:
 
     def __init__(self, compressor: Any, momentum: Union[float, str] = "auto",
                  warmup_steps: int = DEFAULT_WARMUP_STEPS, params: Optional[Iterable[torch.Tensor]] = None,
-                 local_velocity: bool = False, masking: Optional[bool] = None) -> None:
+                 local_velocity: bool = False, masking: Optional[bool] = None,
+                 precondition: Union[bool, str] = "auto") -> None:
         if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"MomentumCorrection momentum must be 'auto' or in [0, 1), got {momentum!r}")
         if warmup_steps < 0:
@@ -109,6 +110,15 @@ class MomentumCorrection:
         self.momentum: Optional[float] = None if self.auto else float(momentum)
         self._param_ids = None if params is None else frozenset(id(p) for p in params)
         self._states: Dict[Hashable, Dict[str, Any]] = {}
+        if precondition not in ("auto", True, False):
+            raise ValueError(f"MomentumCorrection precondition must be 'auto', True or False, got {precondition!r}")
+        self.precondition = precondition
+        # Adam-like optimizer whose second moment preconditions the compressed values
+        # (learned by momentum="auto" or given to set_optimizer), and each key's layout:
+        # [(param, offset)] -- DataParallel passes its buckets (set_layout).
+        self._adam: Optional["weakref.ReferenceType[torch.optim.Optimizer]"] = None
+        self._layout: Dict[Hashable, List[Tuple[torch.Tensor, int]]] = {}
+        self._bound: Optional[float] = None
         if self.auto:
             _watch(self)
 
@@ -120,10 +130,68 @@ class MomentumCorrection:
         """Takes beta from ``optimizer`` if it steps our parameters; True when it did."""
         for group in optimizer.param_groups:
             if self._param_ids is None or any(id(p) in self._param_ids for p in group["params"]):
-                m = group.get("momentum", 0.0) if isinstance(optimizer, torch.optim.SGD) else 0.0
+                if isinstance(optimizer, torch.optim.SGD):
+                    m = group.get("momentum", 0.0)
+                elif _adam_like(optimizer):
+                    self.set_optimizer(optimizer)
+                    m = group["betas"][0]
+                else:
+                    m = 0.0
                 self.momentum = float(m) if 0.0 <= float(m) < 1.0 else 0.0
                 return True
         return False
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The Adam-like optimizer (``exp_avg_sq`` state, ``betas``, ``eps``) stepping the
+        wrapped parameters: with ``precondition`` its second moment scales what is
+        compressed. ``momentum="auto"`` calls this itself."""
+        if self._adam is not None and self._adam() is optimizer:
+            return
+        self._adam = weakref.ref(optimizer)
+        if self.precondition is not False:
+            ref = weakref.ref(self)
+            optimizer.register_step_pre_hook(lambda opt, a, k: _freeze_variance(ref, opt))
+
+    def set_layout(self, key: Hashable, params: Iterable[Tuple[torch.Tensor, int]]) -> None:
+        """Which parameters make up ``key``'s flat tensor: ``(param, offset)`` pairs
+        (DataParallel passes its buckets). Needed by ``precondition`` only."""
+        self._layout[key] = [(p, int(off)) for p, off in params]
+
+    def _frozen(self, key: Hashable, st: Dict[str, Any], n: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The key's preconditioner ``sqrt(F) + eps``, F = the optimizer's ``v_hat`` frozen at
+        the key's first compressed call (1-bit Adam), or None (no Adam-like optimizer)."""
+        if "F" not in st:
+            d = self._preconditioner(key, n, device)
+            if d is None:
+                return None
+            st["F"] = d
+        return st["F"]
+
+    def _preconditioner(self, key: Hashable, n: int, device: torch.device) -> Optional[torch.Tensor]:
+        """``sqrt(v_hat) + eps`` of the Adam-like optimizer over ``key``'s layout (1 where a
+        parameter has no state yet), or None when there is nothing to precondition with.
+        Read before the optimizer's step: the same on every rank (every rank's optimizer saw
+        the same averaged gradients)."""
+        if self.precondition is False or self._adam is None or key not in self._layout:
+            return None
+        opt = self._adam()
+        if opt is None:
+            return None
+        groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+        self._bound = 1.0 / (1.0 - max(g["betas"][1] for g in opt.param_groups)) ** 0.5
+        d = torch.ones(n, dtype=torch.float32, device=device)
+        found = False
+        for p, off in self._layout[key]:
+            st = opt.state.get(p)
+            g = groups.get(id(p))
+            if not st or g is None or "exp_avg_sq" not in st or off + p.numel() > n:
+                continue
+            step = float(st["step"]) if "step" in st else 1.0
+            bc2 = 1.0 - g["betas"][1] ** max(step, 1.0)
+            seg = d[off:off + p.numel()]
+            seg.copy_(st["exp_avg_sq"].detach().reshape(-1).to(torch.float32)).div_(bc2).sqrt_().add_(g["eps"])
+            found = True
+        return d if found else None
 
     # -- compressor interface ----------------------------------------------------------
 
@@ -171,6 +239,17 @@ class MomentumCorrection:
         compressing = step >= self.warmup_steps and self.compressor is not None
         inner = self.compressor if compressing else C._NONE
         mask_after = compressing and self.masking
+        # Adam-like optimizer: compress in the units of its step, x / (sqrt(v_hat) + eps),
+        # so the compression error (and error feedback) is the size of an Adam step on
+        # every coordinate, and scale back after the exchange (same d on every rank).
+        d = self._frozen(key, st, n, x.device) if compressing and not self.local_velocity else None
+        if d is not None:
+            x.div_(d)
+            if self._bound is not None:
+                # Adam's own bound on one step, |m_hat| / sqrt(v_hat) <= (1 - beta1) /
+                # sqrt(1 - beta2), i.e. 1 / sqrt(1 - beta2) on the velocity m / (1 - beta1):
+                # a coordinate whose v was ~0 in the warm-up cannot blow up its block.
+                x.clamp_(-self._bound, self._bound)
 
         def finish() -> torch.Tensor:
             if not bool(torch.isfinite(x).all()):
@@ -184,6 +263,8 @@ class MomentumCorrection:
             if mask_after:
                 # TopK's residual is zero exactly where this rank's entries were sent.
                 st["u"].masked_fill_(self.compressor._states[key]["residual"] == 0, 0.0)
+            if d is not None:
+                x.mul_(d)
             out = x.sub(prev, alpha=beta) if beta != 0.0 else x
             prev.copy_(x)
             C._write_back(tensor, out)
@@ -217,6 +298,51 @@ class MomentumCorrection:
             self.momentum = float(state["momentum"])
         if self.compressor is not None and state.get("inner") is not None:
             self.compressor.load_state_dict(state["inner"])
+
+
+def _adam_like(optimizer: torch.optim.Optimizer) -> bool:
+    """Adam, AdamW and optimizers shaped like them (``betas`` and ``eps`` in every group)."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return True
+    return all("betas" in g and "eps" in g for g in optimizer.param_groups) and bool(optimizer.param_groups)
+
+
+def _freeze_variance(ref: "weakref.ReferenceType[MomentumCorrection]", optimizer: torch.optim.Optimizer) -> None:
+    """Step pre-hook of the Adam-like optimizer: on the parameters of every key that
+    compresses, sets ``exp_avg_sq`` so that after this step's update with the gradient it
+    is about to use, ``v_hat`` is the frozen value F (1-bit Adam's frozen variance: the
+    sign / sparsification noise of the returned gradient never reaches the second moment,
+    which would otherwise inflate it and shrink every step). Coordinates whose F is ~0 are
+    left to Adam. Identical on every rank (same gradients, same state)."""
+    mc = ref()
+    if mc is None or mc.precondition is False:
+        return
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    with torch.no_grad():
+        for key, st in mc._states.items():
+            d = st.get("F")
+            if d is None:
+                continue
+            for p, off in mc._layout.get(key, ()):
+                g, ost = groups.get(id(p)), optimizer.state.get(p)
+                if g is None or p.grad is None or not ost or "exp_avg_sq" not in ost:
+                    continue
+                b2 = g["betas"][1]
+                eps = g["eps"]
+                v = ost["exp_avg_sq"]
+                step = float(ost["step"]) + 1.0
+                grad = p.grad.detach()
+                if g.get("weight_decay", 0.0) and not g.get("decoupled_weight_decay", False) \
+                        and not isinstance(optimizer, torch.optim.AdamW):
+                    grad = grad.add(p.detach(), alpha=g["weight_decay"])
+                dseg = d[off:off + p.numel()].view_as(v).to(v.dtype)
+                f_hat = (dseg - eps).clamp_(min=0.0).square_()
+                target = f_hat.mul(1.0 - b2 ** step)  # exp_avg_sq after the update
+                pre = target.sub(grad.square().mul_(1.0 - b2)).div_(b2)
+                keep = f_hat > eps * eps
+                v.copy_(torch.where(keep, pre, v))
+                if g.get("amsgrad", False) and "max_exp_avg_sq" in ost:
+                    ost["max_exp_avg_sq"].copy_(torch.where(keep, torch.zeros_like(v), ost["max_exp_avg_sq"]))
 
 
 # -- momentum="auto": one global optimizer step pre-hook serves every waiting wrapper ------
