@@ -14,7 +14,8 @@ Extra cells:
 
 - ``<C>-raw``: the compressor bare, ``MomentumCorrection(C, momentum=0, warmup_steps=0)``
   (what DataParallel did before issue 15: error feedback on raw gradients, no warm-up);
-  ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``;
+  ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``; ``<C>-nofreeze``: the default
+  wrapping without the Adam path's frozen variance (``precondition=False``);
 - optimizer ``1bit-adam`` / ``1bit-sgd``: :class:`pycomm.compression.OneBitAdam` /
   ``OneBitSGD`` on an unwrapped model, the compressor column naming the momentum's
   compressor (``none`` = exact all-reduce throughout).
@@ -67,7 +68,7 @@ def make_compressor(name: str) -> Any:
     }[base]()
     if raw and comp is not None:
         comp = C.MomentumCorrection(comp, momentum=0.0, warmup_steps=0)
-    if variant == "nopre" and comp is not None:
+    if variant == "nofreeze" and comp is not None:
         comp = C.MomentumCorrection(comp, precondition=False)
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
@@ -103,7 +104,7 @@ def make_optimizer(name: str, params: Any, comp: Any) -> Any:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     if name == "1bit-adam":
-        return C.OneBitAdam(params, lr=lr, warmup_steps=int(os.environ.get("EXP_1BW", 50)), compression=comp)
+        return C.OneBitAdam(params, lr=lr, warmup_steps=50, compression=comp)
     if name == "1bit-sgd":
         return C.OneBitSGD(params, lr=lr, momentum=0.9, warmup_steps=10, compression=comp)
     raise ValueError(name)  # pragma: no cover

@@ -49,6 +49,9 @@ import torch.distributed as dist
 
 __all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS"]
 
+#: Adam preconditioner floor, as a fraction of a parameter's mean sqrt(v_hat).
+_FLOOR = 0.1
+
 #: Exact (uncompressed) calls per key before compression starts.
 DEFAULT_WARMUP_STEPS: int = 10
 
@@ -90,7 +93,7 @@ class MomentumCorrection:
     def __init__(self, compressor: Any, momentum: Union[float, str] = "auto",
                  warmup_steps: int = DEFAULT_WARMUP_STEPS, params: Optional[Iterable[torch.Tensor]] = None,
                  local_velocity: bool = False, masking: Optional[bool] = None,
-                 precondition: Union[bool, str] = "auto") -> None:
+                 precondition: Union[bool, str] = "auto", scale_by_variance: bool = False) -> None:
         if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"MomentumCorrection momentum must be 'auto' or in [0, 1), got {momentum!r}")
         if warmup_steps < 0:
@@ -113,6 +116,7 @@ class MomentumCorrection:
         if precondition not in ("auto", True, False):
             raise ValueError(f"MomentumCorrection precondition must be 'auto', True or False, got {precondition!r}")
         self.precondition = precondition
+        self.scale_by_variance = bool(scale_by_variance)
         # Adam-like optimizer whose second moment preconditions the compressed values
         # (learned by momentum="auto" or given to set_optimizer), and each key's layout:
         # [(param, offset)] -- DataParallel passes its buckets (set_layout).
@@ -134,7 +138,12 @@ class MomentumCorrection:
                     m = group.get("momentum", 0.0)
                 elif _adam_like(optimizer):
                     self.set_optimizer(optimizer)
-                    m = group["betas"][0]
+                    # OneBit: compress Adam's momentum (1-bit Adam; a sign of the raw gradient
+                    # is too coarse). TopK / PowerSGD: the gradient with error feedback, Adam's
+                    # own momentum smooths it (measured better for both, docs/COMPRESSION.md).
+                    C = _compression()
+                    sparse = isinstance(self.compressor, (C.TopK, C.PowerSGD))
+                    m = 0.0 if sparse else group["betas"][0]
                 else:
                     m = 0.0
                 self.momentum = float(m) if 0.0 <= float(m) < 1.0 else 0.0
@@ -161,13 +170,15 @@ class MomentumCorrection:
         """The key's preconditioner ``sqrt(F) + eps``, F = the optimizer's ``v_hat`` frozen at
         the key's first compressed call (1-bit Adam), or None (no Adam-like optimizer)."""
         if "F" not in st:
-            d = self._preconditioner(key, n, device)
+            mask = torch.zeros(n, dtype=torch.bool, device=device)
+            d = self._preconditioner(key, n, device, mask)
             if d is None:
                 return None
-            st["F"] = d
+            st["F"], st["F_frozen"] = d, mask
         return st["F"]
 
-    def _preconditioner(self, key: Hashable, n: int, device: torch.device) -> Optional[torch.Tensor]:
+    def _preconditioner(self, key: Hashable, n: int, device: torch.device,
+                        frozen_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """``sqrt(v_hat) + eps`` of the Adam-like optimizer over ``key``'s layout (1 where a
         parameter has no state yet), or None when there is nothing to precondition with.
         Read before the optimizer's step: the same on every rank (every rank's optimizer saw
@@ -189,7 +200,15 @@ class MomentumCorrection:
             step = float(st["step"]) if "step" in st else 1.0
             bc2 = 1.0 - g["betas"][1] ** max(step, 1.0)
             seg = d[off:off + p.numel()]
-            seg.copy_(st["exp_avg_sq"].detach().reshape(-1).to(torch.float32)).div_(bc2).sqrt_().add_(g["eps"])
+            seg.copy_(st["exp_avg_sq"].detach().reshape(-1).to(torch.float32)).div_(bc2).sqrt_()
+            # Coordinates with (almost) no gradient so far get a floor: a fraction of the
+            # parameter's mean root-variance (else u / d explodes there the first time one
+            # arrives); they are not frozen (_freeze_variance leaves them to Adam).
+            floor = float(seg.mean()) * _FLOOR
+            seg.clamp_(min=floor if floor > 0 else 1.0).add_(g["eps"])
+            st_mask = frozen_mask[off:off + p.numel()] if frozen_mask is not None else None
+            if st_mask is not None:
+                st_mask.copy_(seg > floor + g["eps"]) if floor > 0 else st_mask.fill_(False)
             found = True
         return d if found else None
 
@@ -243,6 +262,8 @@ class MomentumCorrection:
         # so the compression error (and error feedback) is the size of an Adam step on
         # every coordinate, and scale back after the exchange (same d on every rank).
         d = self._frozen(key, st, n, x.device) if compressing and not self.local_velocity else None
+        if d is not None and not self.scale_by_variance:
+            d = None  # the variance is frozen (step pre-hook) but the values go unscaled
         if d is not None:
             x.div_(d)
             if self._bound is not None:
@@ -339,7 +360,7 @@ def _freeze_variance(ref: "weakref.ReferenceType[MomentumCorrection]", optimizer
                 f_hat = (dseg - eps).clamp_(min=0.0).square_()
                 target = f_hat.mul(1.0 - b2 ** step)  # exp_avg_sq after the update
                 pre = target.sub(grad.square().mul_(1.0 - b2)).div_(b2)
-                keep = f_hat > eps * eps
+                keep = st["F_frozen"][off:off + p.numel()].view_as(v)
                 v.copy_(torch.where(keep, pre, v))
                 if g.get("amsgrad", False) and "max_exp_avg_sq" in ost:
                     ost["max_exp_avg_sq"].copy_(torch.where(keep, torch.zeros_like(v), ost["max_exp_avg_sq"]))
@@ -353,7 +374,9 @@ _hook_handle: Any = None
 
 def _on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for mc in list(_waiting):
-        if mc.momentum is not None or mc._learn(optimizer):
+        # Learned even when beta is already known (a restored state_dict): the Adam path
+        # needs the optimizer itself.
+        if mc._learn(optimizer):
             _waiting.discard(mc)
 
 
