@@ -100,11 +100,13 @@ def _body_math(rank, world):
         p = model._params[pi]
         torch.testing.assert_close(bufs[id(p)], v[off:off + p.numel()], atol=1e-5, rtol=1e-4)
 
-    # Adam: auto picks beta1 and learns the optimizer (its variance preconditions and is frozen).
-    model = DataParallel(_mlp(), compression=C.TopK(0.05))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.999))
-    _fit(model, opt, xtr, ytr, rank, epochs=1)
-    assert model.compression.momentum == 0.8 and model.compression._adam() is opt
+    # Adam: auto learns the optimizer (its variance is frozen after the warm-up); OneBit
+    # compresses Adam's momentum (beta = beta1), TopK / PowerSGD the gradient (beta = 0).
+    for comp, beta in ((C.OneBit(), 0.8), (C.TopK(0.05), 0.0)):
+        model = DataParallel(_mlp(), compression=comp)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.999))
+        _fit(model, opt, xtr, ytr, rank, epochs=1)
+        assert model.compression.momentum == beta and model.compression._adam() is opt
     return out
 
 
