@@ -70,6 +70,8 @@ def make_compressor(name: str) -> Any:
         comp = C.MomentumCorrection(comp, momentum=0.0, warmup_steps=0)
     if variant == "nofreeze" and comp is not None:
         comp = C.MomentumCorrection(comp, precondition=False)
+    if variant in ("wq4", "wq8") and comp is not None:
+        comp = C.MomentumCorrection(comp, warmup_compression=C.QSGD(bits=int(variant[2]), error_feedback=True))
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
     return comp

@@ -93,7 +93,8 @@ class MomentumCorrection:
     def __init__(self, compressor: Any, momentum: Union[float, str] = "auto",
                  warmup_steps: int = DEFAULT_WARMUP_STEPS, params: Optional[Iterable[torch.Tensor]] = None,
                  local_velocity: bool = False, masking: Optional[bool] = None,
-                 precondition: Union[bool, str] = "auto", scale_by_variance: bool = False) -> None:
+                 precondition: Union[bool, str] = "auto", scale_by_variance: bool = False,
+                 warmup_compression: Any = None) -> None:
         if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"MomentumCorrection momentum must be 'auto' or in [0, 1), got {momentum!r}")
         if warmup_steps < 0:
@@ -117,6 +118,9 @@ class MomentumCorrection:
             raise ValueError(f"MomentumCorrection precondition must be 'auto', True or False, got {precondition!r}")
         self.precondition = precondition
         self.scale_by_variance = bool(scale_by_variance)
+        # What the warm-up calls use: None = the exact float32 all-reduce; a near-lossless
+        # compressor (QSGD with error feedback) makes the warm-up cheaper.
+        self.warmup_compression = warmup_compression
         # Adam-like optimizer whose second moment preconditions the compressed values
         # (learned by momentum="auto" or given to set_optimizer), and each key's layout:
         # [(param, offset)] -- DataParallel passes its buckets (set_layout).
@@ -256,7 +260,9 @@ class MomentumCorrection:
             x = torch.mul(prev, beta) if beta != 0.0 else torch.zeros_like(prev)
             x.add_(g)
         compressing = step >= self.warmup_steps and self.compressor is not None
-        inner = self.compressor if compressing else C._NONE
+        inner = self.compressor if compressing else (
+            self.warmup_compression if self.warmup_compression is not None and self.compressor is not None
+            else C._NONE)
         mask_after = compressing and self.masking
         # Adam-like optimizer: compress in the units of its step, x / (sqrt(v_hat) + eps),
         # so the compression error (and error feedback) is the size of an Adam step on
@@ -277,8 +283,9 @@ class MomentumCorrection:
                 # Identical on every rank (bitwise-identical results): all reset together and
                 # the overflow reaches the loss scaler, which skips the step.
                 self._states.pop(key, None)
-                if self.compressor is not None:
-                    self.compressor._states.pop(key, None)
+                for c in (self.compressor, self.warmup_compression):
+                    if c is not None:
+                        c._states.pop(key, None)
                 C._write_back(tensor, x)
                 return tensor
             if mask_after:
@@ -307,7 +314,10 @@ class MomentumCorrection:
         out = {k: {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
                for k, st in self._states.items()}
         inner = self.compressor.state_dict() if self.compressor is not None else None
-        return {"type": type(self).__name__, "states": out, "momentum": self.momentum, "inner": inner}
+        sd = {"type": type(self).__name__, "states": out, "momentum": self.momentum, "inner": inner}
+        if self.warmup_compression is not None:
+            sd["warmup_inner"] = self.warmup_compression.state_dict()
+        return sd
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores :meth:`state_dict` (a resumed run continues bit-exactly)."""
@@ -319,6 +329,8 @@ class MomentumCorrection:
             self.momentum = float(state["momentum"])
         if self.compressor is not None and state.get("inner") is not None:
             self.compressor.load_state_dict(state["inner"])
+        if self.warmup_compression is not None and state.get("warmup_inner") is not None:
+            self.warmup_compression.load_state_dict(state["warmup_inner"])
 
 
 def _adam_like(optimizer: torch.optim.Optimizer) -> bool:
