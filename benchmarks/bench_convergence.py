@@ -15,7 +15,7 @@ Extra cells:
 - ``<C>-raw``: the compressor bare, ``MomentumCorrection(C, momentum=0, warmup_steps=0)``
   (what DataParallel did before issue 15: error feedback on raw gradients, no warm-up);
   ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``; ``<C>-nofreeze``: the default
-  wrapping without the Adam path's frozen variance (``precondition=False``);
+  wrapping without the Adam path's frozen variance (``freeze_variance=False``);
 - optimizer ``1bit-adam`` / ``1bit-sgd``: :class:`pycomm.compression.OneBitAdam` /
   ``OneBitSGD`` on an unwrapped model, the compressor column naming the momentum's
   compressor (``none`` = exact all-reduce throughout).
@@ -69,7 +69,7 @@ def make_compressor(name: str) -> Any:
     if raw and comp is not None:
         comp = C.MomentumCorrection(comp, momentum=0.0, warmup_steps=0)
     if variant == "nofreeze" and comp is not None:
-        comp = C.MomentumCorrection(comp, precondition=False)
+        comp = C.MomentumCorrection(comp, freeze_variance=False)
     if variant in ("wq4", "wq8") and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_compression=C.QSGD(bits=int(variant[2]), error_feedback=True))
     if mc and comp is not None:

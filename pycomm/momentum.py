@@ -50,7 +50,7 @@ import torch.distributed as dist
 __all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS"]
 
 #: Adam preconditioner floor, as a fraction of a parameter's mean sqrt(v_hat).
-_FLOOR = 0.1
+_FLOOR = float(__import__("os").environ.get("PYCOMM_EXP_FLOOR", "0.1"))
 
 #: Exact (uncompressed) calls per key before compression starts.
 DEFAULT_WARMUP_STEPS: int = 10
@@ -93,7 +93,7 @@ class MomentumCorrection:
     def __init__(self, compressor: Any, momentum: Union[float, str] = "auto",
                  warmup_steps: int = DEFAULT_WARMUP_STEPS, params: Optional[Iterable[torch.Tensor]] = None,
                  local_velocity: bool = False, masking: Optional[bool] = None,
-                 precondition: Union[bool, str] = "auto", scale_by_variance: bool = False,
+                 freeze_variance: Union[bool, str] = "auto", scale_by_variance: bool = False,
                  warmup_compression: Any = None) -> None:
         if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"MomentumCorrection momentum must be 'auto' or in [0, 1), got {momentum!r}")
@@ -114,9 +114,9 @@ class MomentumCorrection:
         self.momentum: Optional[float] = None if self.auto else float(momentum)
         self._param_ids = None if params is None else frozenset(id(p) for p in params)
         self._states: Dict[Hashable, Dict[str, Any]] = {}
-        if precondition not in ("auto", True, False):
-            raise ValueError(f"MomentumCorrection precondition must be 'auto', True or False, got {precondition!r}")
-        self.precondition = precondition
+        if freeze_variance not in ("auto", True, False):
+            raise ValueError(f"MomentumCorrection freeze_variance must be 'auto', True or False, got {freeze_variance!r}")
+        self.freeze_variance = freeze_variance
         self.scale_by_variance = bool(scale_by_variance)
         # What the warm-up calls use: None = the exact float32 all-reduce; a near-lossless
         # compressor (QSGD with error feedback) makes the warm-up cheaper.
@@ -161,7 +161,7 @@ class MomentumCorrection:
         if self._adam is not None and self._adam() is optimizer:
             return
         self._adam = weakref.ref(optimizer)
-        if self.precondition is not False:
+        if self.freeze_variance is not False:
             ref = weakref.ref(self)
             optimizer.register_step_pre_hook(lambda opt, a, k: _freeze_variance(ref, opt))
 
@@ -187,7 +187,7 @@ class MomentumCorrection:
         parameter has no state yet), or None when there is nothing to precondition with.
         Read before the optimizer's step: the same on every rank (every rank's optimizer saw
         the same averaged gradients)."""
-        if self.precondition is False or self._adam is None or key not in self._layout:
+        if self.freeze_variance is False or self._adam is None or key not in self._layout:
             return None
         opt = self._adam()
         if opt is None:
@@ -348,7 +348,7 @@ def _freeze_variance(ref: "weakref.ReferenceType[MomentumCorrection]", optimizer
     which would otherwise inflate it and shrink every step). Coordinates whose F is ~0 are
     left to Adam. Identical on every rank (same gradients, same state)."""
     mc = ref()
-    if mc is None or mc.precondition is False:
+    if mc is None or mc.freeze_variance is False:
         return
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     with torch.no_grad():
