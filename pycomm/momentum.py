@@ -28,9 +28,25 @@ the compressed velocity 1-bit SGD / DGC would apply. Without compression the fil
 its inverse cancel -- ``avg(beta * V_prev + g) - beta * V_prev = avg(g)`` -- so the
 wrapper is the exact average whatever the optimizer (to float rounding; tested). With
 ``momentum="auto"`` (the default) ``beta`` is read from the torch optimizer that steps
-the wrapped parameters (``torch.optim.SGD``: its ``momentum``; any other optimizer:
-0, i.e. the bare compressor after the warm-up: Adam's variance term does not
-re-integrate, use :class:`pycomm.compression.OneBitAdam` there).
+the wrapped parameters (``torch.optim.SGD``: its ``momentum``; Adam-like optimizers,
+below; anything else: 0, i.e. the bare compressor after the warm-up).
+
+**Adam / AdamW** (``torch.optim.Adam``, ``AdamW`` or any optimizer with ``betas``, ``eps``
+and ``exp_avg_sq`` state), learned by ``momentum="auto"``: the compression noise of the
+returned gradient would enter Adam's second moment as ``g**2``, inflate it and shrink
+every step (error feedback cannot undo a nonlinear function of the noise). So, as 1-bit
+Adam does, the variance is **frozen** after the warm-up: at a key's first compressed call
+its ``v_hat`` (read from the optimizer's state over the key's parameters, which
+DataParallel and the DDP hook pass through :meth:`MomentumCorrection.set_layout`) becomes
+``F``, and a step pre-hook on the optimizer sets ``exp_avg_sq`` before every step so that
+after Adam's own update ``v_hat == F`` (coordinates whose root-variance is below 10 % of
+their parameter's mean stay Adam's). The first moment needs nothing: with OneBit
+``beta = beta1`` and Adam's ``m = (1 - beta1) * sum beta1**k g'`` re-integrates the
+returned gradients into ``(1 - beta1) * V``, the compressed momentum (1-bit Adam); with
+TopK / PowerSGD ``beta = 0`` and Adam's momentum averages the error-fed gradient
+(each measured better for its compressor, docs/COMPRESSION.md). This writes into the
+optimizer's ``exp_avg_sq``; ``freeze_variance=False`` leaves it alone. Nothing is frozen
+while nothing is compressed (warm-up, exact inner): the wrapper stays the exact average.
 
 Error feedback stays correct: its residual lives in velocity units before the exchange
 and one call happens per synchronised step (``no_sync`` accumulation arrives as one
@@ -50,7 +66,7 @@ import torch.distributed as dist
 __all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS"]
 
 #: Adam preconditioner floor, as a fraction of a parameter's mean sqrt(v_hat).
-_FLOOR = float(__import__("os").environ.get("PYCOMM_EXP_FLOOR", "0.1"))
+_FLOOR = 0.1
 
 #: Exact (uncompressed) calls per key before compression starts.
 DEFAULT_WARMUP_STEPS: int = 10
@@ -82,6 +98,16 @@ class MomentumCorrection:
             (instead of starting from the common ``V_prev``).
         masking: with ``local_velocity``, zero ``u`` where this rank sent an entry (DGC's
             momentum factor masking). ``None``: on for TopK, off otherwise.
+        freeze_variance: with an Adam-like optimizer (learned by ``momentum="auto"`` or
+            given to :meth:`set_optimizer`), keep its ``v_hat`` at the warm-up's value while
+            compressing (module docstring). ``"auto"``/``True``: on; ``False``: off.
+        scale_by_variance: also compress ``u / (sqrt(F) + eps)`` (clamped to
+            ``1 / sqrt(1 - beta2)``) and scale back after the exchange, as
+            :class:`OneBitAdam` does: the error is then the size of an Adam step on every
+            coordinate. Off by default (measured worse on the CNN, docs/COMPRESSION.md).
+        warmup_compression: what the warm-up calls use instead of the exact float32
+            all-reduce (e.g. ``QSGD(bits=4, error_feedback=True)``: ~8x fewer bytes in the
+            warm-up; measured -2 points for Adam + OneBit, so not the default).
 
     Like every compressor it averages (``op="avg"``) or sums in place, asynchronously
     with ``async_op=True``, gives bitwise-identical results on every rank, and keeps its
@@ -156,8 +182,8 @@ class MomentumCorrection:
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The Adam-like optimizer (``exp_avg_sq`` state, ``betas``, ``eps``) stepping the
-        wrapped parameters: with ``precondition`` its second moment scales what is
-        compressed. ``momentum="auto"`` calls this itself."""
+        wrapped parameters: its variance is frozen while compressing (``freeze_variance``).
+        ``momentum="auto"`` calls this itself."""
         if self._adam is not None and self._adam() is optimizer:
             return
         self._adam = weakref.ref(optimizer)
@@ -167,7 +193,7 @@ class MomentumCorrection:
 
     def set_layout(self, key: Hashable, params: Iterable[Tuple[torch.Tensor, int]]) -> None:
         """Which parameters make up ``key``'s flat tensor: ``(param, offset)`` pairs
-        (DataParallel passes its buckets). Needed by ``precondition`` only."""
+        (DataParallel and the DDP hook pass their buckets). Needed by the Adam path only."""
         self._layout[key] = [(p, int(off)) for p, off in params]
 
     def _frozen(self, key: Hashable, st: Dict[str, Any], n: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -184,7 +210,7 @@ class MomentumCorrection:
     def _preconditioner(self, key: Hashable, n: int, device: torch.device,
                         frozen_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """``sqrt(v_hat) + eps`` of the Adam-like optimizer over ``key``'s layout (1 where a
-        parameter has no state yet), or None when there is nothing to precondition with.
+        parameter has no state yet), or None when there is no Adam state to read.
         Read before the optimizer's step: the same on every rank (every rank's optimizer saw
         the same averaged gradients)."""
         if self.freeze_variance is False or self._adam is None or key not in self._layout:
@@ -408,7 +434,9 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
     :class:`PowerSGD`) are wrapped in ``MomentumCorrection(c, momentum="auto",
     warmup_steps=10, params=params)``: with torch's SGD they then communicate the
     momentum-corrected velocity (error feedback on raw gradients under momentum 0.9 lost
-    up to 50 points here); with any other optimizer they run bare after 10 exact steps.
+    up to 50 points here); with Adam / AdamW the optimizer's variance is frozen after
+    the warm-up and OneBit compresses Adam's momentum (1-bit Adam through the user's
+    Adam); with any other optimizer they run bare after 10 exact steps.
     Returned unchanged: ``None``, a :class:`MomentumCorrection` (pass
     ``MomentumCorrection(c, momentum=0, warmup_steps=0)`` to run a compressor bare), and
     the near-lossless compressors (FP16, BF16, QSGD).
