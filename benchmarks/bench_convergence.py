@@ -69,7 +69,8 @@ def make_compressor(name: str) -> Any:
     if raw and comp is not None:
         comp = C.MomentumCorrection(comp, momentum=0.0, warmup_steps=0)
     if variant == "nofreeze" and comp is not None:
-        comp = C.MomentumCorrection(comp, freeze_variance=False)
+        comp = C.for_training(comp)  # the default wrapping ...
+        comp.freeze_variance = False  # ... without the Adam path's frozen variance
     if variant in ("wq4", "wq8") and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_compression=C.QSGD(bits=int(variant[2]), error_feedback=True))
     if mc and comp is not None:
