@@ -290,9 +290,10 @@ class MomentumCorrection:
             self.warmup_compression if self.warmup_compression is not None and self.compressor is not None
             else C._NONE)
         mask_after = compressing and self.masking
-        # Adam-like optimizer: compress in the units of its step, x / (sqrt(v_hat) + eps),
-        # so the compression error (and error feedback) is the size of an Adam step on
-        # every coordinate, and scale back after the exchange (same d on every rank).
+        # Adam-like optimizer: its variance is frozen at the key's first compressed call
+        # (F, kept by the step pre-hook). With scale_by_variance the values are also
+        # compressed in the units of its step, x / (sqrt(F) + eps), and scaled back after
+        # the exchange (same d on every rank).
         d = self._frozen(key, st, n, x.device) if compressing and not self.local_velocity else None
         if d is not None and not self.scale_by_variance:
             d = None  # the variance is frozen (step pre-hook) but the values go unscaled
