@@ -14,7 +14,8 @@ Extra cells:
 
 - ``<C>-raw``: the compressor bare, ``MomentumCorrection(C, momentum=0, warmup_steps=0)``
   (what DataParallel did before issue 15: error feedback on raw gradients, no warm-up);
-  ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``;
+  ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``; ``<C>-nofreeze``: the default
+  wrapping without the Adam path's frozen variance (``freeze_variance=False``);
 - optimizer ``1bit-adam`` / ``1bit-sgd``: :class:`pycomm.compression.OneBitAdam` /
   ``OneBitSGD`` on an unwrapped model, the compressor column naming the momentum's
   compressor (``none`` = exact all-reduce throughout).
@@ -22,7 +23,10 @@ Extra cells:
 Recipe (fixed, from the uncompressed run): batch 32 per rank, ``--epochs`` epochs, no
 schedule; SGD lr 0.1, momentum 0.9 (Nesterov too for ``nesterov``); Adam / AdamW lr 1e-3
 (AdamW weight decay 1e-2). Models: ``mlp`` 64-64-10 and ``cnn`` (two 3x3 convolutions,
-pooling, two linear layers) on scikit-learn's digits (80/20 split, no download).
+pooling, two linear layers) on scikit-learn's digits (80/20 split, no download); ``charlm``
+the 2-block character-level transformer of ``pycomm.evaluation.models`` on its generated
+text (2048 training windows of 32 characters; "accuracy" = next-character accuracy on the
+256 held-out windows, ``test_loss`` its cross-entropy).
 
 Wire bytes: ``pycomm.stats("all")["bytes_sent"]`` of rank 0 over the cell's training
 (pycomm backend; warm-up steps included), next to what an fp32 ring all-reduce of every
@@ -67,6 +71,11 @@ def make_compressor(name: str) -> Any:
     }[base]()
     if raw and comp is not None:
         comp = C.MomentumCorrection(comp, momentum=0.0, warmup_steps=0)
+    if variant == "nofreeze" and comp is not None:
+        comp = C.for_training(comp)  # the default wrapping ...
+        comp.freeze_variance = False  # ... without the Adam path's frozen variance
+    if variant in ("wq4", "wq8") and comp is not None:
+        comp = C.MomentumCorrection(comp, warmup_compression=C.QSGD(bits=int(variant[2]), error_feedback=True))
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
     return comp
@@ -78,6 +87,10 @@ def make_model(name: str) -> Any:
 
     if name == "mlp":
         return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    if name == "charlm":
+        from pycomm.evaluation.models import _charlm  # 2-block pre-LN transformer, d=64
+
+        return _charlm()
     if name == "cnn":
         return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -127,7 +140,12 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
     import pycomm
     import pycomm.compression as C
 
-    xtr, ytr, xte, yte = digits()
+    if model_name == "charlm":
+        from pycomm.evaluation.models import _charlm_data  # generated text, 32-char windows
+
+        xtr, ytr, xte, yte = _charlm_data()
+    else:
+        xtr, ytr, xte, yte = digits()
     xtr, ytr = xtr[rank::world], ytr[rank::world]
     torch.manual_seed(seed)
     net = make_model(model_name)
@@ -152,7 +170,8 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
         for s in range(steps):
             idx = perm[s * batch:(s + 1) * batch]
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            out = model(xtr[idx])
+            loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), ytr[idx].reshape(-1))
             loss.backward()
             opt.step()
             loss_v = loss.item()
@@ -160,7 +179,9 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
     elapsed = time.perf_counter() - t0
     sent = (pycomm.stats("all")["bytes_sent"] - before) if dist.get_backend() == "pycomm" else None
     with torch.no_grad():
-        acc = (net(xte).argmax(1) == yte).float().mean().item() * 100
+        out = net(xte)
+        acc = (out.argmax(-1) == yte).float().mean().item() * 100  # charlm: next-character accuracy
+        test_loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), yte.reshape(-1)).item()
     flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     digest = torch.tensor([float(flat.double().sum()), float((flat.double() ** 2).sum())], dtype=torch.float64)
     digests = [torch.zeros_like(digest) for _ in range(world)]
@@ -168,7 +189,7 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
     identical = all(torch.equal(d, digests[0]) for d in digests)
     ring = C.ring_all_reduce_bytes(numel, world) * steps * epochs
     return {"model": model_name, "optimizer": opt_name, "compressor": comp_name, "seed": seed,
-            "test_acc": acc, "final_train_loss": loss_v, "finite": finite, "ranks_identical": identical,
+            "test_acc": acc, "test_loss": test_loss, "final_train_loss": loss_v, "finite": finite, "ranks_identical": identical,
             "bytes_sent_rank0": sent, "fp32_ring_bytes": ring, "params": numel, "steps": steps * epochs,
             "seconds": elapsed}
 

@@ -116,6 +116,14 @@ def ddp_comm_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures
         fut.set_result(buf)
         return fut
     if state.compression is not None:
+        if hasattr(state.compression, "set_layout"):
+            # The Adam path of MomentumCorrection needs the bucket's parameters (issue 15);
+            # DDP's buffer holds their gradients back to back in parameters() order.
+            offs, off = [], 0
+            for p in bucket.parameters():
+                offs.append((p, off))
+                off += p.numel()
+            state.compression.set_layout(index, offs)
         fut = state.compression.all_reduce(buf, group=group, key=index, op="avg", async_op=True)
     elif _native_avg(group):
         fut = dist.all_reduce(buf, op=dist.ReduceOp.AVG, group=group, async_op=True).get_future()

@@ -28,9 +28,25 @@ the compressed velocity 1-bit SGD / DGC would apply. Without compression the fil
 its inverse cancel -- ``avg(beta * V_prev + g) - beta * V_prev = avg(g)`` -- so the
 wrapper is the exact average whatever the optimizer (to float rounding; tested). With
 ``momentum="auto"`` (the default) ``beta`` is read from the torch optimizer that steps
-the wrapped parameters (``torch.optim.SGD``: its ``momentum``; any other optimizer:
-0, i.e. the bare compressor after the warm-up: Adam's variance term does not
-re-integrate, use :class:`pycomm.compression.OneBitAdam` there).
+the wrapped parameters (``torch.optim.SGD``: its ``momentum``; Adam-like optimizers,
+below; anything else: 0, i.e. the bare compressor after the warm-up).
+
+**Adam / AdamW** (``torch.optim.Adam``, ``AdamW`` or any optimizer with ``betas``, ``eps``
+and ``exp_avg_sq`` state), learned by ``momentum="auto"``: the compression noise of the
+returned gradient would enter Adam's second moment as ``g**2``, inflate it and shrink
+every step (error feedback cannot undo a nonlinear function of the noise). So, as 1-bit
+Adam does, the variance is **frozen** after the warm-up: at a key's first compressed call
+its ``v_hat`` (read from the optimizer's state over the key's parameters, which
+DataParallel and the DDP hook pass through :meth:`MomentumCorrection.set_layout`) becomes
+``F``, and a step pre-hook on the optimizer sets ``exp_avg_sq`` before every step so that
+after Adam's own update ``v_hat == F`` (coordinates whose root-variance is below 10 % of
+their parameter's mean stay Adam's). The first moment needs nothing: with OneBit
+``beta = beta1`` and Adam's ``m = (1 - beta1) * sum beta1**k g'`` re-integrates the
+returned gradients into ``(1 - beta1) * V``, the compressed momentum (1-bit Adam); with
+TopK / PowerSGD ``beta = 0`` and Adam's momentum averages the error-fed gradient
+(each measured better for its compressor, docs/COMPRESSION.md). This writes into the
+optimizer's ``exp_avg_sq``; ``freeze_variance=False`` leaves it alone. Nothing is frozen
+while nothing is compressed (warm-up, exact inner): the wrapper stays the exact average.
 
 Error feedback stays correct: its residual lives in velocity units before the exchange
 and one call happens per synchronised step (``no_sync`` accumulation arrives as one
@@ -42,12 +58,15 @@ inner compressor's state, and the non-finite result is handed on for the scaler 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Hashable, Iterable, Optional, Union
+from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS"]
+
+#: Adam preconditioner floor, as a fraction of a parameter's mean sqrt(v_hat).
+_FLOOR = 0.1
 
 #: Exact (uncompressed) calls per key before compression starts.
 DEFAULT_WARMUP_STEPS: int = 10
@@ -79,6 +98,16 @@ class MomentumCorrection:
             (instead of starting from the common ``V_prev``).
         masking: with ``local_velocity``, zero ``u`` where this rank sent an entry (DGC's
             momentum factor masking). ``None``: on for TopK, off otherwise.
+        freeze_variance: with an Adam-like optimizer (learned by ``momentum="auto"`` or
+            given to :meth:`set_optimizer`), keep its ``v_hat`` at the warm-up's value while
+            compressing (module docstring). ``"auto"``/``True``: on; ``False``: off.
+        scale_by_variance: also compress ``u / (sqrt(F) + eps)`` (clamped to
+            ``1 / sqrt(1 - beta2)``) and scale back after the exchange, as
+            :class:`OneBitAdam` does: the error is then the size of an Adam step on every
+            coordinate. Off by default (measured worse on the CNN, docs/COMPRESSION.md).
+        warmup_compression: what the warm-up calls use instead of the exact float32
+            all-reduce (e.g. ``QSGD(bits=4, error_feedback=True)``: ~8x fewer bytes in the
+            warm-up; measured -2 points for Adam + OneBit, so not the default).
 
     Like every compressor it averages (``op="avg"``) or sums in place, asynchronously
     with ``async_op=True``, gives bitwise-identical results on every rank, and keeps its
@@ -89,7 +118,9 @@ class MomentumCorrection:
 
     def __init__(self, compressor: Any, momentum: Union[float, str] = "auto",
                  warmup_steps: int = DEFAULT_WARMUP_STEPS, params: Optional[Iterable[torch.Tensor]] = None,
-                 local_velocity: bool = False, masking: Optional[bool] = None) -> None:
+                 local_velocity: bool = False, masking: Optional[bool] = None,
+                 freeze_variance: Union[bool, str] = "auto", scale_by_variance: bool = False,
+                 warmup_compression: Any = None) -> None:
         if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"MomentumCorrection momentum must be 'auto' or in [0, 1), got {momentum!r}")
         if warmup_steps < 0:
@@ -109,6 +140,19 @@ class MomentumCorrection:
         self.momentum: Optional[float] = None if self.auto else float(momentum)
         self._param_ids = None if params is None else frozenset(id(p) for p in params)
         self._states: Dict[Hashable, Dict[str, Any]] = {}
+        if freeze_variance not in ("auto", True, False):
+            raise ValueError(f"MomentumCorrection freeze_variance must be 'auto', True or False, got {freeze_variance!r}")
+        self.freeze_variance = freeze_variance
+        self.scale_by_variance = bool(scale_by_variance)
+        # What the warm-up calls use: None = the exact float32 all-reduce; a near-lossless
+        # compressor (QSGD with error feedback) makes the warm-up cheaper.
+        self.warmup_compression = warmup_compression
+        # Adam-like optimizer whose second moment preconditions the compressed values
+        # (learned by momentum="auto" or given to set_optimizer), and each key's layout:
+        # [(param, offset)] -- DataParallel passes its buckets (set_layout).
+        self._adam: Optional["weakref.ReferenceType[torch.optim.Optimizer]"] = None
+        self._layout: Dict[Hashable, List[Tuple[torch.Tensor, int]]] = {}
+        self._bound: Optional[float] = None
         if self.auto:
             _watch(self)
 
@@ -120,10 +164,83 @@ class MomentumCorrection:
         """Takes beta from ``optimizer`` if it steps our parameters; True when it did."""
         for group in optimizer.param_groups:
             if self._param_ids is None or any(id(p) in self._param_ids for p in group["params"]):
-                m = group.get("momentum", 0.0) if isinstance(optimizer, torch.optim.SGD) else 0.0
+                if isinstance(optimizer, torch.optim.SGD):
+                    m = group.get("momentum", 0.0)
+                elif _adam_like(optimizer):
+                    self.set_optimizer(optimizer)
+                    # OneBit: compress Adam's momentum (1-bit Adam; a sign of the raw gradient
+                    # is too coarse). TopK / PowerSGD: the gradient with error feedback, Adam's
+                    # own momentum smooths it (measured better for both, docs/COMPRESSION.md).
+                    C = _compression()
+                    sparse = isinstance(self.compressor, (C.TopK, C.PowerSGD))
+                    m = 0.0 if sparse else group["betas"][0]
+                else:
+                    m = 0.0
                 self.momentum = float(m) if 0.0 <= float(m) < 1.0 else 0.0
                 return True
         return False
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The Adam-like optimizer (``exp_avg_sq`` state, ``betas``, ``eps``) stepping the
+        wrapped parameters: its variance is frozen while compressing (``freeze_variance``).
+        ``momentum="auto"`` calls this itself."""
+        if self._adam is not None and self._adam() is optimizer:
+            return
+        self._adam = weakref.ref(optimizer)
+        if self.freeze_variance is not False:
+            ref = weakref.ref(self)
+            optimizer.register_step_pre_hook(lambda opt, a, k: _freeze_variance(ref, opt))
+
+    def set_layout(self, key: Hashable, params: Iterable[Tuple[torch.Tensor, int]]) -> None:
+        """Which parameters make up ``key``'s flat tensor: ``(param, offset)`` pairs
+        (DataParallel and the DDP hook pass their buckets). Needed by the Adam path only."""
+        self._layout[key] = [(p, int(off)) for p, off in params]
+
+    def _frozen(self, key: Hashable, st: Dict[str, Any], n: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The key's preconditioner ``sqrt(F) + eps``, F = the optimizer's ``v_hat`` frozen at
+        the key's first compressed call (1-bit Adam), or None (no Adam-like optimizer)."""
+        if "F" not in st:
+            mask = torch.zeros(n, dtype=torch.bool, device=device)
+            d = self._preconditioner(key, n, device, mask)
+            if d is None:
+                return None
+            st["F"], st["F_frozen"] = d, mask
+        return st["F"]
+
+    def _preconditioner(self, key: Hashable, n: int, device: torch.device,
+                        frozen_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """``sqrt(v_hat) + eps`` of the Adam-like optimizer over ``key``'s layout (1 where a
+        parameter has no state yet), or None when there is no Adam state to read.
+        Read before the optimizer's step: the same on every rank (every rank's optimizer saw
+        the same averaged gradients)."""
+        if self.freeze_variance is False or self._adam is None or key not in self._layout:
+            return None
+        opt = self._adam()
+        if opt is None:
+            return None
+        groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+        self._bound = 1.0 / (1.0 - max(g["betas"][1] for g in opt.param_groups)) ** 0.5
+        d = torch.ones(n, dtype=torch.float32, device=device)
+        found = False
+        for p, off in self._layout[key]:
+            st = opt.state.get(p)
+            g = groups.get(id(p))
+            if not st or g is None or "exp_avg_sq" not in st or off + p.numel() > n:
+                continue
+            step = float(st["step"]) if "step" in st else 1.0
+            bc2 = 1.0 - g["betas"][1] ** max(step, 1.0)
+            seg = d[off:off + p.numel()]
+            seg.copy_(st["exp_avg_sq"].detach().reshape(-1).to(torch.float32)).div_(bc2).sqrt_()
+            # Coordinates with (almost) no gradient so far get a floor: a fraction of the
+            # parameter's mean root-variance (else u / d explodes there the first time one
+            # arrives); they are not frozen (_freeze_variance leaves them to Adam).
+            floor = float(seg.mean()) * _FLOOR
+            seg.clamp_(min=floor if floor > 0 else 1.0).add_(g["eps"])
+            st_mask = frozen_mask[off:off + p.numel()] if frozen_mask is not None else None
+            if st_mask is not None:
+                st_mask.copy_(seg > floor + g["eps"]) if floor > 0 else st_mask.fill_(False)
+            found = True
+        return d if found else None
 
     # -- compressor interface ----------------------------------------------------------
 
@@ -169,21 +286,40 @@ class MomentumCorrection:
             x = torch.mul(prev, beta) if beta != 0.0 else torch.zeros_like(prev)
             x.add_(g)
         compressing = step >= self.warmup_steps and self.compressor is not None
-        inner = self.compressor if compressing else C._NONE
+        inner = self.compressor if compressing else (
+            self.warmup_compression if self.warmup_compression is not None and self.compressor is not None
+            else C._NONE)
         mask_after = compressing and self.masking
+        # Adam-like optimizer: its variance is frozen at the key's first compressed call
+        # (F, kept by the step pre-hook). With scale_by_variance the values are also
+        # compressed in the units of its step, x / (sqrt(F) + eps), and scaled back after
+        # the exchange (same d on every rank).
+        d = self._frozen(key, st, n, x.device) if compressing and not self.local_velocity else None
+        if d is not None and not self.scale_by_variance:
+            d = None  # the variance is frozen (step pre-hook) but the values go unscaled
+        if d is not None:
+            x.div_(d)
+            if self._bound is not None:
+                # Adam's own bound on one step, |m_hat| / sqrt(v_hat) <= (1 - beta1) /
+                # sqrt(1 - beta2), i.e. 1 / sqrt(1 - beta2) on the velocity m / (1 - beta1):
+                # a coordinate whose v was ~0 in the warm-up cannot blow up its block.
+                x.clamp_(-self._bound, self._bound)
 
         def finish() -> torch.Tensor:
             if not bool(torch.isfinite(x).all()):
                 # Identical on every rank (bitwise-identical results): all reset together and
                 # the overflow reaches the loss scaler, which skips the step.
                 self._states.pop(key, None)
-                if self.compressor is not None:
-                    self.compressor._states.pop(key, None)
+                for c in (self.compressor, self.warmup_compression):
+                    if c is not None:
+                        c._states.pop(key, None)
                 C._write_back(tensor, x)
                 return tensor
             if mask_after:
                 # TopK's residual is zero exactly where this rank's entries were sent.
                 st["u"].masked_fill_(self.compressor._states[key]["residual"] == 0, 0.0)
+            if d is not None:
+                x.mul_(d)
             out = x.sub(prev, alpha=beta) if beta != 0.0 else x
             prev.copy_(x)
             C._write_back(tensor, out)
@@ -205,7 +341,10 @@ class MomentumCorrection:
         out = {k: {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
                for k, st in self._states.items()}
         inner = self.compressor.state_dict() if self.compressor is not None else None
-        return {"type": type(self).__name__, "states": out, "momentum": self.momentum, "inner": inner}
+        sd = {"type": type(self).__name__, "states": out, "momentum": self.momentum, "inner": inner}
+        if self.warmup_compression is not None:
+            sd["warmup_inner"] = self.warmup_compression.state_dict()
+        return sd
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores :meth:`state_dict` (a resumed run continues bit-exactly)."""
@@ -217,6 +356,53 @@ class MomentumCorrection:
             self.momentum = float(state["momentum"])
         if self.compressor is not None and state.get("inner") is not None:
             self.compressor.load_state_dict(state["inner"])
+        if self.warmup_compression is not None and state.get("warmup_inner") is not None:
+            self.warmup_compression.load_state_dict(state["warmup_inner"])
+
+
+def _adam_like(optimizer: torch.optim.Optimizer) -> bool:
+    """Adam, AdamW and optimizers shaped like them (``betas`` and ``eps`` in every group)."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return True
+    return all("betas" in g and "eps" in g for g in optimizer.param_groups) and bool(optimizer.param_groups)
+
+
+def _freeze_variance(ref: "weakref.ReferenceType[MomentumCorrection]", optimizer: torch.optim.Optimizer) -> None:
+    """Step pre-hook of the Adam-like optimizer: on the parameters of every key that
+    compresses, sets ``exp_avg_sq`` so that after this step's update with the gradient it
+    is about to use, ``v_hat`` is the frozen value F (1-bit Adam's frozen variance: the
+    sign / sparsification noise of the returned gradient never reaches the second moment,
+    which would otherwise inflate it and shrink every step). Coordinates whose F is ~0 are
+    left to Adam. Identical on every rank (same gradients, same state)."""
+    mc = ref()
+    if mc is None or mc.freeze_variance is False:
+        return
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    with torch.no_grad():
+        for key, st in mc._states.items():
+            d = st.get("F")
+            if d is None:
+                continue
+            for p, off in mc._layout.get(key, ()):
+                g, ost = groups.get(id(p)), optimizer.state.get(p)
+                if g is None or p.grad is None or not ost or "exp_avg_sq" not in ost:
+                    continue
+                b2 = g["betas"][1]
+                eps = g["eps"]
+                v = ost["exp_avg_sq"]
+                step = float(ost["step"]) + 1.0
+                grad = p.grad.detach()
+                if g.get("weight_decay", 0.0) and not g.get("decoupled_weight_decay", False) \
+                        and not isinstance(optimizer, torch.optim.AdamW):
+                    grad = grad.add(p.detach(), alpha=g["weight_decay"])
+                dseg = d[off:off + p.numel()].view_as(v).to(v.dtype)
+                f_hat = (dseg - eps).clamp_(min=0.0).square_()
+                target = f_hat.mul(1.0 - b2 ** step)  # exp_avg_sq after the update
+                pre = target.sub(grad.square().mul_(1.0 - b2)).div_(b2)
+                keep = st["F_frozen"][off:off + p.numel()].view_as(v)
+                v.copy_(torch.where(keep, pre, v))
+                if g.get("amsgrad", False) and "max_exp_avg_sq" in ost:
+                    ost["max_exp_avg_sq"].copy_(torch.where(keep, torch.zeros_like(v), ost["max_exp_avg_sq"]))
 
 
 # -- momentum="auto": one global optimizer step pre-hook serves every waiting wrapper ------
@@ -227,7 +413,9 @@ _hook_handle: Any = None
 
 def _on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for mc in list(_waiting):
-        if mc.momentum is not None or mc._learn(optimizer):
+        # Learned even when beta is already known (a restored state_dict): the Adam path
+        # needs the optimizer itself.
+        if mc._learn(optimizer):
             _waiting.discard(mc)
 
 
@@ -247,7 +435,11 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
     :class:`PowerSGD`) are wrapped in ``MomentumCorrection(c, momentum="auto",
     warmup_steps=10, params=params)``: with torch's SGD they then communicate the
     momentum-corrected velocity (error feedback on raw gradients under momentum 0.9 lost
-    up to 50 points here); with any other optimizer they run bare after 10 exact steps.
+    up to 50 points here); with Adam / AdamW the optimizer's variance is frozen after
+    the warm-up and OneBit compresses Adam's momentum (1-bit Adam through the user's
+    Adam); with any other optimizer they run bare after the 10 warm-up steps. TopK's
+    warm-up goes through ``QSGD(bits=4, error_feedback=True)``, the others' through the
+    exact float32 all-reduce.
     Returned unchanged: ``None``, a :class:`MomentumCorrection` (pass
     ``MomentumCorrection(c, momentum=0, warmup_steps=0)`` to run a compressor bare), and
     the near-lossless compressors (FP16, BF16, QSGD).
@@ -255,6 +447,11 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
     if compression is None or isinstance(compression, MomentumCorrection):
         return compression
     C = _compression()
-    if type(compression) in (C.OneBit, C.TopK, C.PowerSGD):
+    if type(compression) is C.TopK:
+        # Its warm-up through 4-bit QSGD with error feedback: ~8x fewer warm-up bytes, and
+        # measured at least as accurate as the float32 warm-up for TopK (docs/COMPRESSION.md).
+        return MomentumCorrection(compression, params=params,
+                                  warmup_compression=C.QSGD(bits=4, error_feedback=True))
+    if type(compression) in (C.OneBit, C.PowerSGD):
         return MomentumCorrection(compression, params=params)
     return compression

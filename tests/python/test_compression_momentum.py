@@ -6,7 +6,10 @@ DDP hook, and the compressed-momentum optimizers OneBitAdam / OneBitSGD.
 - accuracy: the digits MLP with plain momentum SGD (lr 0.1, momentum 0.9, no schedule)
   through ``DataParallel(compression=OneBit())`` within 2 points of uncompressed;
 - no_sync: one compressed call per synchronised step, exact with a lossless inner;
-- OneBitAdam near Adam on digits, and its state (error feedback included) round-trips.
+- OneBitAdam near Adam on digits, and its state (error feedback included) round-trips;
+- Adam / AdamW through DataParallel: lossless inner == exact Adam; OneBit (default
+  wrapping) within 1.5 points of Adam with v_hat held at the frozen value; a checkpoint of
+  the Adam path (frozen variance, TopK error feedback, Adam state) resumes bitwise.
 """
 from __future__ import annotations
 
@@ -100,11 +103,13 @@ def _body_math(rank, world):
         p = model._params[pi]
         torch.testing.assert_close(bufs[id(p)], v[off:off + p.numel()], atol=1e-5, rtol=1e-4)
 
-    # Adam: auto picks 0 (the bare compressor after the warm-up).
-    model = DataParallel(_mlp(), compression=C.TopK(0.05))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    _fit(model, opt, xtr, ytr, rank, epochs=1)
-    assert model.compression.momentum == 0.0
+    # Adam: auto learns the optimizer (its variance is frozen after the warm-up); OneBit
+    # compresses Adam's momentum (beta = beta1), TopK / PowerSGD the gradient (beta = 0).
+    for comp, beta in ((C.OneBit(), 0.8), (C.TopK(0.05), 0.0)):
+        model = DataParallel(_mlp(), compression=comp)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.999))
+        _fit(model, opt, xtr, ytr, rank, epochs=1)
+        assert model.compression.momentum == beta and model.compression._adam() is opt
     return out
 
 
@@ -309,3 +314,85 @@ def test_onebit_adam_near_adam_and_state_round_trip():
     assert accs["adam"] > 88.0, accs
     assert accs["1bit-adam"] >= accs["adam"] - 2.0, accs
     assert res[0][1] == res[1][1], "OneBitSGD ranks diverged"
+
+
+# --------------------------------------------------------------------------- Adam / AdamW
+
+
+def _body_adam(rank, world):
+    import torch.distributed as dist
+
+    import pycomm.compression as C
+    from pycomm.data_parallel import DataParallel
+
+    xtr, ytr, xte, yte = _digits(rank, world)
+    out = {}
+    # Lossless inner: the wrapper with Adam / AdamW (auto: beta1) is exact Adam on averaged gradients.
+    for cls, wd in ((torch.optim.Adam, 1e-3), (torch.optim.AdamW, 1e-2)):
+        ref = DataParallel(_mlp())
+        opt = cls(ref.parameters(), lr=1e-3, weight_decay=wd)
+        _fit(ref, opt, xtr[:320], ytr[:320], rank, epochs=2)
+        comp = C.MomentumCorrection(None, warmup_steps=0)
+        ours = DataParallel(_mlp(), compression=comp, bucket_cap_mb=0.01, first_bucket_mb=0.005)
+        opt = cls(ours.parameters(), lr=1e-3, weight_decay=wd)
+        _fit(ours, opt, xtr[:320], ytr[:320], rank, epochs=2)
+        assert comp.momentum == 0.9
+        diff = float((_flat(ours) - _flat(ref)).abs().max())
+        assert diff < 2e-5, (cls.__name__, diff)
+
+    # The default (OneBit() through DataParallel, stock Adam lr 1e-3): within 1.5 points of exact
+    # Adam, ranks bitwise identical; after the warm-up Adam's v_hat stays at the frozen value.
+    for name in ("none", "OneBit"):
+        comp = {"none": None, "OneBit": C.OneBit()}[name]
+        net = _mlp(0)
+        model = DataParallel(net, compression=comp)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        _fit(model, opt, xtr, ytr, rank, epochs=12)
+        flat = _flat(net)
+        assert bool(torch.isfinite(flat).all())
+        gathered = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(g, flat) for g in gathered), f"{name}: ranks diverged"
+        out[name] = _accuracy(net, xte, yte)
+        if name == "OneBit":
+            mc = model.compression
+            (key,) = mc._states
+            st = mc._states[key]
+            assert st["F_frozen"].float().mean() > 0.5
+            b = model._buckets[0]
+            for pi, off in zip(b.params, b.offsets):
+                p = model._params[pi]
+                ost = opt.state[p]
+                v_hat = (ost["exp_avg_sq"] / (1 - 0.999 ** float(ost["step"]))).reshape(-1)
+                f = (st["F"][off:off + p.numel()] - 1e-8).clamp(min=0) ** 2
+                m = st["F_frozen"][off:off + p.numel()]
+                torch.testing.assert_close(v_hat[m], f[m], rtol=1e-3, atol=1e-12)
+
+    # Checkpoint mid-run (wrapper with frozen variance + inner error feedback + Adam): resumes bitwise.
+    comp = C.MomentumCorrection(C.TopK(0.05), warmup_steps=2)
+    model = DataParallel(_mlp(), compression=comp)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xs, ys = xtr[:320], ytr[:320]
+    _fit(model, opt, xs[:160], ys[:160], rank, epochs=1)
+    buf = io.BytesIO()
+    torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "comp": comp.state_dict()}, buf)
+    _fit(model, opt, xs[160:], ys[160:], rank, epochs=1)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    net2 = _mlp(1)
+    net2.load_state_dict(ck["model"])
+    comp2 = C.MomentumCorrection(C.TopK(0.05), warmup_steps=2)
+    comp2.load_state_dict(ck["comp"])
+    model2 = DataParallel(net2, compression=comp2)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
+    opt2.load_state_dict(ck["opt"])
+    _fit(model2, opt2, xs[160:], ys[160:], rank, epochs=1)
+    assert torch.equal(_flat(model2), _flat(model)), "resumed Adam run differs"
+    return out
+
+
+def test_adam_through_dataparallel():
+    res = run_ranks(RANKS, _body_adam, backend="pycomm", timeout=90)
+    acc = res[0]
+    print(f"\ndigits MLP, {RANKS} ranks, Adam lr 1e-3, 12 epochs, seed 0: {acc}")
+    assert acc["OneBit"] >= acc["none"] - 1.5, acc
