@@ -169,8 +169,7 @@ def _netns_available() -> bool:
 def test_ranks_on_separate_emulated_hosts_use_tcp(tmp_path):
     """Three ranks in three network namespaces (one per emulated host, 1 Gbit/s links):
     pycomm sees different hosts, picks TCP, and the collectives are right."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from netem import Cluster
+    from pycomm.bench.netem import Cluster
 
     script = tmp_path / "host_job.py"
     script.write_text(CROSS_HOST_SCRIPT)
