@@ -97,7 +97,7 @@ def test_native_path_equals_generic_path_bitwise():
                 assert got["sent"] > 0
             # The native path moves the promised bytes (the generic one's, give or take headers).
             comp = NATIVE[name]()
-            wire = (comp or C._NONE).wire_bytes(n, w)
+            wire = (comp or C.engine._NONE).wire_bytes(n, w)
             assert abs(r0["sent"] - wire) <= 0.02 * wire + 1024, (name, r0["sent"], wire)
         for rr in res:
             if name != "none":

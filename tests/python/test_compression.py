@@ -80,7 +80,7 @@ def _qsgd_blocks(payload: np.ndarray, chunk: int, bits: int):
 def test_one_bit_kernel_matches_numpy():
     rng = np.random.default_rng(0)
     n, w = 10_001, 3
-    chunk = C._chunk(n, w, 32)  # 3360 = a 2048-block + a 1312-block; the last one partial
+    chunk = C.engine._chunk(n, w, 32)  # 3360 = a 2048-block + a 1312-block; the last one partial
     x = rng.standard_normal(n).astype(np.float32)
     res0 = (0.1 * rng.standard_normal(n)).astype(np.float32)
     res = torch.from_numpy(res0.copy())
@@ -123,7 +123,7 @@ def test_one_bit_wire_ratio_is_32x():
 def test_qsgd_kernel_matches_numpy(bits):
     rng = np.random.default_rng(1)
     n, w = 3000, 2
-    chunk = C._chunk(n, w, 32)
+    chunk = C.engine._chunk(n, w, 32)
     x = rng.standard_normal(n).astype(np.float32)
     levels = 127 if bits == 8 else 7
     mean = np.zeros(n)
@@ -564,7 +564,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         C.TopK(0.0)
     with pytest.raises(ValueError):
-        C._divisor("max", 2)
+        C.engine._divisor("max", 2)
     with pytest.raises(ValueError):
         C.OneBit().load_state_dict(C.TopK().state_dict())
     with pytest.raises(RuntimeError):

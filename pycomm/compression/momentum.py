@@ -47,16 +47,13 @@ from typing import Any, Dict, Hashable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from pycomm.compression.compressors import OneBit, PowerSGD, TopK
+from pycomm.compression.engine import _NONE, _completed, _divisor, _write_back
+
 __all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS"]
 
 #: Exact (uncompressed) calls per key before compression starts.
 DEFAULT_WARMUP_STEPS: int = 10
-
-
-def _compression():
-    from pycomm import compression  # late import: pycomm.compression re-exports this module
-
-    return compression
 
 
 class MomentumCorrection:
@@ -96,13 +93,12 @@ class MomentumCorrection:
             raise ValueError(f"MomentumCorrection warmup_steps must be >= 0, got {warmup_steps}")
         if isinstance(compressor, MomentumCorrection):
             raise ValueError("MomentumCorrection: the compressor is already wrapped")
-        C = _compression()
         self.compressor = compressor
         self.warmup_steps = int(warmup_steps)
         self.local_velocity = bool(local_velocity)
         if masking is None:
-            masking = self.local_velocity and isinstance(compressor, C.TopK)
-        if masking and not (self.local_velocity and isinstance(compressor, C.TopK)):
+            masking = self.local_velocity and isinstance(compressor, TopK)
+        if masking and not (self.local_velocity and isinstance(compressor, TopK)):
             raise ValueError("MomentumCorrection: masking needs local_velocity=True and a TopK compressor")
         self.masking = bool(masking)
         self.auto = momentum == "auto"
@@ -129,8 +125,7 @@ class MomentumCorrection:
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         """Bytes this rank sends per compressed call (the inner compressor's)."""
-        C = _compression()
-        inner = self.compressor if self.compressor is not None else C._NONE
+        inner = self.compressor if self.compressor is not None else _NONE
         return inner.wire_bytes(numel, world_size)
 
     def all_reduce(self, tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
@@ -138,11 +133,10 @@ class MomentumCorrection:
                    async_op: bool = False) -> Union[torch.Tensor, torch.futures.Future]:
         """As :meth:`pycomm.compression.Compressor.all_reduce`; the result is the gradient
         whose momentum-``beta`` accumulation is the communicated velocity."""
-        C = _compression()
-        C._divisor(op, 1)  # validates op
+        _divisor(op, 1)  # validates op
         world_size = dist.get_world_size(group)
         if world_size == 1 or tensor.numel() == 0:
-            return C._completed(tensor) if async_op else tensor
+            return _completed(tensor) if async_op else tensor
         if key is None:
             key = "shape=" + "x".join(str(d) for d in tensor.shape)
         st = self._states.get(key)
@@ -169,7 +163,7 @@ class MomentumCorrection:
             x = torch.mul(prev, beta) if beta != 0.0 else torch.zeros_like(prev)
             x.add_(g)
         compressing = step >= self.warmup_steps and self.compressor is not None
-        inner = self.compressor if compressing else C._NONE
+        inner = self.compressor if compressing else _NONE
         mask_after = compressing and self.masking
 
         def finish() -> torch.Tensor:
@@ -179,14 +173,14 @@ class MomentumCorrection:
                 self._states.pop(key, None)
                 if self.compressor is not None:
                     self.compressor._states.pop(key, None)
-                C._write_back(tensor, x)
+                _write_back(tensor, x)
                 return tensor
             if mask_after:
                 # TopK's residual is zero exactly where this rank's entries were sent.
                 st["u"].masked_fill_(self.compressor._states[key]["residual"] == 0, 0.0)
             out = x.sub(prev, alpha=beta) if beta != 0.0 else x
             prev.copy_(x)
-            C._write_back(tensor, out)
+            _write_back(tensor, out)
             return tensor
 
         if async_op:
@@ -254,7 +248,6 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
     """
     if compression is None or isinstance(compression, MomentumCorrection):
         return compression
-    C = _compression()
-    if type(compression) in (C.OneBit, C.TopK, C.PowerSGD):
+    if type(compression) in (OneBit, TopK, PowerSGD):
         return MomentumCorrection(compression, params=params)
     return compression
