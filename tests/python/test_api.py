@@ -7,9 +7,8 @@ import textwrap
 
 import pytest
 
-from dist_util import free_port, run_ranks
+from dist_util import ROOT, free_port, run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _body_api(rank, ws):

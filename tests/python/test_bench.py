@@ -11,17 +11,16 @@ import sys
 import pytest
 import torch
 
-from pycomm import bench  # pycomm/bench.py does not need the extension itself
+from dist_util import ROOT, subprocess_env
+from pycomm import bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
 
 ROW_RE = re.compile(r"^\s+\d+\s+\d+\s+\S+\s+\S+\s+-?\d+\s")
 
 
 def run_bench(*argv, timeout=90, env=None):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e = subprocess_env()
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     e.update(env or {})
@@ -277,7 +276,7 @@ def test_runs_as_torchrun_rank():
                         str(bench.free_port()), "-m", "pycomm.bench", "all_gather", "--backend", "gloo",
                         "-b", "1K", "-e", "1K", "-n", "2", "-w", "0"],
                        capture_output=True, text=True, timeout=90, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+                       env=subprocess_env(OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout + p.stderr
     rows = rows_of(p.stdout)
     assert len(rows) == 1 and rows[0][8] == "0"  # printed once (rank 0), checked

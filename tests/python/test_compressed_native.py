@@ -2,20 +2,15 @@
 generic path over torch.distributed collectives: bitwise-identical results and state,
 on an odd world size with pieces small enough that every chunk is cut into many."""
 import hashlib
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
 import pycomm.compression as C  # noqa: E402
-from pycomm import _C  # noqa: E402
 
-from dist_util import run_ranks  # noqa: E402
+from dist_util import BACKENDS, run_ranks  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not hasattr(_C, "create_backend"), reason="pycomm backend not built")
+pytestmark = pytest.mark.skipif("pycomm" not in BACKENDS, reason="pycomm backend not built")
 
 NATIVE = {
     "none": lambda: None,

@@ -3,20 +3,14 @@ all-reduce on real process groups (Gloo, and pycomm's backend when it is built).
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 import pycomm._C as _C  # noqa: E402
 import pycomm.compression as C  # noqa: E402
-from dist_util import run_ranks  # noqa: E402
-
-BACKENDS = ["gloo"] + (["pycomm"] if hasattr(_C, "create_backend") else [])
+from dist_util import BACKENDS, run_ranks  # noqa: E402
 
 
 def _make(name: str) -> C.Compressor:

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
+from dist_util import subprocess_env
 from pycomm.bench import netem
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NETEM_CLI = [sys.executable, "-m", "pycomm.bench.netem"]
-# Subprocesses import this tree's pycomm (as the tests do).
-ENV = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+ENV = subprocess_env()  # children import this tree's pycomm, as the tests do
 
 
 def _can_netns() -> str:
