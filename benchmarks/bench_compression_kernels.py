@@ -143,7 +143,7 @@ def run(numel: int, w: int, repeat: int) -> List[Tuple[str, str, float, float]]:
     torch.manual_seed(0)
     x = torch.randn(numel)
     gb = numel * 4 / 1e9
-    chunk = C._chunk(numel, w, 32)
+    chunk = C.engine._chunk(numel, w, 32)
     gen = torch.Generator().manual_seed(0)
     rows: List[Tuple[str, str, float, float]] = []
 

@@ -27,13 +27,12 @@ overlap; compute + comm over max(...) would be no overlap at all).
 CUDA path is then CUDA IPC (ranks on this host) and DDP on Gloo stages through the host.
 
 ``--hosts H`` runs the ranks inside H network namespaces joined by a ``tc``-shaped
-bridge (benchmarks/netem.py; root and iproute2 needed), pycomm over TCP.
+bridge (pycomm.bench.netem; root and iproute2 needed), pycomm over TCP.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -239,14 +238,6 @@ def worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def _load_netem() -> Any:
-    spec = importlib.util.spec_from_file_location("pycomm_netem", os.path.join(HERE, "netem.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pycomm_netem"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def launch(args: argparse.Namespace, argv: List[str]) -> int:
     n = args.ranks
     env_base = {"WORLD_SIZE": str(n), "PYCOMM_BENCH_DP_WORKER": "1", "OMP_NUM_THREADS": "1",
@@ -254,7 +245,8 @@ def launch(args: argparse.Namespace, argv: List[str]) -> int:
     cmd = [sys.executable, os.path.abspath(__file__)] + argv
     procs = []
     if args.hosts:
-        netem = _load_netem()
+        from pycomm.bench import netem
+
         with netem.Cluster(hosts=args.hosts, link=args.link, latency=args.latency) as cluster:
             extra = {"MASTER_ADDR": cluster.addr(0), "MASTER_PORT": "29511", "PYCOMM_TRANSPORT": "tcp",
                      "PYCOMM_SOCKET_IFNAME": cluster.ifname, "GLOO_SOCKET_IFNAME": cluster.ifname,

@@ -12,7 +12,7 @@ AsyncLocalSGD (time-based rounds, bounded staleness).
 diloco_h8_onebit,dp_slow,balanced_dp_slow,async_slow --out benchmarks/results/local_sgd_1gbit
 
 ``--hosts H --link R`` runs the ranks in H network namespaces joined by ``tc``-shaped
-links (benchmarks/netem.py; root and iproute2 needed), pycomm over TCP; ``--hidden`` /
+links (pycomm.bench.netem; root and iproute2 needed), pycomm over TCP; ``--hidden`` /
 ``--depth`` widen the MLP (1024 x 2: 1.1 M parameters, 4.5 MB of float32 per
 all-reduce) so that communication matters.
 
@@ -271,16 +271,6 @@ def _worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _load_netem() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pycomm_netem", os.path.join(HERE, "netem.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pycomm_netem"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _launch(args: argparse.Namespace, argv: List[str], tmp: str) -> Optional[Dict[str, Any]]:
     """Starts the ranks (on this host, or one per emulated host) and waits for them."""
     import subprocess
@@ -290,7 +280,8 @@ def _launch(args: argparse.Namespace, argv: List[str], tmp: str) -> Optional[Dic
             "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, os.path.abspath(__file__)] + argv
     if args.hosts:
-        netem = _load_netem()
+        from pycomm.bench import netem
+
         with netem.Cluster(hosts=args.hosts, link=args.link, latency=args.latency) as cluster:
             extra = {"MASTER_ADDR": cluster.addr(0), "MASTER_PORT": "29517", "PYCOMM_TRANSPORT": "tcp",
                      "PYCOMM_SOCKET_IFNAME": cluster.ifname, "GLOO_SOCKET_IFNAME": cluster.ifname}
@@ -409,7 +400,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--modes", default=",".join(ALL_MODES))
     p.add_argument("--hidden", type=int, default=64, help="MLP width")
     p.add_argument("--depth", type=int, default=1, help="hidden layers")
-    p.add_argument("--hosts", type=int, default=0, help="emulated hosts (benchmarks/netem.py, root); 0 = shm")
+    p.add_argument("--hosts", type=int, default=0, help="emulated hosts (pycomm.bench.netem, root); 0 = shm")
     p.add_argument("--link", default="1gbit", help="per-host link rate with --hosts (tc syntax)")
     p.add_argument("--latency", default="100us", help="one-way latency with --hosts (if sch_netem exists)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "local_sgd"))

@@ -24,7 +24,9 @@ run() {  # run NAME CMD...
 
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
-for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step; do
+# Scripts that stamp and write their own raw files (md/json/txt) are called directly.
+for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+            demo model_parallel convergence pipeline_balance local_sgd; do
   want "${ALL[@]}" || continue
   case $name in
     collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
@@ -44,5 +46,25 @@ for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 c
       done ;;
     dp_step) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit
              run ${name}_10gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 10gbit ;;
+    # README "The demo and the benchmarks": accuracy and bytes of DataParallel, plain and OneBit.
+    demo) run $name "$PY" examples/demo.py --ranks 4 --epochs 30 --no-bench ;;
+    # docs/MODEL_PARALLEL.md: pipeline bubble and tensor-parallel collective time, per backend.
+    model_parallel)
+      for b in gloo pycomm; do run "${name}_$b" "$PY" benchmarks/bench_model_parallel.py --backend "$b"; done ;;
+    # docs/COMPRESSION.md (and the README's summary): accuracy matrix, several minutes per model.
+    convergence)
+      "$PY" benchmarks/bench_convergence.py --out "$OUT/convergence_digits_mlp"
+      "$PY" benchmarks/bench_convergence.py --models cnn --optimizers sgdm,adam,1bit-adam \
+        --compressors none,OneBit,TopK,PowerSGD,OneBit-raw --out "$OUT/convergence_digits_cnn" ;;
+    # docs/MODEL_PARALLEL.md: balanced vs equal pipeline split.
+    pipeline_balance) "$PY" benchmarks/bench_pipeline_balance.py --out "$OUT/pipeline_balance.txt" ;;
+    # docs/DATA_PARALLEL.md: local SGD / DiLoCo / async, on one host and on emulated links.
+    local_sgd)
+      "$PY" benchmarks/bench_local_sgd.py --out "$OUT/local_sgd"
+      for l in 1gbit 10gbit; do
+        "$PY" benchmarks/bench_local_sgd.py --hosts 4 --link $l --hidden 1024 --depth 2 --seeds 2 --window 0.25 \
+          --modes ddp_gloo,dp,postlocalsgd_h8,localsgd_h8,diloco_h8,diloco_h8_onebit,dp_slow,balanced_dp_slow,async_slow \
+          --out "$OUT/local_sgd_$l"
+      done ;;
   esac
 done

@@ -52,12 +52,11 @@ def link_problem(link: str) -> Optional[str]:
     """None when ``link`` can run here, else why not."""
     if link == SHM:
         return None
-    from pycomm.bench import _load_netem
+    from pycomm.bench import netem
 
     try:
-        netem = _load_netem()
         netem.parse_rate(link)
-    except (SystemExit, ValueError) as e:
+    except ValueError as e:
         return f"link {link!r}: {e}"
     if os.geteuid() != 0:
         return "emulated hosts (network namespaces) need root"
@@ -176,10 +175,10 @@ class _Hosts:
         c = self.current
         if c is None or c.link != link or c.hosts < hosts:
             self.close()
-            from pycomm.bench import _load_netem
+            from pycomm.bench import netem
 
             self.made += 1
-            c = _load_netem().Cluster(hosts=hosts, link=link, quiet=True, prefix=f"pcm{os.getpid()}c{self.made}")
+            c = netem.Cluster(hosts=hosts, link=link, quiet=True, prefix=f"pcm{os.getpid()}c{self.made}")
             c.up()
             self.current = c
         return c
@@ -187,7 +186,7 @@ class _Hosts:
 
 def run_cell(cell: Dict[str, Any], hosts: _Hosts, plan: Plan, workdir: str) -> Dict[str, Any]:
     """Launches the cell's ranks, waits (``plan.cell_timeout``), merges their records."""
-    from pycomm.bench import _free_port, _wait_all
+    from pycomm.bench.launch import free_port, wait_all
 
     world = cell["world"]
     out_dir = tempfile.mkdtemp(prefix="cell-", dir=workdir)
@@ -201,7 +200,7 @@ def run_cell(cell: Dict[str, Any], hosts: _Hosts, plan: Plan, workdir: str) -> D
     procs, logs = [], []
     t0 = time.monotonic()
     if cell["link"] == SHM or world == 1:
-        base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "LOCAL_WORLD_SIZE": str(world)})
+        base.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOCAL_WORLD_SIZE": str(world)})
         for r in range(world):
             log = open(os.path.join(out_dir, f"rank{r}.log"), "w")
             logs.append(log)
@@ -209,7 +208,7 @@ def run_cell(cell: Dict[str, Any], hosts: _Hosts, plan: Plan, workdir: str) -> D
                                           stderr=subprocess.STDOUT))
     else:
         c = hosts.cluster(cell["link"], world)
-        base.update({"MASTER_ADDR": c.addr(0), "MASTER_PORT": str(_free_port()),
+        base.update({"MASTER_ADDR": c.addr(0), "MASTER_PORT": str(free_port()),
                      "PYCOMM_TRANSPORT": "tcp", "PYCOMM_SOCKET_IFNAME": c.ifname,
                      "GLOO_SOCKET_IFNAME": c.ifname, "PYCOMM_EVAL_IFNAME": c.ifname, "LOCAL_WORLD_SIZE": "1"})
         for r in range(world):
@@ -217,7 +216,7 @@ def run_cell(cell: Dict[str, Any], hosts: _Hosts, plan: Plan, workdir: str) -> D
             logs.append(log)
             procs.append(c.run(r, argv, env=dict(base, RANK=str(r), LOCAL_RANK="0"), stdout=log,
                                stderr=subprocess.STDOUT))
-    rc = _wait_all(procs, plan.cell_timeout)
+    rc = wait_all(procs, plan.cell_timeout)
     for log in logs:
         log.close()
     ranks, missing = [], []

@@ -4,6 +4,9 @@
     def body(rank, world_size, arg): ...          # module-level function (picklable)
     run_ranks(3, body, arg, backend="pycomm")
 
+    @pytest.mark.parametrize("backend", BACKENDS)   # gloo, and pycomm when it is built
+    subprocess.run(cmd, env=subprocess_env())       # a child that imports this tree's pycomm
+
 Each rank calls dist.init_process_group(backend, store=TCPStore) before the body and
 destroy_process_group() after it. A failure on any rank fails the test with that
 rank's traceback; a rank that does not finish within `timeout` seconds fails it too
@@ -16,7 +19,32 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+#: The repository root; conftest.py puts it first on sys.path, so the tests (and the ranks
+#: they spawn, which inherit sys.path) import this tree's pycomm.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _backends() -> List[str]:
+    try:
+        import pycomm._C as _C
+    except ImportError:
+        return ["gloo"]
+    return ["gloo"] + (["pycomm"] if hasattr(_C, "create_backend") else [])
+
+
+#: The backends a test runs the same checks on: Gloo, and pycomm when it is built.
+BACKENDS = _backends()
+
+
+def subprocess_env(**extra: str) -> Dict[str, str]:
+    """os.environ with ROOT first on PYTHONPATH (plus ``extra``), for child processes that
+    import pycomm from this tree rather than from an installed copy."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
 
 
 def free_port() -> int:

@@ -377,19 +377,23 @@ def soak(rank: int, ws: int, n_small: int, n_large: int, large_bytes: int) -> di
     import torch
     import torch.distributed as dist
 
+    # Inputs vary along the buffer (exact in float32), and every element of every result
+    # is compared, so a misplaced or stale chunk anywhere shows up.
     small = torch.zeros(16)
+    small_pattern = torch.arange(16, dtype=torch.float32)
     large = torch.zeros(large_bytes // 4)
-    expect_large = float(sum(range(ws)))
+    large_pattern = (torch.arange(large.numel()) % 1021).to(torch.float32)
+    expect_large = ws * large_pattern + float(sum(range(ws)))
 
     def one_small(i):
-        small.fill_(float(rank + i % 7))
+        small.copy_(small_pattern + float(rank + i % 7))
         dist.all_reduce(small)
-        return small[0].item() == sum(r + i % 7 for r in range(ws))
+        return torch.equal(small, ws * small_pattern + float(sum(r + i % 7 for r in range(ws))))
 
     def one_large():
-        large.fill_(float(rank))
+        torch.add(large_pattern, float(rank), out=large)
         dist.all_reduce(large)
-        return large[0].item() == expect_large and large[-1].item() == expect_large
+        return torch.equal(large, expect_large)
 
     sub = dist.new_group(ranks=list(range(ws)))
     a = torch.zeros(1000)
@@ -418,8 +422,8 @@ def soak(rank: int, ws: int, n_small: int, n_large: int, large_bytes: int) -> di
         b.fill_(float(10 * (rank + 1) + i))
         dist.all_reduce(a)
         dist.all_reduce(b, group=sub)
-        if a[0].item() != sum(r + 1 for r in range(ws)) or b[-1].item() != sum(10 * (r + 1) + i
-                                                                                  for r in range(ws)):
+        if not (bool((a == sum(r + 1 for r in range(ws))).all())
+                and bool((b == sum(10 * (r + 1) + i for r in range(ws))).all())):
             bad += 1
         w = dist.all_reduce(b, group=sub, async_op=True)  # in flight on one group
         dist.all_reduce(a)                                  # while the other runs

@@ -7,9 +7,31 @@ import textwrap
 
 import pytest
 
-from dist_util import free_port, run_ranks
+from dist_util import ROOT, free_port, run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _DLPackOnly:
+    """Exposes only the DLPack protocol of a numpy array (not a torch or numpy type)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
+def _dlpack_input(rank, n, dtype):
+    """Rank `rank`'s input: different on every rank, so a reduction changes it."""
+    import numpy as np
+
+    rng = np.random.default_rng(1000 + rank)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(-1000, 1000, n).astype(dtype)
+    return rng.standard_normal(n).astype(dtype)
 
 
 def _body_api(rank, ws):
@@ -32,10 +54,17 @@ def _body_api(rank, ws):
     out = np.empty(2 * ws, dtype=np.float32)
     pycomm.all_gather(out, np.full(2, rank, dtype=np.float32))
     assert np.array_equal(out, np.repeat(np.arange(ws, dtype=np.float32), 2))
-    # a DLPack producer other than numpy/torch
-    t = torch.ones(4)
-    pycomm.all_reduce(t.__dlpack__() and t, op="avg")
-    assert torch.all(t == 1)
+    # A DLPack producer that is neither a torch tensor nor a numpy array (so as_tensor takes
+    # its __dlpack__ branch): numpy makes the capsule, the result lands in numpy's memory.
+    for op, dtype in (("sum", np.float32), ("avg", np.float64), ("max", np.int64)):
+        inputs = [_dlpack_input(r, 37, dtype) for r in range(ws)]
+        ref = np.sum([x.astype(np.float64) for x in inputs], axis=0)
+        ref = ref / ws if op == "avg" else (np.max(inputs, axis=0) if op == "max" else ref)
+        mine = inputs[rank].copy()
+        pycomm.all_reduce(_DLPackOnly(mine), op=op)
+        assert not np.array_equal(mine, inputs[rank])  # the result differs from this rank's input
+        tol = 1e-6 if dtype == np.float32 else 1e-12  # float32 sums vs the float64 reference
+        np.testing.assert_allclose(mine.astype(np.float64), ref, rtol=tol, atol=tol)
     ro = np.ones(3)
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
@@ -169,8 +198,7 @@ def _netns_available() -> bool:
 def test_ranks_on_separate_emulated_hosts_use_tcp(tmp_path):
     """Three ranks in three network namespaces (one per emulated host, 1 Gbit/s links):
     pycomm sees different hosts, picks TCP, and the collectives are right."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from netem import Cluster
+    from pycomm.bench.netem import Cluster
 
     script = tmp_path / "host_job.py"
     script.write_text(CROSS_HOST_SCRIPT)

@@ -9,21 +9,15 @@
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 import pycomm  # noqa: E402
-import pycomm._C as _C  # noqa: E402
 from pycomm.balance import plan_shares  # noqa: E402
-from dist_util import run_ranks  # noqa: E402
+from dist_util import BACKENDS, run_ranks  # noqa: E402
 
-BACKENDS = ["gloo"] + (["pycomm"] if hasattr(_C, "create_backend") else [])
 N, SHARES, STEPS = 8, [6, 2], 4
 
 

@@ -3,20 +3,15 @@ all-reduce on real process groups (Gloo, and pycomm's backend when it is built).
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
+import math
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 import pycomm._C as _C  # noqa: E402
 import pycomm.compression as C  # noqa: E402
-from dist_util import run_ranks  # noqa: E402
-
-BACKENDS = ["gloo"] + (["pycomm"] if hasattr(_C, "create_backend") else [])
+from dist_util import BACKENDS, run_ranks  # noqa: E402
 
 
 def _make(name: str) -> C.Compressor:
@@ -80,7 +75,7 @@ def _qsgd_blocks(payload: np.ndarray, chunk: int, bits: int):
 def test_one_bit_kernel_matches_numpy():
     rng = np.random.default_rng(0)
     n, w = 10_001, 3
-    chunk = C._chunk(n, w, 32)  # 3360 = a 2048-block + a 1312-block; the last one partial
+    chunk = C.engine._chunk(n, w, 32)  # 3360 = a 2048-block + a 1312-block; the last one partial
     x = rng.standard_normal(n).astype(np.float32)
     res0 = (0.1 * rng.standard_normal(n)).astype(np.float32)
     res = torch.from_numpy(res0.copy())
@@ -123,7 +118,7 @@ def test_one_bit_wire_ratio_is_32x():
 def test_qsgd_kernel_matches_numpy(bits):
     rng = np.random.default_rng(1)
     n, w = 3000, 2
-    chunk = C._chunk(n, w, 32)
+    chunk = C.engine._chunk(n, w, 32)
     x = rng.standard_normal(n).astype(np.float32)
     levels = 127 if bits == 8 else 7
     mean = np.zeros(n)
@@ -501,25 +496,102 @@ def test_state_dict_round_trip():
         assert all(r.values()), r
 
 
+def _edge_input(rank: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rank `rank`'s input for the edge cases (every rank can make every rank's)."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(7919 * rank + n)).to(dtype)
+
+
+def _one_bit(v: torch.Tensor) -> torch.Tensor:
+    """OneBit's code of one chunk's valid elements: per 2048-block, sign(v) * mean |v|
+    (v >= 0 counts as +)."""
+    out = torch.empty_like(v)
+    for b in range(0, v.numel(), ONE_BIT_BLOCK):
+        blk = v[b:b + ONE_BIT_BLOCK]
+        scale = blk.abs().mean()
+        out[b:b + ONE_BIT_BLOCK] = torch.where(blk >= 0, scale, -scale)
+    return out
+
+
+def _first_step_reference(name: str, comp: C.Compressor, xs, world_size: int):
+    """What the first (fresh-state) avg all_reduce of the ranks' inputs ``xs`` gives, from
+    the compressor's definition; None where only a bound is checked (QSGD, PowerSGD on
+    matrices it compresses)."""
+    x32 = torch.stack([x.float() for x in xs])  # the float32 values the compressor sees
+    n = x32.shape[1]
+    if name in ("fp16", "bf16"):
+        # Each rank rounds to the wire format; the owner sums in float32 in rank order,
+        # divides, and rounds once more; every rank decodes those bits.
+        half = torch.float16 if name == "fp16" else torch.bfloat16
+        s = torch.zeros(n)
+        for r in range(world_size):
+            s += x32[r].to(half).float()
+        return (s / world_size).to(half).double()
+    if name == "onebit":
+        # Worker: 1-bit code of each chunk; owner: average of the decoded codes, coded again.
+        chunk = C.engine._chunk(n, world_size, int(_C.COMPRESS_ALIGN))
+        ref = torch.zeros(n, dtype=torch.float64)
+        x64 = x32.double()
+        for c in range(world_size):
+            lo, hi = c * chunk, min(n, (c + 1) * chunk)
+            if hi > lo:
+                avg = sum(_one_bit(x64[r, lo:hi]) for r in range(world_size)) / world_size
+                ref[lo:hi] = _one_bit(avg)
+        return ref
+    if name == "topk":
+        # Every rank sends its k largest-magnitude entries (of equal ones, the lowest
+        # indices: bf16 inputs have ties); their sum over ranks, averaged.
+        k = min(n, max(1, math.ceil(comp.ratio * n)))  # ratio of the entries, at least one
+        ref = torch.zeros(n, dtype=torch.float64)
+        for r in range(world_size):
+            idx = torch.sort(-x32[r].abs(), stable=True).indices[:k]
+            ref.index_add_(0, idx, x32[r, idx].double())
+        return ref / world_size
+    if name == "powersgd" and comp._plan((n,), n) is None:
+        return x32.double().mean(0)  # too small to compress: the exact float32 average
+    return None
+
+
 def _edge_body(rank, world_size, backend):
     import torch.distributed as dist
 
     out = {}
     for name in ALL:
         comp = _make(name)
-        # sizes smaller than the world, not divisible by it, empty
-        for n in (0, 1, 3, 37):
-            x = torch.full((n,), float(rank + 1))
-            comp.all_reduce(x, key=("e", n))
-            out[(name, n)] = _digest(x)
-            if name in ("fp16", "bf16") and n:
-                assert torch.allclose(x, torch.full((n,), (world_size + 1) / 2)), (name, n, x)
-        # other dtypes, written back in their own dtype
-        for dt in (torch.float64, torch.bfloat16):
-            x = torch.randn(1000, generator=torch.Generator().manual_seed(rank)).to(dt)
-            comp.all_reduce(x, key=("d", dt))
+        # sizes smaller than the world, not divisible by it, empty; other dtypes, written
+        # back in their own dtype
+        # (1024 = 32 x 32: PowerSGD's matrix view has no padding, so its check below is exact)
+        cases = [(n, torch.float32) for n in (0, 1, 3, 37)] + [(1024, torch.float64), (1024, torch.bfloat16)]
+        for n, dt in cases:
+            xs = [_edge_input(r, n, dt) for r in range(world_size)]
+            x = xs[rank].clone()
+            comp.all_reduce(x, key=("e", n, str(dt)))
             assert x.dtype == dt
-            out[(name, str(dt))] = _digest(x)
+            out[(name, n, str(dt))] = _digest(x)
+            if n == 0:
+                continue
+            got = x.double()
+            ref = _first_step_reference(name, comp, xs, world_size)
+            tol = dict(rtol=1e-2, atol=1e-2) if dt == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+            if ref is not None:
+                torch.testing.assert_close(got, ref.to(dt).double(), **tol, msg=lambda m: f"{name} n={n} {dt}: {m}")
+            elif name.startswith("qsgd"):
+                # Two quantisations (worker, owner), each off by at most max|x| / levels.
+                levels = 127 if name == "qsgd8" else 7
+                avg = torch.stack([v.double() for v in xs]).mean(0)
+                bound = 2 * max(v.double().abs().max().item() for v in xs) / levels
+                if dt == torch.bfloat16:
+                    bound += got.abs().max().item() * 2 ** -8  # the result's own rounding
+                assert (got - avg).abs().max().item() <= bound * 1.001 + tol["atol"], (name, n, dt)
+            else:  # PowerSGD on a matrix it compresses: a projection of the average
+                rows, cols = comp._matrix_shape((n,), n)
+                assert rows * cols == n
+                m = torch.stack([v.float().double() for v in xs]).mean(0).view(rows, cols)
+                a = got.view(rows, cols)
+                # a = P P^T M (P orthonormal, r columns): rank(a) <= r and a^T (M - a) = 0
+                a_rank = torch.linalg.matrix_rank(a, rtol=1e-2 if dt == torch.bfloat16 else 1e-4).item()
+                assert a_rank <= comp.rank, (name, n, dt, a_rank)
+                resid = (a.t() @ (m - a)).abs().max().item()
+                assert resid <= 1e-3 * m.norm().item() ** 2, (name, n, dt, resid)
     # several async all-reduces in flight at once, on different compressors
     comps = [_make(name) for name in ALL]
     twins = [_make(name) for name in ALL]
@@ -564,7 +636,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         C.TopK(0.0)
     with pytest.raises(ValueError):
-        C._divisor("max", 2)
+        C.engine._divisor("max", 2)
     with pytest.raises(ValueError):
         C.OneBit().load_state_dict(C.TopK().state_dict())
     with pytest.raises(RuntimeError):

@@ -16,20 +16,14 @@ momentum amplifies the sign noise (see docs/COMPRESSION.md).
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import pycomm._C as _C  # noqa: E402
 import pycomm.compression as C  # noqa: E402
-from dist_util import run_ranks  # noqa: E402
+from dist_util import BACKENDS, run_ranks  # noqa: E402
 
-BACKENDS = ["gloo"] + (["pycomm"] if hasattr(_C, "create_backend") else [])
 
 EPOCHS = 30
 WARMUP_EPOCHS = 2

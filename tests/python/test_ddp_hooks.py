@@ -67,6 +67,18 @@ def assert_trained_in_sync(losses, flat, what):
     assert torch.equal(mx, mn), f"{what}: ranks out of sync (max diff {(mx - mn).abs().max().item()})"
 
 
+def assert_same_state(got, want, what, path="state"):
+    """Equal nested state dicts: same keys, equal tensors (dtype and values), equal rest."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (what, path, sorted(got), sorted(want))
+        for k in want:
+            assert_same_state(got[k], want[k], what, f"{path}[{k!r}]")
+    elif isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), (what, path)
+    else:
+        assert got == want, (what, path, got, want)
+
+
 def _body_hooks(rank, world, trace_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -89,7 +101,13 @@ def _body_hooks(rank, world, trace_dir):
     for name in COMPRESSORS:
         model = DDP(student(), bucket_cap_mb=0.002)
         st = DDPHookState(compression=make_compressor(name), group=None)
-        model.register_comm_hook(st, ddp_comm_hook)
+        sizes = {}  # bucket index -> elements
+
+        def hook(state, bucket, sizes=sizes):
+            sizes[bucket.index()] = bucket.buffer().numel()
+            return ddp_comm_hook(state, bucket)
+
+        model.register_comm_hook(st, hook)
         losses, flat = train(model, rank)
         assert_trained_in_sync(losses, flat, f"DDP hook {name} on {dist.get_backend()}")
         out[name] = (losses[0], losses[-1])
@@ -97,6 +115,17 @@ def _body_hooks(rank, world, trace_dir):
         assert sd["compression"]["type"] == name
         st2 = DDPHookState(compression=make_compressor(name))
         st2.load_state_dict(sd)
+        # The restored state is the saved one (one entry per bucket after training) ...
+        assert st2.calls == st.calls and len(sizes) > 1 and set(sd["compression"]["states"]) == set(sizes), sd
+        assert_same_state(st2.state_dict(), sd, name)
+        # ... and it continues exactly as the original: the next call of every bucket gives
+        # the same bits from both.
+        for key, numel in sorted(sizes.items()):
+            g = torch.randn(numel, generator=torch.Generator().manual_seed(rank + 17))
+            a, b = g.clone(), g.clone()
+            st.compression.all_reduce(a, key=key)
+            st2.compression.all_reduce(b, key=key)
+            assert torch.equal(a, b), (name, key)
     if trace_dir:
         path = timeline.rank_path(os.path.join(trace_dir, "trace.json"), dist.get_rank())
         timeline.from_env(dist.get_rank()).flush()

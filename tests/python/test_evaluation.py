@@ -19,9 +19,9 @@ import sys
 
 import pytest
 
+from dist_util import ROOT
 from test_netem import needs_netns  # noqa: F401  (same probe for network namespaces)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
 
 

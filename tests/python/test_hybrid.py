@@ -10,23 +10,14 @@ trained on full batches in one process (float64).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dist_util import run_ranks
+from dist_util import BACKENDS, run_ranks  # the same checks on Gloo and on pycomm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-
-BACKENDS = ["gloo", "pycomm"]  # the same checks on Gloo and on pycomm
 import pycomm.tensor_parallel as tp  # noqa: E402
 import pycomm.pipeline as pipeline  # noqa: E402
 import pycomm.parallel as parallel  # noqa: E402

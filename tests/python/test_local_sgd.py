@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import sys
 import time
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 import pycomm  # noqa: E402
-import pycomm._C as _C  # noqa: E402
-from dist_util import run_ranks  # noqa: E402
-
-BACKENDS = ["gloo"] + (["pycomm"] if hasattr(_C, "create_backend") else [])
+from dist_util import BACKENDS, run_ranks  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,26 +1,17 @@
-"""benchmarks/netem.py: the emulated cluster sets up, shapes, and tears down cleanly."""
-import importlib.util
+"""pycomm.bench.netem: the emulated cluster sets up, shapes, and tears down cleanly."""
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NETEM_PATH = os.path.join(ROOT, "benchmarks", "netem.py")
+from dist_util import subprocess_env
+from pycomm.bench import netem
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("netem_under_test", NETEM_PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-netem = _load()
+NETEM_CLI = [sys.executable, "-m", "pycomm.bench.netem"]
+ENV = subprocess_env()  # children import this tree's pycomm, as the tests do
 
 
 def _can_netns() -> str:
@@ -109,12 +100,11 @@ def test_teardown_on_sigterm(tmp_path):
     script = tmp_path / "hold.py"
     script.write_text(
         "import sys, time\n"
-        f"sys.path.insert(0, {os.path.dirname(NETEM_PATH)!r})\n"
-        "import netem\n"
+        "from pycomm.bench import netem\n"
         "with netem.Cluster(hosts=2, quiet=True) as c:\n"
         "    print(c.prefix, flush=True)\n"
         "    time.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=ENV)
     prefix = p.stdout.readline().strip()
     assert prefix.startswith("pcm") and _ours(prefix)
     p.send_signal(signal.SIGTERM)
@@ -126,12 +116,12 @@ def test_teardown_on_sigterm(tmp_path):
 def test_down_removes_leftovers():
     # `up` leaves a cluster behind on purpose; `down --prefix` removes exactly that one.
     prefix = f"pcm{os.getpid()}c77"
-    subprocess.run([sys.executable, NETEM_PATH, "up", "--hosts", "2", "--prefix", prefix],
+    subprocess.run(NETEM_CLI + ["up", "--hosts", "2", "--prefix", prefix], env=ENV,
                    check=True, capture_output=True, timeout=30)
     try:
         assert len(_ours(prefix)) == 3
     finally:
-        out = subprocess.run([sys.executable, NETEM_PATH, "down", "--prefix", prefix],
+        out = subprocess.run(NETEM_CLI + ["down", "--prefix", prefix], env=ENV,
                              check=True, capture_output=True, text=True, timeout=30).stdout
     assert prefix in out
     assert _ours(prefix) == []

@@ -7,8 +7,6 @@ runs the same float64 input through both and compares the output and every gradi
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -16,14 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dist_util import run_ranks
+from dist_util import BACKENDS, run_ranks  # the same checks on Gloo and on pycomm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-
-BACKENDS = ["gloo", "pycomm"]  # the same checks on Gloo and on pycomm
 import pycomm.tensor_parallel as tp  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-10)

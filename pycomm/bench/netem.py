@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """An emulated cluster on one machine: network namespaces, a bridge and ``tc`` limits.
 
-    from netem import Cluster
+    from pycomm.bench.netem import Cluster
     with Cluster(hosts=2, link="1gbit", latency="100us") as c:
         p = c.run(0, ["python", "server.py"], env={"FOO": "1"})   # runs inside host 0
         print(c.addr(0), c.ifname)                                  # 10.x.y.1, "eth0"
@@ -25,16 +24,16 @@ says which; a warning is printed). ``tbf`` on the bridge side either way.
 
 Teardown (``down()``) runs on leaving the ``with`` block, on exceptions inside it, on
 SIGINT/SIGTERM (handlers installed while the cluster is up, previous handlers restored
-afterwards) and at interpreter exit. ``python benchmarks/netem.py down`` removes
+afterwards) and at interpreter exit. ``python -m pycomm.bench.netem down`` removes
 leftovers of runs that died hard (SIGKILL).
 
-CLI::
+CLI (``python -m pycomm.bench.netem ...``)::
 
-    netem.py up   --hosts 2 --link 1gbit --latency 100us [--prefix P]   # leave it up
-    netem.py down [--prefix P | --all]                                   # remove leftovers
-    netem.py list                                                        # our namespaces
-    netem.py measure --hosts 2 --link 100mbit                            # measure bw / RTT
-    netem.py run  --hosts 2 --link 1gbit -- CMD ARGS...                  # CMD on every host
+    up   --hosts 2 --link 1gbit --latency 100us [--prefix P]   # leave it up
+    down [--prefix P | --all]                                   # remove leftovers
+    list                                                        # our namespaces
+    measure --hosts 2 --link 100mbit                            # measure bw / RTT
+    run  --hosts 2 --link 1gbit -- CMD ARGS...                  # CMD on every host
 
 Needs root, iproute2 (``ip``, ``tc``) and a kernel with veth, bridge and tbf.
 """
@@ -272,7 +271,7 @@ class Cluster:
 
     def _add_ns(self, name: str) -> None:
         if name in list_namespaces():
-            raise RuntimeError(f"namespace {name} already exists (leftover? run: netem.py down --prefix {self.prefix})")
+            raise RuntimeError(f"namespace {name} already exists (leftover? run: python -m pycomm.bench.netem down --prefix {self.prefix})")
         _sh(["ip", "netns", "add", name])
         self._created.append(name)
         _sh(["ip", "-n", name, "link", "set", "lo", "up"])
@@ -524,7 +523,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="netem.py", description="Emulated cluster: namespaces + bridge + tc.")
+    ap = argparse.ArgumentParser(prog="python -m pycomm.bench.netem", description="Emulated cluster: namespaces + bridge + tc.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="create a cluster and leave it up (remove with: down --prefix P)")
     _cluster_args(p_up)
@@ -556,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         c.up()
         atexit.unregister(c.down)  # leave it up on purpose
         print(json.dumps(c.describe(), indent=2))
-        print(f"# remove with: {sys.executable} {os.path.abspath(__file__)} down --prefix {c.prefix}")
+        print(f"# remove with: {sys.executable} -m pycomm.bench.netem down --prefix {c.prefix}")
         return 0
     with c:
         if a.cmd == "measure":

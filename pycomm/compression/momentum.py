@@ -63,6 +63,9 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from pycomm.compression.compressors import QSGD, OneBit, PowerSGD, TopK
+from pycomm.compression.engine import _NONE, _completed, _divisor, _write_back
+
 __all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS"]
 
 #: Adam preconditioner floor, as a fraction of a parameter's mean sqrt(v_hat).
@@ -70,12 +73,6 @@ _FLOOR = 0.1
 
 #: Exact (uncompressed) calls per key before compression starts.
 DEFAULT_WARMUP_STEPS: int = 10
-
-
-def _compression():
-    from pycomm import compression  # late import: pycomm.compression re-exports this module
-
-    return compression
 
 
 class MomentumCorrection:
@@ -127,13 +124,12 @@ class MomentumCorrection:
             raise ValueError(f"MomentumCorrection warmup_steps must be >= 0, got {warmup_steps}")
         if isinstance(compressor, MomentumCorrection):
             raise ValueError("MomentumCorrection: the compressor is already wrapped")
-        C = _compression()
         self.compressor = compressor
         self.warmup_steps = int(warmup_steps)
         self.local_velocity = bool(local_velocity)
         if masking is None:
-            masking = self.local_velocity and isinstance(compressor, C.TopK)
-        if masking and not (self.local_velocity and isinstance(compressor, C.TopK)):
+            masking = self.local_velocity and isinstance(compressor, TopK)
+        if masking and not (self.local_velocity and isinstance(compressor, TopK)):
             raise ValueError("MomentumCorrection: masking needs local_velocity=True and a TopK compressor")
         self.masking = bool(masking)
         self.auto = momentum == "auto"
@@ -171,8 +167,7 @@ class MomentumCorrection:
                     # OneBit: compress Adam's momentum (1-bit Adam; a sign of the raw gradient
                     # is too coarse). TopK / PowerSGD: the gradient with error feedback, Adam's
                     # own momentum smooths it (measured better for both, docs/COMPRESSION.md).
-                    C = _compression()
-                    sparse = isinstance(self.compressor, (C.TopK, C.PowerSGD))
+                    sparse = isinstance(self.compressor, (TopK, PowerSGD))
                     m = 0.0 if sparse else group["betas"][0]
                 else:
                     m = 0.0
@@ -246,8 +241,7 @@ class MomentumCorrection:
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         """Bytes this rank sends per compressed call (the inner compressor's)."""
-        C = _compression()
-        inner = self.compressor if self.compressor is not None else C._NONE
+        inner = self.compressor if self.compressor is not None else _NONE
         return inner.wire_bytes(numel, world_size)
 
     def all_reduce(self, tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
@@ -255,11 +249,10 @@ class MomentumCorrection:
                    async_op: bool = False) -> Union[torch.Tensor, torch.futures.Future]:
         """As :meth:`pycomm.compression.Compressor.all_reduce`; the result is the gradient
         whose momentum-``beta`` accumulation is the communicated velocity."""
-        C = _compression()
-        C._divisor(op, 1)  # validates op
+        _divisor(op, 1)  # validates op
         world_size = dist.get_world_size(group)
         if world_size == 1 or tensor.numel() == 0:
-            return C._completed(tensor) if async_op else tensor
+            return _completed(tensor) if async_op else tensor
         if key is None:
             key = "shape=" + "x".join(str(d) for d in tensor.shape)
         st = self._states.get(key)
@@ -288,7 +281,7 @@ class MomentumCorrection:
         compressing = step >= self.warmup_steps and self.compressor is not None
         inner = self.compressor if compressing else (
             self.warmup_compression if self.warmup_compression is not None and self.compressor is not None
-            else C._NONE)
+            else _NONE)
         mask_after = compressing and self.masking
         # Adam-like optimizer: its variance is frozen at the key's first compressed call
         # (F, kept by the step pre-hook). With scale_by_variance the values are also
@@ -313,7 +306,7 @@ class MomentumCorrection:
                 for c in (self.compressor, self.warmup_compression):
                     if c is not None:
                         c._states.pop(key, None)
-                C._write_back(tensor, x)
+                _write_back(tensor, x)
                 return tensor
             if mask_after:
                 # TopK's residual is zero exactly where this rank's entries were sent.
@@ -322,7 +315,7 @@ class MomentumCorrection:
                 x.mul_(d)
             out = x.sub(prev, alpha=beta) if beta != 0.0 else x
             prev.copy_(x)
-            C._write_back(tensor, out)
+            _write_back(tensor, out)
             return tensor
 
         if async_op:
@@ -446,12 +439,11 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
     """
     if compression is None or isinstance(compression, MomentumCorrection):
         return compression
-    C = _compression()
-    if type(compression) is C.TopK:
+    if type(compression) is TopK:
         # Its warm-up through 4-bit QSGD with error feedback: ~8x fewer warm-up bytes, and
         # measured at least as accurate as the float32 warm-up for TopK (docs/COMPRESSION.md).
         return MomentumCorrection(compression, params=params,
-                                  warmup_compression=C.QSGD(bits=4, error_feedback=True))
-    if type(compression) in (C.OneBit, C.PowerSGD):
+                                  warmup_compression=QSGD(bits=4, error_feedback=True))
+    if type(compression) in (OneBit, PowerSGD):
         return MomentumCorrection(compression, params=params)
     return compression

@@ -36,13 +36,11 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from pycomm.compression.compressors import OneBit
+from pycomm.compression.engine import compressed_all_reduce
+from pycomm.compression.momentum import MomentumCorrection
+
 __all__ = ["OneBitAdam", "OneBitSGD"]
-
-
-def _compression():
-    from pycomm import compression
-
-    return compression
 
 
 class _CompressedMomentum(torch.optim.Optimizer):
@@ -53,10 +51,9 @@ class _CompressedMomentum(torch.optim.Optimizer):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         super().__init__(params, defaults)
-        C = _compression()
-        if isinstance(compression, C.MomentumCorrection):
+        if isinstance(compression, MomentumCorrection):
             raise ValueError(f"{type(self).__name__} communicates the momentum itself: pass the bare compressor")
-        self.compression = compression if compression is not None else C.OneBit()
+        self.compression = compression if compression is not None else OneBit()
         self.warmup_steps = int(warmup_steps)
         self.process_group = group
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -84,9 +81,8 @@ class _CompressedMomentum(torch.optim.Optimizer):
         return out
 
     def _average(self, flat: torch.Tensor, key: Any, compressed: bool) -> torch.Tensor:
-        C = _compression()
         comp = self.compression if compressed else None
-        return C.compressed_all_reduce(flat, comp, op="avg", group=self.process_group, key=key)
+        return compressed_all_reduce(flat, comp, op="avg", group=self.process_group, key=key)
 
     def _state_of(self, p: torch.Tensor) -> Dict[str, Any]:
         st = self.state[p]
