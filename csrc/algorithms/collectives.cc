@@ -5,7 +5,7 @@
 
 #include "core/env.h"
 #include "core/error.h"
-#include "engine/work_queue.h"
+#include "core/work_queue.h"
 #include "kernels/reduce.h"
 #include "transport/shm.h"
 

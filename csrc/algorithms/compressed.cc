@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "engine/work_queue.h"
+#include "core/work_queue.h"
 #include "kernels/compress.h"
 
 namespace pycomm {

@@ -12,7 +12,7 @@
 
 #include "algorithms/collectives.h"
 #include "core/store.h"
-#include "engine/work_queue.h"
+#include "core/work_queue.h"
 #include "transport/transport.h"
 
 namespace pycomm {
