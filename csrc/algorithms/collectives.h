@@ -1,5 +1,5 @@
 // Collective algorithms, written once against the Transport interface (plus the
-// shared-memory direct path when the transport is ShmTransport).
+// single-copy forms when the transport offers DirectAccess, see transport.h).
 #pragma once
 
 #include <cstddef>
@@ -14,8 +14,6 @@
 #include "transport/transport.h"
 
 namespace pycomm {
-
-class ShmTransport;
 
 /// Algorithm choices (from the environment, see docs/USER_GUIDE.md).
 struct AlgoConfig {
@@ -105,7 +103,7 @@ class Collectives {
   char* scratch(size_t bytes);
 
   Transport& transport_;
-  ShmTransport* shm_;  // non-null when the transport supports direct access
+  DirectAccess* direct_;  // the transport's direct access (shared memory), or null
   AlgoConfig config_;
   int rank_;
   int size_;
