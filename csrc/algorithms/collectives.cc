@@ -25,6 +25,33 @@ constexpr size_t kPieceBytes = 128 * 1024;
 
 }  // namespace
 
+const char* algoKey(Algo a) {
+  switch (a) {
+    case Algo::kAllReduceLocal: return "algo_all_reduce_local";
+    case Algo::kAllReduceRing: return "algo_all_reduce_ring";
+    case Algo::kAllReduceRd: return "algo_all_reduce_rd";
+    case Algo::kAllReduceOneShot: return "algo_all_reduce_oneshot";
+    case Algo::kAllReduceDirect: return "algo_all_reduce_direct";
+    case Algo::kReduceScatterDirect: return "algo_reduce_scatter_direct";
+    case Algo::kReduceScatterRing: return "algo_reduce_scatter_ring";
+    case Algo::kAllGatherDirect: return "algo_all_gather_direct";
+    case Algo::kAllGatherRing: return "algo_all_gather_ring";
+    case Algo::kBroadcastDirect: return "algo_broadcast_direct";
+    case Algo::kBroadcastChain: return "algo_broadcast_chain";
+    case Algo::kReduceDirect: return "algo_reduce_direct";
+    case Algo::kReduceAllReduce: return "algo_reduce_all_reduce";
+    case Algo::kReduceChain: return "algo_reduce_chain";
+    case Algo::kCount: break;
+  }
+  return "algo_unknown";
+}
+
+std::map<std::string, uint64_t> Collectives::stats() const {
+  std::map<std::string, uint64_t> s;
+  for (size_t i = 0; i < ran_.size(); ++i) s[algoKey(static_cast<Algo>(i))] = ran_[i].load(std::memory_order_relaxed);
+  return s;
+}
+
 AlgoConfig AlgoConfig::fromEnv() {
   AlgoConfig c;
   c.smallBytes = static_cast<size_t>(envInt("PYCOMM_ALLREDUCE_SMALL_BYTES", static_cast<int64_t>(c.smallBytes)));
@@ -77,10 +104,15 @@ char* Collectives::scratch(size_t bytes) {
 
 void Collectives::allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                             const Deadline& deadline) {
+  ran(runAllReduce(buf, count, dtype, op, desc, deadline));
+}
+
+Algo Collectives::runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                               const Deadline& deadline) {
   checkReduceOp(dtype, op);
   if (size_ == 1) {
     if (op == ReduceOp::kAvg) finalizeAvg(buf, count, dtype, 1);
-    return;
+    return Algo::kAllReduceLocal;
   }
   const size_t bytes = count * dtypeSize(dtype);
   const std::string& a = config_.algo;
@@ -88,16 +120,22 @@ void Collectives::allReduce(void* buf, size_t count, DType dtype, ReduceOp op, c
     if (a == "oneshot" || (a == "auto" && bytes <= config_.smallBytes)) {
       PYCOMM_CHECK_ARG(bytes <= direct_->inlineCapacity(), "PYCOMM_ALGO=oneshot supports at most ",
                        direct_->inlineCapacity(), " bytes, got ", bytes);
-      return shmOneShotAllReduce(buf, count, dtype, op, desc, deadline);
+      shmOneShotAllReduce(buf, count, dtype, op, desc, deadline);
+      return Algo::kAllReduceOneShot;
     }
-    if (a == "auto" || a == "direct") return shmDirectAllReduce(buf, count, dtype, op, desc, deadline);
+    if (a == "auto" || a == "direct") {
+      shmDirectAllReduce(buf, count, dtype, op, desc, deadline);
+      return Algo::kAllReduceDirect;
+    }
   }
   // Blocks smaller than one element per rank go to recursive doubling: the ring would
   // leave some ranks with nothing to send.
   if (a == "rd" || (a != "ring" && bytes <= config_.smallBytes) || count < static_cast<size_t>(size_)) {
-    return recursiveDoublingAllReduce(buf, count, dtype, op, desc, deadline);
+    recursiveDoublingAllReduce(buf, count, dtype, op, desc, deadline);
+    return Algo::kAllReduceRd;
   }
   ringAllReduce(buf, count, dtype, op, desc, deadline);
+  return Algo::kAllReduceRing;
 }
 
 void Collectives::ringAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
@@ -271,6 +309,7 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
     }
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
     direct_->barrier(desc, deadline);  // peers are done reading our input
+    ran(Algo::kReduceScatterDirect);
     return;
   }
   // Ring: the partial for block c starts at rank c+1 and ends, complete, at rank c.
@@ -296,6 +335,7 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
   // After n-1 steps c == rank_: acc is the full reduction of our block.
   if (blockBytes) memcpy(o, acc, blockBytes);
   if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
+  ran(Algo::kReduceScatterRing);
 }
 
 void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc,
@@ -314,6 +354,7 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
       if (p != rank_ && bytesPerRank) direct_->readPeer(p, addr[p], o + p * bytesPerRank, bytesPerRank);
     }
     direct_->barrier(desc, deadline);  // peers are done reading our input
+    ran(Algo::kAllGatherDirect);
     return;
   }
   const int next = mod(rank_ + 1, n);
@@ -330,6 +371,7 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
                           desc, deadline);
     }
   }
+  ran(Algo::kAllGatherRing);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,6 +390,7 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
       if (bytes) direct_->readPeer(root, rec.addr, b, bytes);
     }
     direct_->barrier(desc, deadline);  // root's buffer is read by everyone before it returns
+    ran(Algo::kBroadcastDirect);
     return;
   }
   // Pipelined chain root -> root+1 -> ... : segment j+1 arrives while segment j moves on.
@@ -369,6 +412,7 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
     }
     transport_.send(next, segPtr(nseg - 1), segLen(nseg - 1), desc, deadline);
   }
+  ran(Algo::kBroadcastChain);
 }
 
 void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int root,
@@ -404,16 +448,19 @@ void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int 
       if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, n);
     }
     direct_->barrier(desc, deadline);
+    ran(Algo::kReduceDirect);
     return;
   }
   if (config_.algo == "rd" || bytes <= config_.smallBytes) {
     // Latency-bound: all-reduce a copy (log2(n) rounds), keep the result on the root.
     std::vector<char> copy(b, b + bytes);
-    allReduce(copy.data(), count, dtype, op, desc, deadline);
+    runAllReduce(copy.data(), count, dtype, op, desc, deadline);
     if (rank_ == root && bytes) memcpy(b, copy.data(), bytes);
+    ran(Algo::kReduceAllReduce);
     return;
   }
   chainReduce(b, count, dtype, op, root, desc, deadline);
+  ran(Algo::kReduceChain);
 }
 
 void Collectives::chainReduce(char* b, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
