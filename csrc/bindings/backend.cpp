@@ -2,7 +2,9 @@
 // torch-free Group (engine/group.h). Each collective is checked, described once (a
 // Call for the Work and the header, a CollOp for the algorithms) and queued; the
 // group's communication thread runs it while Python gets a Work back. Staging of
-// tensors lives in staging.h, the CUDA paths in cuda_collectives.h, the Work in work.h.
+// tensors lives in staging.h, the CUDA paths in cuda_collectives.h, the Work in work.h,
+// argument checks in arguments.h. What remains (~650 lines) is one c10d override per
+// collective plus the shared submit path: one job, the c10d translation.
 #include <pybind11/chrono.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
