@@ -53,7 +53,9 @@ def stats(group: Any = None) -> Dict[str, int]:
 
     Keys: ``collectives`` (collectives completed), ``bytes_sent`` / ``bytes_recv``
     (payload bytes this rank put on / took off the transport, also under
-    ``bytes_sent_<transport>``), ``messages_sent``, ``rank``, ``world_size``; and
+    ``bytes_sent_<transport>``), ``messages_sent``, ``rank``, ``world_size``;
+    ``algo_<collective>_<algorithm>``: calls run with each algorithm (e.g.
+    ``algo_all_reduce_ring``, named as ``PYCOMM_ALGO`` names them); and
     ``transport`` is available through :func:`transport`.
     """
     if isinstance(group, str):

@@ -5,9 +5,8 @@
 
 #include "core/env.h"
 #include "core/error.h"
-#include "engine/work_queue.h"
+#include "core/work_queue.h"
 #include "kernels/reduce.h"
-#include "transport/shm.h"
 
 namespace pycomm {
 
@@ -26,6 +25,33 @@ constexpr size_t kPieceBytes = 128 * 1024;
 
 }  // namespace
 
+const char* algoKey(Algo a) {
+  switch (a) {
+    case Algo::kAllReduceLocal: return "algo_all_reduce_local";
+    case Algo::kAllReduceRing: return "algo_all_reduce_ring";
+    case Algo::kAllReduceRd: return "algo_all_reduce_rd";
+    case Algo::kAllReduceOneShot: return "algo_all_reduce_oneshot";
+    case Algo::kAllReduceDirect: return "algo_all_reduce_direct";
+    case Algo::kReduceScatterDirect: return "algo_reduce_scatter_direct";
+    case Algo::kReduceScatterRing: return "algo_reduce_scatter_ring";
+    case Algo::kAllGatherDirect: return "algo_all_gather_direct";
+    case Algo::kAllGatherRing: return "algo_all_gather_ring";
+    case Algo::kBroadcastDirect: return "algo_broadcast_direct";
+    case Algo::kBroadcastChain: return "algo_broadcast_chain";
+    case Algo::kReduceDirect: return "algo_reduce_direct";
+    case Algo::kReduceAllReduce: return "algo_reduce_all_reduce";
+    case Algo::kReduceChain: return "algo_reduce_chain";
+    case Algo::kCount: break;
+  }
+  return "algo_unknown";
+}
+
+std::map<std::string, uint64_t> Collectives::stats() const {
+  std::map<std::string, uint64_t> s;
+  for (size_t i = 0; i < ran_.size(); ++i) s[algoKey(static_cast<Algo>(i))] = ran_[i].load(std::memory_order_relaxed);
+  return s;
+}
+
 AlgoConfig AlgoConfig::fromEnv() {
   AlgoConfig c;
   c.smallBytes = static_cast<size_t>(envInt("PYCOMM_ALLREDUCE_SMALL_BYTES", static_cast<int64_t>(c.smallBytes)));
@@ -42,11 +68,11 @@ AlgoConfig AlgoConfig::fromEnv() {
 
 Collectives::Collectives(Transport& transport, AlgoConfig config)
     : transport_(transport),
-      shm_(dynamic_cast<ShmTransport*>(&transport)),
+      direct_(transport.directAccess()),
       config_(std::move(config)),
       rank_(transport.rank()),
       size_(transport.size()) {
-  if (shm_ && config_.smallBytes > kShmInlineBytes) config_.smallBytes = kShmInlineBytes;
+  if (direct_ && config_.smallBytes > direct_->inlineCapacity()) config_.smallBytes = direct_->inlineCapacity();
 }
 
 Collectives::~Collectives() {
@@ -78,27 +104,38 @@ char* Collectives::scratch(size_t bytes) {
 
 void Collectives::allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                             const Deadline& deadline) {
+  ran(runAllReduce(buf, count, dtype, op, desc, deadline));
+}
+
+Algo Collectives::runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                               const Deadline& deadline) {
   checkReduceOp(dtype, op);
   if (size_ == 1) {
     if (op == ReduceOp::kAvg) finalizeAvg(buf, count, dtype, 1);
-    return;
+    return Algo::kAllReduceLocal;
   }
   const size_t bytes = count * dtypeSize(dtype);
   const std::string& a = config_.algo;
-  if (shm_) {
+  if (direct_) {
     if (a == "oneshot" || (a == "auto" && bytes <= config_.smallBytes)) {
-      PYCOMM_CHECK_ARG(bytes <= kShmInlineBytes, "PYCOMM_ALGO=oneshot supports at most ",
-                       kShmInlineBytes, " bytes, got ", bytes);
-      return shmOneShotAllReduce(buf, count, dtype, op, desc, deadline);
+      PYCOMM_CHECK_ARG(bytes <= direct_->inlineCapacity(), "PYCOMM_ALGO=oneshot supports at most ",
+                       direct_->inlineCapacity(), " bytes, got ", bytes);
+      shmOneShotAllReduce(buf, count, dtype, op, desc, deadline);
+      return Algo::kAllReduceOneShot;
     }
-    if (a == "auto" || a == "direct") return shmDirectAllReduce(buf, count, dtype, op, desc, deadline);
+    if (a == "auto" || a == "direct") {
+      shmDirectAllReduce(buf, count, dtype, op, desc, deadline);
+      return Algo::kAllReduceDirect;
+    }
   }
   // Blocks smaller than one element per rank go to recursive doubling: the ring would
   // leave some ranks with nothing to send.
   if (a == "rd" || (a != "ring" && bytes <= config_.smallBytes) || count < static_cast<size_t>(size_)) {
-    return recursiveDoublingAllReduce(buf, count, dtype, op, desc, deadline);
+    recursiveDoublingAllReduce(buf, count, dtype, op, desc, deadline);
+    return Algo::kAllReduceRd;
   }
   ringAllReduce(buf, count, dtype, op, desc, deadline);
+  return Algo::kAllReduceRing;
 }
 
 void Collectives::ringAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
@@ -186,10 +223,10 @@ void Collectives::recursiveDoublingAllReduce(void* buf, size_t count, DType dtyp
 void Collectives::shmOneShotAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
                                       const OpDesc& desc, const Deadline& deadline) {
   const size_t bytes = count * dtypeSize(dtype);
-  const uint64_t d = shm_->post(desc, buf, bytes, bytes);
+  const uint64_t d = direct_->post(desc, buf, bytes, bytes);
   std::vector<const void*> src(size_);
   for (int p = 0; p < size_; ++p) {
-    src[p] = p == rank_ ? buf : shm_->peerRecord(p, d, desc, bytes, deadline).inlineData;
+    src[p] = p == rank_ ? buf : direct_->peerRecord(p, d, desc, bytes, deadline).inlineData;
   }
   // Every rank reduces the same inputs in the same (rank) order: identical bits.
   char* acc = scratch(bytes);
@@ -205,10 +242,10 @@ void Collectives::shmDirectAllReduce(void* buf, size_t count, DType dtype, Reduc
   const size_t es = dtypeSize(dtype);
   const size_t bytes = count * es;
   char* b = static_cast<char*>(buf);
-  const uint64_t d = shm_->post(desc, buf, bytes, 0);
+  const uint64_t d = direct_->post(desc, buf, bytes, 0);
   std::vector<uint64_t> addr(n, 0);
   for (int p = 0; p < n; ++p) {
-    if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, bytes, deadline).addr;
+    if (p != rank_) addr[p] = direct_->peerRecord(p, d, desc, bytes, deadline).addr;
   }
   // Reduce-scatter: this rank alone reduces block `rank_`, reading each peer's block
   // straight from the peer's buffer (one copy, in cache-sized pieces).
@@ -220,22 +257,22 @@ void Collectives::shmDirectAllReduce(void* buf, size_t count, DType dtype, Reduc
     const size_t len = std::min(piece, hi - off);
     for (int p = 0; p < n; ++p) {
       if (p == rank_) continue;
-      shm_->readPeer(p, addr[p] + off * es, tmp, len * es);
+      direct_->readPeer(p, addr[p] + off * es, tmp, len * es);
       reduceInto(b + off * es, tmp, len, dtype, op);
     }
   }
   if (op == ReduceOp::kAvg) finalizeAvg(b + lo * es, hi - lo, dtype, n);
   // Every block is final before anyone copies it.
-  shm_->barrier(desc, deadline);
+  direct_->barrier(desc, deadline);
   // All-gather: copy each peer's finished block out of the peer's buffer.
   for (int p = 0; p < n; ++p) {
     if (p == rank_) continue;
     const size_t plo = blockBegin(count, n, p);
     const size_t phi = blockBegin(count, n, p + 1);
-    if (phi > plo) shm_->readPeer(p, addr[p] + plo * es, b + plo * es, (phi - plo) * es);
+    if (phi > plo) direct_->readPeer(p, addr[p] + plo * es, b + plo * es, (phi - plo) * es);
   }
   // Nobody may touch its buffer again until every peer has finished reading it.
-  shm_->barrier(desc, deadline);
+  direct_->barrier(desc, deadline);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,11 +291,11 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, 1);
     return;
   }
-  if (shm_ && config_.algo != "ring") {
-    const uint64_t d = shm_->post(desc, in, blockBytes * n, 0);
+  if (direct_ && config_.algo != "ring") {
+    const uint64_t d = direct_->post(desc, in, blockBytes * n, 0);
     std::vector<uint64_t> addr(n, 0);
     for (int p = 0; p < n; ++p) {
-      if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, blockBytes * n, deadline).addr;
+      if (p != rank_) addr[p] = direct_->peerRecord(p, d, desc, blockBytes * n, deadline).addr;
     }
     const size_t piece = std::max<size_t>(1, kPieceBytes / es);
     char* tmp = scratch(piece * es);
@@ -266,12 +303,13 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
       const size_t len = std::min(piece, countPerRank - off);
       for (int p = 0; p < n; ++p) {
         if (p == rank_) continue;
-        shm_->readPeer(p, addr[p] + rank_ * blockBytes + off * es, tmp, len * es);
+        direct_->readPeer(p, addr[p] + rank_ * blockBytes + off * es, tmp, len * es);
         reduceInto(o + off * es, tmp, len, dtype, op);
       }
     }
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
-    shm_->barrier(desc, deadline);  // peers are done reading our input
+    direct_->barrier(desc, deadline);  // peers are done reading our input
+    ran(Algo::kReduceScatterDirect);
     return;
   }
   // Ring: the partial for block c starts at rank c+1 and ends, complete, at rank c.
@@ -297,6 +335,7 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
   // After n-1 steps c == rank_: acc is the full reduction of our block.
   if (blockBytes) memcpy(o, acc, blockBytes);
   if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
+  ran(Algo::kReduceScatterRing);
 }
 
 void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc,
@@ -305,16 +344,17 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
   char* o = static_cast<char*>(out);
   if (bytesPerRank && o + rank_ * bytesPerRank != in) memmove(o + rank_ * bytesPerRank, in, bytesPerRank);
   if (n == 1) return;
-  if (shm_ && config_.algo != "ring") {
-    const uint64_t d = shm_->post(desc, in, bytesPerRank, 0);
+  if (direct_ && config_.algo != "ring") {
+    const uint64_t d = direct_->post(desc, in, bytesPerRank, 0);
     std::vector<uint64_t> addr(n, 0);
     for (int p = 0; p < n; ++p) {
-      if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, bytesPerRank, deadline).addr;
+      if (p != rank_) addr[p] = direct_->peerRecord(p, d, desc, bytesPerRank, deadline).addr;
     }
     for (int p = 0; p < n; ++p) {
-      if (p != rank_ && bytesPerRank) shm_->readPeer(p, addr[p], o + p * bytesPerRank, bytesPerRank);
+      if (p != rank_ && bytesPerRank) direct_->readPeer(p, addr[p], o + p * bytesPerRank, bytesPerRank);
     }
-    shm_->barrier(desc, deadline);  // peers are done reading our input
+    direct_->barrier(desc, deadline);  // peers are done reading our input
+    ran(Algo::kAllGatherDirect);
     return;
   }
   const int next = mod(rank_ + 1, n);
@@ -331,6 +371,7 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
                           desc, deadline);
     }
   }
+  ran(Algo::kAllGatherRing);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,13 +383,14 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
   PYCOMM_CHECK_ARG(root >= 0 && root < n, "broadcast root ", root, " is out of range for group size ", n);
   if (n == 1) return;
   char* b = static_cast<char*>(buf);
-  if (shm_ && config_.algo != "ring") {
-    const uint64_t d = shm_->post(desc, buf, bytes, 0);
+  if (direct_ && config_.algo != "ring") {
+    const uint64_t d = direct_->post(desc, buf, bytes, 0);
     if (rank_ != root) {
-      auto rec = shm_->peerRecord(root, d, desc, bytes, deadline);
-      if (bytes) shm_->readPeer(root, rec.addr, b, bytes);
+      auto rec = direct_->peerRecord(root, d, desc, bytes, deadline);
+      if (bytes) direct_->readPeer(root, rec.addr, b, bytes);
     }
-    shm_->barrier(desc, deadline);  // root's buffer is read by everyone before it returns
+    direct_->barrier(desc, deadline);  // root's buffer is read by everyone before it returns
+    ran(Algo::kBroadcastDirect);
     return;
   }
   // Pipelined chain root -> root+1 -> ... : segment j+1 arrives while segment j moves on.
@@ -370,6 +412,7 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
     }
     transport_.send(next, segPtr(nseg - 1), segLen(nseg - 1), desc, deadline);
   }
+  ran(Algo::kBroadcastChain);
 }
 
 void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int root,
@@ -384,13 +427,13 @@ void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int 
     if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, 1);
     return;
   }
-  if (shm_ && config_.algo != "ring") {
+  if (direct_ && config_.algo != "ring") {
     // Root reads every peer's buffer piecewise and reduces into its own.
-    const uint64_t d = shm_->post(desc, buf, bytes, 0);
+    const uint64_t d = direct_->post(desc, buf, bytes, 0);
     if (rank_ == root) {
       std::vector<uint64_t> addr(n, 0);
       for (int p = 0; p < n; ++p) {
-        if (p != rank_) addr[p] = shm_->peerRecord(p, d, desc, bytes, deadline).addr;
+        if (p != rank_) addr[p] = direct_->peerRecord(p, d, desc, bytes, deadline).addr;
       }
       const size_t piece = std::max<size_t>(1, kPieceBytes / es);
       char* tmp = scratch(piece * es);
@@ -398,23 +441,26 @@ void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int 
         const size_t len = std::min(piece, count - off);
         for (int p = 0; p < n; ++p) {
           if (p == rank_) continue;
-          shm_->readPeer(p, addr[p] + off * es, tmp, len * es);
+          direct_->readPeer(p, addr[p] + off * es, tmp, len * es);
           reduceInto(b + off * es, tmp, len, dtype, op);
         }
       }
       if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, n);
     }
-    shm_->barrier(desc, deadline);
+    direct_->barrier(desc, deadline);
+    ran(Algo::kReduceDirect);
     return;
   }
   if (config_.algo == "rd" || bytes <= config_.smallBytes) {
     // Latency-bound: all-reduce a copy (log2(n) rounds), keep the result on the root.
     std::vector<char> copy(b, b + bytes);
-    allReduce(copy.data(), count, dtype, op, desc, deadline);
+    runAllReduce(copy.data(), count, dtype, op, desc, deadline);
     if (rank_ == root && bytes) memcpy(b, copy.data(), bytes);
+    ran(Algo::kReduceAllReduce);
     return;
   }
   chainReduce(b, count, dtype, op, root, desc, deadline);
+  ran(Algo::kReduceChain);
 }
 
 void Collectives::chainReduce(char* b, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
@@ -518,11 +564,11 @@ void Collectives::allToAll(const void* in, const std::vector<size_t>& sendOffset
 
 void Collectives::barrier(const OpDesc& desc, const Deadline& deadline) {
   if (size_ == 1) return;
-  if (shm_) {
+  if (direct_) {
     // Every rank's post of this operation is the barrier (and shows mismatches).
-    const uint64_t d = shm_->post(desc, nullptr, 0, 0);
+    const uint64_t d = direct_->post(desc, nullptr, 0, 0);
     for (int p = 0; p < size_; ++p) {
-      if (p != rank_) shm_->peerRecord(p, d, desc, 0, deadline);
+      if (p != rank_) direct_->peerRecord(p, d, desc, 0, deadline);
     }
     return;
   }

@@ -1,9 +1,12 @@
 // Collective algorithms, written once against the Transport interface (plus the
-// shared-memory direct path when the transport is ShmTransport).
+// single-copy forms when the transport offers DirectAccess, see transport.h).
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,8 +17,6 @@
 #include "transport/transport.h"
 
 namespace pycomm {
-
-class ShmTransport;
 
 /// Algorithm choices (from the environment, see docs/USER_GUIDE.md).
 struct AlgoConfig {
@@ -34,6 +35,29 @@ struct AlgoConfig {
   /// Reads the PYCOMM_* variables above.
   static AlgoConfig fromEnv();
 };
+
+/// The algorithms a collective may run with, counted per call (see Collectives::stats()).
+enum class Algo : uint8_t {
+  kAllReduceLocal,      ///< all_reduce of a one-rank group (no communication)
+  kAllReduceRing,       ///< segmented ring: reduce-scatter + all-gather (PYCOMM_ALGO=ring)
+  kAllReduceRd,         ///< recursive doubling (PYCOMM_ALGO=rd)
+  kAllReduceOneShot,    ///< shm one-shot: inline in the segment, every rank reduces all (oneshot)
+  kAllReduceDirect,     ///< shm direct: single-copy reduce-scatter + all-gather (direct)
+  kReduceScatterDirect, ///< every rank reads its block of each peer's input in place
+  kReduceScatterRing,   ///< ring of partial sums
+  kAllGatherDirect,     ///< every rank copies each peer's input in place
+  kAllGatherRing,       ///< ring
+  kBroadcastDirect,     ///< every rank copies the root's buffer in place
+  kBroadcastChain,      ///< pipelined chain from the root
+  kReduceDirect,        ///< the root reads every peer's buffer in place
+  kReduceAllReduce,     ///< small: an all-reduce of a copy, kept on the root
+  kReduceChain,         ///< pipelined chain ending at the root
+  kCount
+};
+
+/// Stats key of an algorithm: "algo_<collective>_<algorithm>" (e.g. "algo_all_reduce_ring";
+/// the all_reduce names are PYCOMM_ALGO's values).
+const char* algoKey(Algo a);
 
 /// Runs collectives over one transport. Not thread-safe: one caller at a time
 /// (the backend's communication thread).
@@ -89,9 +113,18 @@ class Collectives {
   /// The transport collectives run over.
   Transport& transport() { return transport_; }
 
+  /// Calls run with each algorithm, under algoKey() names (every algorithm listed, zeros
+  /// included). Safe to call from any thread.
+  std::map<std::string, uint64_t> stats() const;
+
   ~Collectives();
 
  private:
+  /// Picks and runs the all-reduce algorithm; returns the one that ran.
+  Algo runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                    const Deadline& deadline);
+  /// Counts one call run with `a`.
+  void ran(Algo a) { ran_[static_cast<size_t>(a)].fetch_add(1, std::memory_order_relaxed); }
   void ringAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                      const Deadline& deadline);
   void recursiveDoublingAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
@@ -105,7 +138,7 @@ class Collectives {
   char* scratch(size_t bytes);
 
   Transport& transport_;
-  ShmTransport* shm_;  // non-null when the transport supports direct access
+  DirectAccess* direct_;  // the transport's direct access (shared memory), or null
   AlgoConfig config_;
   int rank_;
   int size_;
@@ -113,6 +146,7 @@ class Collectives {
   std::unique_ptr<WorkQueue> codecThread_;  // compressed all-reduces: encode/decode
   std::unique_ptr<WorkQueue> recvThread_;   // compressed all-reduces: receives
   std::vector<uint8_t> compressScratch_;  // their payload buffers
+  std::array<std::atomic<uint64_t>, static_cast<size_t>(Algo::kCount)> ran_{};  // per Algo
 };
 
 }  // namespace pycomm

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "engine/work_queue.h"
+#include "core/work_queue.h"
 #include "kernels/compress.h"
 
 namespace pycomm {
@@ -117,6 +117,24 @@ std::unique_ptr<PieceCodec> makeQsgdCodec(int bits, bool errorFeedback, uint32_t
   return std::make_unique<QsgdCodec>(bits, errorFeedback, workerSeed, serverSeed);
 }
 std::unique_ptr<PieceCodec> makeFloatCodec() { return std::make_unique<FloatCodec>(); }
+
+std::unique_ptr<PieceCodec> makeCodec(const std::string& name, int bits, bool* errorFeedback, uint32_t workerSeed,
+                                      uint32_t serverSeed) {
+  if (name == "fp16" || name == "bf16") return makeHalfCodec(name == "bf16", *errorFeedback);
+  if (name == "onebit") {
+    *errorFeedback = true;
+    return makeOneBitCodec();
+  }
+  if (name == "qsgd") {
+    PYCOMM_CHECK_ARG(bits == 8 || bits == 4, "QSGD bits must be 8 or 4, got ", bits);
+    return makeQsgdCodec(bits, *errorFeedback, workerSeed, serverSeed);
+  }
+  if (name == "none") {
+    *errorFeedback = false;
+    return makeFloatCodec();
+  }
+  throw InvalidArgument(strCat("unknown compression codec '", name, "' (fp16, bf16, onebit, qsgd, none)"));
+}
 
 // ---------------------------------------------------------------------------------------------
 // the pipeline

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/deadline.h"
@@ -67,6 +68,13 @@ std::unique_ptr<PieceCodec> makeQsgdCodec(int bits, bool errorFeedback, uint32_t
                                           uint32_t serverSeed);
 /// Uncompressed float32 (deterministic rank-order sums; the baseline).
 std::unique_ptr<PieceCodec> makeFloatCodec();
+
+/// The codec called `name`: "fp16", "bf16", "onebit", "qsgd" (with `bits` 8 or 4, and
+/// the per-call seeds of its worker and server streams) or "none" (float32).
+/// `errorFeedback` asks for worker/server residuals and is set to what the codec does:
+/// OneBit always keeps them, "none" never. InvalidArgument for an unknown name or bits.
+std::unique_ptr<PieceCodec> makeCodec(const std::string& name, int bits, bool* errorFeedback, uint32_t workerSeed,
+                                      uint32_t serverSeed);
 
 /// Parameters of one compressed all-reduce.
 struct CompressedArgs {

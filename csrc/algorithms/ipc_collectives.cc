@@ -159,6 +159,7 @@ void IpcCollectives::allReduce(void* data, size_t count, DType dtype, ReduceOp o
     device_->reduceMany(data, srcs.data(), size_, count, dtype, op);
     device_->record();
     endCall(coll, desc, deadline);
+    oneShotRuns_.fetch_add(1, std::memory_order_relaxed);
     return;
   }
   const size_t align = std::max<size_t>(1, 16 / esz);  // slices start on 16-byte boundaries
@@ -193,6 +194,12 @@ void IpcCollectives::allReduce(void* data, size_t count, DType dtype, ReduceOp o
     device_->record();
   }
   endCall(coll, desc, deadline);
+  twoStepRuns_.fetch_add(1, std::memory_order_relaxed);
+}
+
+std::map<std::string, uint64_t> IpcCollectives::stats() const {
+  return {{"algo_all_reduce_ipc_oneshot", oneShotRuns_.load(std::memory_order_relaxed)},
+          {"algo_all_reduce_ipc", twoStepRuns_.load(std::memory_order_relaxed)}};
 }
 
 void IpcCollectives::reduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,

@@ -23,8 +23,11 @@
 // order, and everyone copies that result.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -99,6 +102,10 @@ class IpcCollectives {
                 void* out, const std::vector<size_t>& recvOffsets, const std::vector<size_t>& recvBytes,
                 Collectives& coll, const OpDesc& desc, const Deadline& deadline);
 
+  /// All-reduces run one-shot ("algo_all_reduce_ipc_oneshot") and as reduce-scatter
+  /// + all-gather ("algo_all_reduce_ipc"); safe to call from any thread.
+  std::map<std::string, uint64_t> stats() const;
+
   /// The device, for messages.
   IpcDevice& device() { return *device_; }
 
@@ -130,6 +137,8 @@ class IpcCollectives {
   char* mine_[2] = {nullptr, nullptr};  // this rank's two staging buffers
   std::vector<const char*> peers_[2];   // every rank's buffer b, mapped here (own at rank_)
   uint64_t chunks_ = 0;                 // chunks run so far: picks the buffer
+  std::atomic<uint64_t> oneShotRuns_{0};  // all-reduces run one-shot
+  std::atomic<uint64_t> twoStepRuns_{0};  // all-reduces run as reduce-scatter + all-gather
 };
 
 }  // namespace pycomm

@@ -1,5 +1,6 @@
 #include "engine/group.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "core/env.h"
@@ -44,8 +45,22 @@ std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPre
   return std::make_unique<TcpTransport>(store, keyPrefix + "t/", rank, size, timeout);
 }
 
+IpcConfig IpcConfig::fromEnv() {
+  IpcConfig c;
+  c.enabled = envInt("PYCOMM_CUDA_IPC", 1) != 0;
+  c.bufferBytes = static_cast<size_t>(std::max<int64_t>(4096, envInt("PYCOMM_CUDA_IPC_BUFFER_BYTES", 8 << 20)));
+  c.oneShotBytes = static_cast<size_t>(std::max<int64_t>(0, envInt("PYCOMM_CUDA_IPC_ONESHOT_BYTES", 256 << 10)));
+  return c;
+}
+
 Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout)
-    : rank_(rank), size_(size), timeout_(timeout), sendSeq_(size, 0), recvSeq_(size, 0) {
+    : rank_(rank),
+      size_(size),
+      timeout_(timeout),
+      store_(store),
+      ipcConfig_(IpcConfig::fromEnv()),
+      sendSeq_(size, 0),
+      recvSeq_(size, 0) {
   PYCOMM_CHECK_ARG(size >= 1 && rank >= 0 && rank < size, "invalid rank ", rank, " for group size ", size);
   // Keys must be fresh for every group instance (transports read what they find):
   // torch reuses a store prefix when a group is destroyed and created again (the
@@ -129,8 +144,32 @@ std::shared_ptr<Completion> Group::submitRecv(int peer, void* buf, size_t bytes,
   });
 }
 
+bool Group::ipcWanted() const { return size_ > 1 && transportName() == "shm" && ipcConfig_.enabled; }
+
+IpcCollectives* Group::ipcCollectives(Collectives& coll, const IpcDeviceFactory& makeDevice, const OpDesc& desc,
+                                      const Deadline& deadline) {
+  if (!ipcTried_) {
+    ipcTried_ = true;
+    std::string why;
+    ipc_ = IpcCollectives::create(makeDevice, store_, keyPrefix_ + "ipc/", coll, ipcConfig_.bufferBytes,
+                                  ipcConfig_.oneShotBytes, desc, deadline, &why);
+    if (ipc_) {
+      ipcView_.store(ipc_.get());
+    } else {
+      std::fprintf(stderr,
+                   "pycomm rank %d: CUDA IPC unavailable (%s); CUDA collectives are staged through host "
+                   "memory\n",
+                   rank_, why.c_str());
+    }
+  }
+  return ipc_.get();
+}
+
 std::map<std::string, uint64_t> Group::stats() const {
-  std::map<std::string, uint64_t> s;
+  std::map<std::string, uint64_t> s = algos_->stats();
+  if (const IpcCollectives* ipc = ipcView_.load()) {
+    for (const auto& [k, v] : ipc->stats()) s[k] = v;
+  }
   s["collectives"] = collectivesRun_.load();
   const std::string t = coll_->name();
   s["bytes_sent_" + t] = coll_->bytesSent() + p2p_->bytesSent();

@@ -11,8 +11,10 @@
 #include <string>
 
 #include "algorithms/collectives.h"
+#include "algorithms/ipc_collectives.h"
 #include "core/store.h"
-#include "engine/work_queue.h"
+#include "core/work_queue.h"
+#include "transport/ipc_device.h"
 #include "transport/transport.h"
 
 namespace pycomm {
@@ -22,10 +24,27 @@ namespace pycomm {
 std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPrefix, int rank,
                                          int size, std::chrono::milliseconds timeout);
 
+/// Settings of a group's IPC collectives (from the environment, see docs/USER_GUIDE.md).
+struct IpcConfig {
+  /// Device collectives may go over IPC (when every rank is on this host). PYCOMM_CUDA_IPC.
+  bool enabled = true;
+  /// Bytes of each of the two staging buffers per rank. PYCOMM_CUDA_IPC_BUFFER_BYTES.
+  size_t bufferBytes = 8 << 20;
+  /// Largest all-reduce (bytes) that runs one-shot. PYCOMM_CUDA_IPC_ONESHOT_BYTES.
+  size_t oneShotBytes = 256 << 10;
+
+  /// Reads the PYCOMM_CUDA_IPC* variables above.
+  static IpcConfig fromEnv();
+};
+
+/// Makes the device a group's IPC collectives run on (e.g. makeCudaIpcDevice).
+using IpcDeviceFactory = std::function<std::unique_ptr<IpcDevice>()>;
+
 /// One group of ranks with its own transports and threads.
 class Group {
  public:
-  /// Rendezvous through `store` (which must outlive the constructor only).
+  /// Rendezvous through `store`, which must outlive the group (the IPC collectives are
+  /// set up through it on first use; the TCP transport leaves abort reasons in it).
   Group(Store& store, int rank, int size, std::chrono::milliseconds timeout);
   /// Aborts anything in flight, stops the threads, releases transports.
   ~Group();
@@ -69,7 +88,20 @@ class Group {
   std::shared_ptr<Completion> submitRecv(int peer, void* buf, size_t bytes, uint32_t tag,
                                          std::function<void()> after);
 
-  /// Counters: collectives run, bytes sent/received per transport.
+  /// True if device collectives of this group may go over IPC: more than one rank, all
+  /// on this host (the group runs over shared memory), and IPC not turned off.
+  bool ipcWanted() const;
+
+  /// The group's IPC collectives, set up on first use with a device from `makeDevice`
+  /// (collectively: every rank's first IPC collective is the same operation, `desc`).
+  /// Null, on every rank, if any rank cannot map its peers' memory: the group then
+  /// keeps to the host path for good (the reason is printed once). Call only inside a
+  /// collective (on the thread that runs it), with the `coll` it was given.
+  IpcCollectives* ipcCollectives(Collectives& coll, const IpcDeviceFactory& makeDevice, const OpDesc& desc,
+                                 const Deadline& deadline);
+
+  /// Counters: collectives run, bytes sent/received per transport, calls per algorithm
+  /// (Collectives::stats(), IpcCollectives::stats()).
   std::map<std::string, uint64_t> stats() const;
 
   /// Fails everything in flight with `why`, on every rank.
@@ -79,7 +111,12 @@ class Group {
   int rank_;
   int size_;
   std::chrono::milliseconds timeout_;
+  Store& store_;
   std::string keyPrefix_;
+  IpcConfig ipcConfig_;
+  bool ipcTried_ = false;                          // collectives only (one at a time)
+  std::unique_ptr<IpcCollectives> ipc_;            // set up on first use
+  std::atomic<const IpcCollectives*> ipcView_{nullptr};  // ipc_, for stats() on other threads
   std::unique_ptr<Transport> coll_;
   std::unique_ptr<Transport> p2p_;
   std::unique_ptr<Collectives> algos_;

@@ -1,6 +1,9 @@
 // CPU loops of the fused compression kernels. The inner loops work on fixed-size groups
 // (32 elements for sign words, 16-lane float partial sums, kQsgdBlock blocks held in a
 // stack buffer) so the compiler vectorises them and every buffer is streamed once or twice.
+// One job over ~700 lines: every codec's CPU loop (OneBit, QSGD, FP16/BF16, TopK) built
+// on the block helpers at the top, which the codecs share (a split per codec would
+// have to export those helpers to each file).
 #include "kernels/compress.h"
 
 #include <algorithm>

@@ -30,7 +30,7 @@ struct ShmRankSlot;
 struct ShmMailbox;
 
 /// Transport over a shared control segment plus cross-memory reads.
-class ShmTransport : public Transport {
+class ShmTransport : public Transport, public DirectAccess {
  public:
   /// Creates/opens the group's segment through `store` (keys under `keyPrefix`).
   /// Throws Error if cross-memory attach is not permitted (the caller falls back to TCP).
@@ -55,30 +55,17 @@ class ShmTransport : public Transport {
   /// Bytes peers have copied out of this rank's buffers (what this rank "sent").
   uint64_t bytesSent() const override;
 
-  // ---- direct access, used by the shared-memory algorithms (algorithms/shm_direct.cc) ----
+  // ---- DirectAccess (transport.h), used by the single-copy algorithms in
+  // ---- algorithms/collectives.cc through Transport::directAccess().
 
-  /// A peer's published record for a direct operation.
-  struct Peer {
-    const void* inlineData = nullptr;  ///< the peer's inline bytes (one-shot), or null
-    uint64_t addr = 0;                 ///< address of the peer's buffer in its process
-    size_t bytes = 0;                  ///< bytes the peer published
-  };
-
-  /// Publishes this rank's buffer for the next direct operation: its address (for
-  /// cross-memory reads) and, if `inlineBytes` > 0, a copy of the first inlineBytes
-  /// bytes in the shared segment. Returns the operation's direct sequence number.
-  uint64_t post(const OpDesc& desc, const void* addr, size_t bytes, size_t inlineBytes);
-
-  /// Waits for `peer`'s record of direct operation `dseq` and checks it matches
-  /// `desc`/`bytes` (MismatchError otherwise).
+  DirectAccess* directAccess() override { return this; }
+  size_t inlineCapacity() const override { return kShmInlineBytes; }
+  uint64_t post(const OpDesc& desc, const void* addr, size_t bytes, size_t inlineBytes) override;
   Peer peerRecord(int peer, uint64_t dseq, const OpDesc& desc, size_t bytes,
-                  const Deadline& deadline);
-
-  /// Copies `bytes` from address `remote` in `peer`'s process into `local`.
-  void readPeer(int peer, uint64_t remote, void* local, size_t bytes);
-
-  /// Returns once every rank has reached the same barrier (counted per transport).
-  void barrier(const OpDesc& desc, const Deadline& deadline);
+                  const Deadline& deadline) override;
+  void readPeer(int peer, uint64_t remote, void* local, size_t bytes) override;
+  /// Counted per transport.
+  void barrier(const OpDesc& desc, const Deadline& deadline) override;
 
  private:
   void release();  // closes the pidfds and unmaps the segment (idempotent)

@@ -11,6 +11,10 @@
 // Data: every message is a FrameHeader (magic, version, OpDesc, byte count) and the
 // payload. The receiver checks the header against what it expects before it touches
 // the payload: it never sizes anything from a length read off the wire.
+//
+// Files: tcp_handshake.{h,cc} (the per-connection state machine and its HMAC),
+// tcp_mesh.{h,cc} (listen, rendezvous, dial/accept loop), tcp.cc (this class: the
+// data path and abort), tcp_socket.h (socket helpers both use).
 #pragma once
 
 #include <atomic>
@@ -163,6 +167,7 @@ class TcpTransport : public Transport {
   struct Pair;
   struct SendProgress;
   struct RecvProgress;
+  class Transfer;  // one sendRecv() in flight (tcp.cc)
 
   void connectMesh(Store& store, const std::string& keyPrefix);
   void checkPeer(int peer, const char* what) const;

@@ -1,5 +1,8 @@
-// The small interface every transport implements (shared memory, TCP). Algorithms in
-// csrc/algorithms/ are written against it and know nothing else.
+// The small interface every transport implements (shared memory in shm.h, TCP in
+// tcp.h): ordered point-to-point messages between the ranks of one group, plus one
+// optional capability, DirectAccess (reading a peer's buffer where it lies), which a
+// transport offers through directAccess(). Algorithms in csrc/algorithms/ are written
+// against these two interfaces and never name a concrete transport.
 #pragma once
 
 #include <atomic>
@@ -63,6 +66,41 @@ struct TransportStats {
   std::atomic<uint64_t> messagesRecv{0};
 };
 
+/// Optional capability of a transport whose ranks can read each other's memory in
+/// place (shared memory with cross-memory attach): a rank publishes a buffer, its peers
+/// copy straight out of it. The single-copy algorithms (shm one-shot and direct
+/// all-reduce, and the direct forms of the other collectives) use it.
+class DirectAccess {
+ public:
+  /// A peer's published record for a direct operation.
+  struct Peer {
+    const void* inlineData = nullptr;  ///< the peer's inline bytes (one-shot), or null
+    uint64_t addr = 0;                 ///< address of the peer's buffer in its process
+    size_t bytes = 0;                  ///< bytes the peer published
+  };
+
+  virtual ~DirectAccess() = default;
+
+  /// Most bytes post() can publish inline (the one-shot all-reduce limit).
+  virtual size_t inlineCapacity() const = 0;
+
+  /// Publishes this rank's buffer for the next direct operation: its address (for
+  /// cross-memory reads) and, if `inlineBytes` > 0, a copy of the first inlineBytes
+  /// bytes in shared memory. Returns the operation's direct sequence number.
+  virtual uint64_t post(const OpDesc& desc, const void* addr, size_t bytes, size_t inlineBytes) = 0;
+
+  /// Waits for `peer`'s record of direct operation `dseq` and checks it matches
+  /// `desc`/`bytes` (MismatchError otherwise).
+  virtual Peer peerRecord(int peer, uint64_t dseq, const OpDesc& desc, size_t bytes,
+                          const Deadline& deadline) = 0;
+
+  /// Copies `bytes` from address `remote` in `peer`'s process into `local`.
+  virtual void readPeer(int peer, uint64_t remote, void* local, size_t bytes) = 0;
+
+  /// Returns once every rank has reached the same barrier.
+  virtual void barrier(const OpDesc& desc, const Deadline& deadline) = 0;
+};
+
 /// Point-to-point messaging between the ranks of one group. Messages between an
 /// ordered pair of ranks are delivered in order. Every call blocks until its buffer
 /// may be reused, gives up with TimeoutError at `deadline` (naming the peer and
@@ -102,6 +140,9 @@ class Transport {
   /// Marks the transport failed with `why`: every current and future wait on any
   /// rank of the group raises PeerError carrying `why` (best effort for remote ranks).
   virtual void abort(const std::string& why) = 0;
+
+  /// The transport's direct-access capability, or null if it has none (the default).
+  virtual DirectAccess* directAccess() { return nullptr; }
 
   /// Payload bytes this rank has sent (for shm: bytes its peers copied out of it).
   virtual uint64_t bytesSent() const { return stats_.bytesSent.load(); }

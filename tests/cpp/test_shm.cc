@@ -163,6 +163,13 @@ TEST_P(ShmAllReduce, SumIsExactAndBitwiseEqual) {
       }
       out[r] = v;
     }
+    if (std::string(c.algo) != "auto") {  // the forced algorithm ran, and no other
+      for (const auto& [key, runs] : coll.stats()) {
+        if (key.rfind("algo_all_reduce_", 0) == 0) {
+          EXPECT_EQ(runs, key == std::string("algo_all_reduce_") + c.algo ? 5u : 0u) << key;
+        }
+      }
+    }
   });
   for (int r = 1; r < c.ranks; ++r) {
     EXPECT_EQ(std::memcmp(out[0].data(), out[r].data(), c.count * sizeof(float)), 0);

@@ -1,4 +1,4 @@
-#include "engine/work_queue.h"
+#include "core/work_queue.h"
 
 #include <pthread.h>
 

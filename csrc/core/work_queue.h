@@ -1,5 +1,6 @@
-// The engine: a thread per queue running submitted operations in issue order, and
-// the completion state the caller waits on.
+// A general threading tool: a thread per queue running submitted tasks in issue order,
+// and the completion state a caller waits on. The engine's comm/send/recv threads and
+// the compressed all-reduce's codec and receive threads are WorkQueues.
 #pragma once
 
 #include <condition_variable>

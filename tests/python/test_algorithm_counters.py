@@ -1,0 +1,91 @@
+"""Per-algorithm counters in pycomm.stats(): forcing an all_reduce algorithm
+(PYCOMM_ALGO) makes exactly that algorithm run, as its ``algo_all_reduce_<name>``
+counter shows, and its results match a float64 reference."""
+import pytest
+
+from dist_util import run_ranks
+
+WORLD = 3
+# (transport, PYCOMM_ALGO) pairs that select an all_reduce algorithm, and the element
+# counts each runs: the ring needs at least one element per rank, one-shot fits its
+# data inline in the shared segment (64 KiB).
+CASES = {
+    ("shm", "ring"): [3, 1021, 65537],
+    ("shm", "rd"): [1, 7, 1021, 65537],
+    ("shm", "oneshot"): [1, 7, 1021],
+    ("shm", "direct"): [1, 7, 1021, 65537],
+    ("tcp", "ring"): [3, 1021, 65537],
+    ("tcp", "rd"): [1, 7, 1021, 65537],
+}
+
+
+def _algo_counters(s):
+    return {k: v for k, v in s.items() if k.startswith("algo_all_reduce_")}
+
+
+def _input(rank, n, dtype):
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * n + rank)
+    return torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _check_all_reduce(rank, ws, counts):
+    """Runs SUM and AVG all_reduces of float32 and float64 tensors of each count,
+    checks each against the float64 reduction of every rank's input; returns calls run."""
+    import torch
+    import torch.distributed as dist
+
+    calls = 0
+    for n in counts:
+        for dtype in (torch.float32, torch.float64):
+            for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+                t = _input(rank, n, dtype)
+                dist.all_reduce(t, op=op)
+                calls += 1
+                ref = sum(_input(r, n, dtype).to(torch.float64) for r in range(ws))
+                if op == dist.ReduceOp.AVG:
+                    ref = ref / ws
+                tol = 1e-5 if dtype == torch.float32 else 1e-12
+                torch.testing.assert_close(t.to(torch.float64), ref, rtol=tol, atol=tol * ws,
+                                           msg=lambda m: f"n={n} {dtype} {op}: {m}")
+    return calls
+
+
+def _forced(rank, ws, algo, counts):
+    import pycomm
+
+    before = _algo_counters(pycomm.stats())
+    calls = _check_all_reduce(rank, ws, counts)
+    after = _algo_counters(pycomm.stats())
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert moved == {f"algo_all_reduce_{algo}": calls}, f"PYCOMM_ALGO={algo}: counters moved {moved}"
+    return moved
+
+
+@pytest.mark.parametrize("transport,algo", sorted(CASES))
+def test_forced_algorithm_runs(transport, algo):
+    results = run_ranks(WORLD, _forced, algo, CASES[(transport, algo)],
+                        env={"PYCOMM_TRANSPORT": transport, "PYCOMM_ALGO": algo}, timeout=300)
+    assert all(r == results[0] for r in results)
+
+
+def _auto(rank, ws, small, large):
+    import torch
+    import torch.distributed as dist
+
+    import pycomm
+
+    moved = {}
+    for n in (4, 1 << 16):  # 16 bytes: latency algorithm; 256 KiB: bandwidth algorithm
+        before = _algo_counters(pycomm.stats())
+        dist.all_reduce(torch.ones(n))
+        after = _algo_counters(pycomm.stats())
+        moved[n] = sorted(k for k in after if after[k] != before.get(k, 0))
+    assert moved == {4: [f"algo_all_reduce_{small}"], 1 << 16: [f"algo_all_reduce_{large}"]}, moved
+    return moved
+
+
+@pytest.mark.parametrize("transport,small,large", [("shm", "oneshot", "direct"), ("tcp", "rd", "ring")])
+def test_auto_picks_by_size(transport, small, large):
+    run_ranks(WORLD, _auto, small, large, env={"PYCOMM_TRANSPORT": transport, "PYCOMM_ALGO": "auto"}, timeout=300)
