@@ -197,14 +197,9 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
 def _stamp(argv: List[str]) -> Dict[str, Any]:
     import torch
 
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"machine": {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-                        "platform": platform.platform()},
+    from pycomm.bench.machine import machine
+
+    return {"machine": machine(),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "loadavg_start": list(os.getloadavg()),

@@ -60,16 +60,10 @@ ALL_MODES = ["ddp_gloo", "dp", "postlocalsgd_h8", "localsgd_h4", "localsgd_h8", 
 
 
 def _data():
-    import torch
-    from sklearn.datasets import load_digits
+    """Digits, the 80/20 split of the convergence benchmark (same data, same split)."""
+    from bench_convergence import digits  # benchmarks/ is the script's folder
 
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    split = int(0.8 * len(y))
-    return x[:split], y[:split], x[split:], y[split:]
+    return digits()
 
 
 def _model(seed: int, hidden: int = 64, depth: int = 1):
@@ -309,14 +303,9 @@ def _launch(args: argparse.Namespace, argv: List[str], tmp: str) -> Optional[Dic
 def _stamp(argv: List[str]) -> Dict[str, Any]:
     import torch
 
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"machine": {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-                        "platform": platform.platform()},
+    from pycomm.bench.machine import machine
+
+    return {"machine": machine(),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "loadavg_start": list(os.getloadavg()),

@@ -21,6 +21,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+from pycomm.bench.machine import cpu_model
 from pycomm.evaluation.models import MODELS, param_count
 from pycomm.evaluation.strategies import STRATEGIES, applicable, layout
 
@@ -243,17 +244,6 @@ def run_cell(cell: Dict[str, Any], hosts: _Hosts, plan: Plan, workdir: str) -> D
 
 # ------------------------------------------------------------------------------- the run
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def meta(plan: Plan, command: str) -> Dict[str, Any]:
     import torch
 
@@ -261,7 +251,7 @@ def meta(plan: Plan, command: str) -> Dict[str, Any]:
 
     return {
         "machine": f"{platform.node()} ({platform.system()} {platform.release()}, {platform.machine()})",
-        "cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__, "pycomm": pycomm.__version__,
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "pycomm": pycomm.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": list(os.getloadavg()), "loadavg_end": None, "command": command, "quick": plan.quick,
