@@ -53,9 +53,13 @@ for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 c
       for b in gloo pycomm; do run "${name}_$b" "$PY" benchmarks/bench_model_parallel.py --backend "$b"; done ;;
     # docs/COMPRESSION.md (and the README's summary): accuracy matrix, several minutes per model.
     convergence)
-      "$PY" benchmarks/bench_convergence.py --out "$OUT/convergence_digits_mlp"
-      "$PY" benchmarks/bench_convergence.py --models cnn --optimizers sgdm,adam,1bit-adam \
-        --compressors none,OneBit,TopK,PowerSGD,OneBit-raw --out "$OUT/convergence_digits_cnn" ;;
+      "$PY" benchmarks/bench_convergence.py \
+        --compressors none,OneBit,TopK,PowerSGD,OneBit-raw,TopK-raw,PowerSGD-raw,OneBit-nofreeze,TopK-nofreeze,PowerSGD-nofreeze \
+        --out "$OUT/convergence_digits_mlp"
+      "$PY" benchmarks/bench_convergence.py --models cnn --optimizers sgd,sgdm,nesterov,adam,adamw,1bit-adam \
+        --compressors none,OneBit,TopK,PowerSGD,OneBit-raw --out "$OUT/convergence_digits_cnn"
+      "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
+        --compressors none,OneBit,TopK,PowerSGD --seeds 0 --epochs 8 --out "$OUT/convergence_charlm" ;;
     # docs/MODEL_PARALLEL.md: balanced vs equal pipeline split.
     pipeline_balance) "$PY" benchmarks/bench_pipeline_balance.py --out "$OUT/pipeline_balance.txt" ;;
     # docs/DATA_PARALLEL.md: local SGD / DiLoCo / async, on one host and on emulated links.
