@@ -403,7 +403,9 @@ except SystemExit as e:
 # ... and so does the evaluation's link check.
 runner.link_problem("1gbit")
 files = {m: os.path.abspath(getattr(mod, "__file__", None) or "") for m, mod in list(sys.modules.items())}
-print(json.dumps({m: f for m, f in files.items() if f.startswith(root + os.sep)}))
+# The source tree's own modules (a virtual environment may live inside the tree: CI's does).
+venv = os.path.abspath(sys.prefix) + os.sep
+print(json.dumps({m: f for m, f in files.items() if f.startswith(root + os.sep) and not f.startswith(venv)}))
 """
 
 
