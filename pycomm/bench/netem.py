@@ -75,16 +75,22 @@ _RATE_UNITS = {
 _TIME_UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6, "ns": 1e-9}
 
 
+def _quantity(text: str, units: dict, default_unit: str, what: str, example: str,
+              unit_help: str) -> float:
+    """``'<number><unit>'`` -> number * units[unit]; a bare number is in ``default_unit``."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m:
+        raise ValueError(f"bad {what} {text!r}: expected e.g. {example}")
+    unit = m.group(2).lower() or default_unit
+    if unit not in units:
+        raise ValueError(f"bad {what} unit {m.group(2)!r} in {text!r}: use one of {unit_help}")
+    return float(m.group(1)) * units[unit]
+
+
 def parse_rate(text: str) -> int:
     """'1gbit' -> 1_000_000_000 (bits per second). Units as in tc: bit/kbit/mbit/gbit, or
     bps/kbps/mbps/gbps meaning *bytes* per second. A bare number is bits per second."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m:
-        raise ValueError(f"bad rate {text!r}: expected e.g. 1gbit, 100mbit, 10gbit")
-    unit = m.group(2).lower() or "bit"
-    if unit not in _RATE_UNITS:
-        raise ValueError(f"bad rate unit {m.group(2)!r} in {text!r}: use one of {sorted(_RATE_UNITS)}")
-    bits = int(float(m.group(1)) * _RATE_UNITS[unit])
+    bits = int(_quantity(text, _RATE_UNITS, "bit", "rate", "1gbit, 100mbit, 10gbit", str(sorted(_RATE_UNITS))))
     if bits <= 0:
         raise ValueError(f"rate must be positive: {text!r}")
     return bits
@@ -92,13 +98,7 @@ def parse_rate(text: str) -> int:
 
 def parse_time(text: str) -> float:
     """'100us' -> 1e-4 (seconds). Units s, ms, us, ns; a bare number is microseconds (as in tc)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m:
-        raise ValueError(f"bad time {text!r}: expected e.g. 100us, 1ms")
-    unit = m.group(2).lower() or "us"
-    if unit not in _TIME_UNITS:
-        raise ValueError(f"bad time unit {m.group(2)!r} in {text!r}: use one of s, ms, us, ns")
-    return float(m.group(1)) * _TIME_UNITS[unit]
+    return _quantity(text, _TIME_UNITS, "us", "time", "100us, 1ms", "s, ms, us, ns")
 
 
 def _sh(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
