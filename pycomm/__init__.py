@@ -30,6 +30,9 @@ from pycomm.ddp_hooks import DDPHookState, ddp_comm_hook  # noqa: E402
 from pycomm.local_sgd import AsyncLocalSGD, LocalSGD  # noqa: E402
 from pycomm import balance  # noqa: E402
 from pycomm.balance import SpeedBalancer  # noqa: E402
+from pycomm import flight_recorder  # noqa: E402
+
+flight_recorder._install_default()
 
 
 def init_process_group(backend: str = "pycomm", timeout: Optional[datetime.timedelta] = None, **kwargs: Any) -> None:
@@ -46,6 +49,12 @@ def init_process_group(backend: str = "pycomm", timeout: Optional[datetime.timed
     dist.init_process_group(backend, **kwargs)
 
 
+def dump_flight_recorder(path: Optional[str] = None) -> str:
+    """Writes this rank's flight recorder (its last collectives, in torch's
+    flight-recorder dump format) and returns the file; see :mod:`pycomm.flight_recorder`."""
+    return flight_recorder.dump(path)
+
+
 def compressed_all_reduce(tensor: Any, compression: Any, op: str = "avg", group: Any = None, key: Any = None,
                           async_op: bool = False) -> Any:
     """All-reduce through a :mod:`pycomm.compression` compressor (see its docs)."""
@@ -56,5 +65,5 @@ __all__ = [
     "init_process_group", "all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all",
     "send", "recv", "barrier", "stats", "transport", "is_pycomm_group", "compressed_all_reduce", "as_tensor",
     "compression", "DataParallel", "DDPHookState", "ddp_comm_hook",
-    "LocalSGD", "AsyncLocalSGD", "balance", "SpeedBalancer",
+    "LocalSGD", "AsyncLocalSGD", "balance", "SpeedBalancer", "flight_recorder", "dump_flight_recorder",
 ]

@@ -12,15 +12,20 @@ from pycomm import _C
 BACKEND_NAME = "pycomm"
 
 
-def _create(store: Any, rank: int, size: int, timeout: datetime.timedelta) -> Any:
-    return _C.create_backend(store, rank, size, timeout)
+def _create(opts: Any, backend_options: Any = None) -> Any:
+    # torch's extended creator API: the group's name and global ranks name it in the
+    # flight recorder (pycomm.flight_recorder); torch's default group has no rank list.
+    ranks = list(opts.global_ranks_in_group) or list(range(opts.group_size))
+    desc = "default_pg" if not opts.global_ranks_in_group else "undefined"
+    _C._flight_recorder_next_group(str(opts.group_id), desc, ranks)
+    return _C.create_backend(opts.store, opts.group_rank, opts.group_size, opts.timeout)
 
 
 def register() -> None:
     """Registers ``"pycomm"`` with torch.distributed (idempotent)."""
     if hasattr(dist.Backend, "PYCOMM") or BACKEND_NAME in getattr(dist.Backend, "backend_list", []):
         return
-    dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu", "cuda"])
+    dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True, devices=["cpu", "cuda"])
 
 
 def _pycomm_backend(group: Optional[dist.ProcessGroup]) -> Any:

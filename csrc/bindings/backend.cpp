@@ -610,7 +610,8 @@ class PycommBackend : public c10d::Backend {
 #if defined(PYCOMM_WITH_CUDA)
           if (guard) guard->current_stream().synchronize();
 #endif
-        });
+        },
+        desc);
     return c10::make_intrusive<PycommWork>(rank_, call.type, call.name, std::move(call.outputs), c, desc.seq);
   }
 

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <exception>
 
 #include "core/env.h"
 #include "core/error.h"
+#include "engine/flight_recorder.h"
 #include "transport/shm.h"
 #include "transport/tcp.h"
 
@@ -75,6 +77,7 @@ Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout
   collQueue_ = std::make_unique<WorkQueue>("pycomm-coll");
   sendQueue_ = std::make_unique<WorkQueue>("pycomm-send");
   recvQueue_ = std::make_unique<WorkQueue>("pycomm-recv");
+  frGroup_ = FlightRecorder::get().addGroup(rank, size);
 }
 
 Group::~Group() {
@@ -91,18 +94,25 @@ Group::~Group() {
 }
 
 std::shared_ptr<Completion> Group::submitCollective(
-    bool runInline, std::function<void(Collectives&, const Deadline&)> fn) {
-  auto task = [this, fn = std::move(fn)] {
+    bool runInline, std::function<void(Collectives&, const Deadline&)> fn, const OpDesc& desc) {
+  FlightRecorder& fr = FlightRecorder::get();
+  const uint64_t rec = desc.seq == 0 ? UINT64_MAX : fr.recordCollective(frGroup_, size_, desc, timeout_.count());
+  auto task = [this, fn = std::move(fn), rec, &fr] {
     const Deadline deadline = Deadline::after(timeout_);
+    fr.started(rec);
     try {
       fn(*algos_, deadline);
       collectivesRun_.fetch_add(1, std::memory_order_relaxed);
+      fr.finished(rec, true);
     } catch (const InvalidArgument&) {
+      fr.finished(rec, false);
       throw;  // local argument errors are raised before anything was sent
     } catch (const Error& e) {
+      fr.finished(rec, false);
       // The group is unusable after a failed collective: make every rank fail fast.
       coll_->abort(e.what());
       p2p_->abort(e.what());
+      fr.onGroupError(frGroup_, e.what());
       throw;
     }
   };
@@ -120,6 +130,19 @@ OpDesc p2pDesc(std::vector<uint64_t>& seqs, int peer, size_t bytes, uint32_t tag
   desc.count = bytes;
   return desc;
 }
+
+// Flight-recorder states of one point-to-point operation: started on construction,
+// finished (completed if `ok` was set) when the operation's task ends, even by throwing.
+struct P2PRecord {
+  P2PRecord(int group, uint64_t id) : group(group), id(id) { FlightRecorder::get().started(id); }
+  ~P2PRecord() {
+    FlightRecorder::get().finished(id, ok);
+    if (!ok && std::uncaught_exceptions() > 0) FlightRecorder::get().onGroupError(group, "point-to-point failure");
+  }
+  int group;
+  uint64_t id;
+  bool ok = false;
+};
 }  // namespace
 
 std::shared_ptr<Completion> Group::submitSend(int peer, const void* buf, size_t bytes, uint32_t tag,
@@ -127,9 +150,12 @@ std::shared_ptr<Completion> Group::submitSend(int peer, const void* buf, size_t 
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "send: invalid destination rank ", peer,
                    " (this is rank ", rank_, " of ", size_, ")");
   const OpDesc desc = p2pDesc(sendSeq_, peer, bytes, tag);
-  return sendQueue_->push([this, peer, buf, bytes, desc, before = std::move(before)] {
+  const uint64_t rec = FlightRecorder::get().recordP2P(frGroup_, true, peer, bytes, timeout_.count());
+  return sendQueue_->push([this, peer, buf, bytes, desc, rec, before = std::move(before)] {
+    P2PRecord r(frGroup_, rec);
     if (before) before();
     p2p_->send(peer, buf, bytes, desc, Deadline::after(timeout_));
+    r.ok = true;
   });
 }
 
@@ -138,9 +164,12 @@ std::shared_ptr<Completion> Group::submitRecv(int peer, void* buf, size_t bytes,
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "recv: invalid source rank ", peer,
                    " (this is rank ", rank_, " of ", size_, ")");
   const OpDesc desc = p2pDesc(recvSeq_, peer, bytes, tag);
-  return recvQueue_->push([this, peer, buf, bytes, desc, after = std::move(after)] {
+  const uint64_t rec = FlightRecorder::get().recordP2P(frGroup_, false, peer, bytes, timeout_.count());
+  return recvQueue_->push([this, peer, buf, bytes, desc, rec, after = std::move(after)] {
+    P2PRecord r(frGroup_, rec);
     p2p_->recv(peer, buf, bytes, desc, Deadline::after(timeout_));
     if (after) after();
+    r.ok = true;
   });
 }
 
@@ -183,6 +212,7 @@ std::map<std::string, uint64_t> Group::stats() const {
 void Group::abort(const std::string& why) {
   coll_->abort(why);
   p2p_->abort(why);
+  FlightRecorder::get().onGroupError(frGroup_, why);
 }
 
 }  // namespace pycomm

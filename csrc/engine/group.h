@@ -73,8 +73,10 @@ class Group {
   /// transport so every rank's pending and future operations fail too.
   /// With `runInline`, the collective runs on the calling thread if no other
   /// collective is queued or running (issue order is kept either way).
+  /// `desc` (the collective's header) goes into the flight recorder (engine/
+  /// flight_recorder.h) with its state; a default one (seq 0) is not recorded.
   std::shared_ptr<Completion> submitCollective(
-      bool runInline, std::function<void(Collectives&, const Deadline&)> fn);
+      bool runInline, std::function<void(Collectives&, const Deadline&)> fn, const OpDesc& desc = OpDesc{});
 
   /// Queues a point-to-point send (on the send thread) or receive (on the receive
   /// thread); sends and receives progress independently, so any order that matches
@@ -127,6 +129,7 @@ class Group {
   std::unique_ptr<WorkQueue> collQueue_;
   std::unique_ptr<WorkQueue> sendQueue_;
   std::unique_ptr<WorkQueue> recvQueue_;
+  int frGroup_ = -1;  // this group in the flight recorder
 };
 
 }  // namespace pycomm
