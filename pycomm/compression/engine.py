@@ -325,6 +325,8 @@ class Compressor:
 
     def __init__(self) -> None:
         self._states: Dict[Hashable, Dict[str, Any]] = {}
+        # Per key: the (shape, offset) of every parameter in the flat tensor (set_layout).
+        self._layouts: Dict[Hashable, List[Tuple[Tuple[int, ...], int]]] = {}
 
     # -- public API -------------------------------------------------------------------
 
@@ -372,6 +374,13 @@ class Compressor:
         except StopIteration:
             pass
         return tensor
+
+    def set_layout(self, key: Hashable, params: Any) -> None:
+        """Which parameters make up ``key``'s flat tensor: ``(param or shape, offset)`` pairs
+        (DataParallel and the DDP hook pass their buckets). :class:`PowerSGD` factorises
+        each matrix-shaped parameter on its own; the element-wise compressors ignore it."""
+        self._layouts[key] = [(tuple(p.shape) if isinstance(p, torch.Tensor) else tuple(int(d) for d in p), int(off))
+                              for p, off in params]
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         """Bytes this rank sends to its peers for one all_reduce of ``numel`` elements:
