@@ -93,7 +93,8 @@ Tensor compressT(const Tensor& x, const Tensor& error, const Tensor& q, const st
     Tensor m = matrix(error, l, i);
     m.add_(matrix(x, l, i));
     Tensor qi = q.narrow(0, qAt, l.cols[i] * l.rank[i]).view({l.cols[i], l.rank[i]});
-    at::mm_out(payload.narrow(0, pos, l.rows[i] * l.rank[i]).view({l.rows[i], l.rank[i]}), m, qi);
+    Tensor p = payload.narrow(0, pos, l.rows[i] * l.rank[i]).view({l.rows[i], l.rank[i]});
+    at::mm_out(p, m, qi);
     pos += l.rows[i] * l.rank[i];
     qAt += l.cols[i] * l.rank[i];
   }
