@@ -389,11 +389,15 @@ class Compressor:
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
-        """Per-key state (residuals, PowerSGD Q, RNG steps) as cloned tensors and ints."""
+        """Per-key state (residuals, PowerSGD Q, RNG steps) as cloned tensors and ints, and
+        the layouts given to :meth:`set_layout`."""
         out: Dict[Hashable, Dict[str, Any]] = {}
         for k, st in self._states.items():
             out[k] = {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
-        return {"type": type(self).__name__, "states": out}
+        sd: Dict[str, Any] = {"type": type(self).__name__, "states": out}
+        if self._layouts:  # what set_layout gave (PowerSGD's plan depends on it)
+            sd["layouts"] = {k: list(v) for k, v in self._layouts.items()}
+        return sd
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` returned, so a resumed run continues exactly."""
@@ -403,6 +407,9 @@ class Compressor:
             k: {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
             for k, st in state["states"].items()
         }
+        if "layouts" in state:
+            self._layouts = {k: [(tuple(int(d) for d in shp), int(off)) for shp, off in v]
+                             for k, v in state["layouts"].items()}
 
     # -- for subclasses ---------------------------------------------------------------
 
