@@ -81,7 +81,8 @@ Tensor compressT(const Tensor& x, const Tensor& error, const Tensor& q, const st
   checkFlat(x, n, "x");
   checkFlat(error, n, "error");
   checkFlat(q, l.qCount, "q");
-  TORCH_CHECK(error.device() == x.device() && q.device() == x.device(), "powersgd: x, error and q must be on one device");
+  TORCH_CHECK(error.device() == x.device() && q.device() == x.device(),
+              "powersgd: x, error and q must be on one device");
   Tensor payload = at::empty({l.exactCount + l.pCount}, x.options());
   int64_t pos = 0;
   for (const auto& e : l.exact) {
@@ -109,6 +110,7 @@ Tensor projectT(const Tensor& error, const Tensor& payload, const std::vector<in
   const Layout l = layoutOf(n, off, rows, cols, rank);
   checkFlat(error, n, "error");
   checkFlat(payload, l.exactCount + l.pCount, "payload");
+  TORCH_CHECK(payload.device() == error.device(), "powersgd: error and payload must be on one device");
   Tensor q = at::empty({l.qCount}, error.options());
   int64_t pos = l.exactCount, qAt = 0;
   for (size_t i = 0; i < l.size(); ++i) {
@@ -133,6 +135,8 @@ void decompressT(const Tensor& out, const Tensor& payload, const Tensor& q, cons
   checkFlat(out, n, "out");
   checkFlat(payload, l.exactCount + l.pCount, "payload");
   checkFlat(q, l.qCount, "q");
+  TORCH_CHECK(payload.device() == out.device() && q.device() == out.device(),
+              "powersgd: out, payload and q must be on one device");
   int64_t pos = 0;
   for (const auto& e : l.exact) {
     out.narrow(0, e.first, e.second - e.first).copy_(payload.narrow(0, pos, e.second - e.first));

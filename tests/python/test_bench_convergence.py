@@ -35,8 +35,9 @@ def test_merge_replaces_in_place_and_records_the_run():
     b = _bench()
     old = _doc([_cell("sgd", "none", 0, 90.0), _cell("sgd", "PowerSGD", 0, 50.0), _cell("sgd", "PowerSGD", 1, 51.0),
                 _cell("adam", "none", 0, 91.0), _cell("adam", "PowerSGD", 0, 40.0)])
-    new = _doc([_cell("sgd", "PowerSGD", 0, 89.0), _cell("sgd", "PowerSGD", 1, 88.0), _cell("adam", "PowerSGD", 0, 92.0),
-                _cell("adam", "TopK", 0, 90.5)], command="python merge", date="d1")
+    new = _doc([_cell("sgd", "PowerSGD", 0, 89.0), _cell("sgd", "PowerSGD", 1, 88.0),
+                _cell("adam", "PowerSGD", 0, 92.0), _cell("adam", "TopK", 0, 90.5)],
+               command="python merge", date="d1")
     m = b.merge(old, new)
     assert [(c["optimizer"], c["compressor"], c["test_acc"]) for c in m["cells"]] == [
         ("sgd", "none", 90.0), ("sgd", "PowerSGD", 89.0), ("sgd", "PowerSGD", 88.0), ("adam", "none", 91.0),
