@@ -35,6 +35,10 @@ identical parameters and that no value is NaN/inf.
 
 Raw results are written as they come to ``<out>.json`` (stamped with machine, torch,
 date, load average and the command); the summary table goes to ``<out>.md`` at the end.
+``--merge`` re-runs only the given cells into an existing ``<out>.json`` (same ranks,
+epochs, batch and backend): its cells of the same (model, optimizer, compressor) are
+replaced in place, the others kept, and the merge run's stamp and command are listed in
+the file next to the original one (e.g. after a change to one compressor).
 """
 from __future__ import annotations
 
@@ -229,12 +233,41 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, header: 
                         print(f"{model_name:4} {opt_name:9} {comp_name:13} seed {seed}: acc {cell['test_acc']:6.2f}  "
                               f"bytes {cell['bytes_sent_rank0']}  {cell['seconds']:.1f}s", flush=True)
                         doc = dict(header, loadavg_now=list(os.getloadavg()), cells=cells)
-                        tmp = args.out + ".json.tmp"
+                        tmp = args.run_out + ".json.tmp"
                         with open(tmp, "w") as f:
                             json.dump(doc, f, indent=1)
-                        os.replace(tmp, args.out + ".json")
+                        os.replace(tmp, args.run_out + ".json")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _cell_key(c: Dict[str, Any]) -> tuple:
+    return (c["model"], c["optimizer"], c["compressor"])
+
+
+def merge(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+    """``old`` with the cells of ``new`` replacing old's cells of the same (model,
+    optimizer, compressor), in old's order (new combinations go last); new's stamp is
+    appended to ``merged``."""
+    for k in ("ranks", "epochs", "batch", "backend"):
+        if old.get(k) != new.get(k):
+            raise SystemExit(f"--merge: {k} differs ({old.get(k)} in the file, {new.get(k)} in this run)")
+    ran = {_cell_key(c) for c in new["cells"]}
+    run = len(old.get("merged", []))
+    fresh = [dict(c, merge_run=run) for c in new["cells"]]
+    cells: List[Dict[str, Any]] = []
+    emitted = set()
+    for c in old["cells"]:
+        k = _cell_key(c)
+        if k not in ran:
+            cells.append(c)
+        elif k not in emitted:
+            emitted.add(k)
+            cells.extend(f for f in fresh if _cell_key(f) == k)
+    cells.extend(f for f in fresh if _cell_key(f) not in emitted)
+    stamp = {k: new[k] for k in ("command", "date", "machine", "torch", "loadavg_start", "loadavg_now") if k in new}
+    stamp["cells"] = sorted(" ".join(k) for k in ran)
+    return dict(old, cells=cells, merged=old.get("merged", []) + [stamp])
 
 
 def summarize(doc: Dict[str, Any]) -> str:
@@ -252,7 +285,11 @@ def summarize(doc: Dict[str, Any]) -> str:
              f"load average at start {doc['loadavg_start'][0]:.2f}, at end {doc.get('loadavg_now', [0])[0]:.2f}. "
              f"{doc['ranks']} ranks ({doc['backend']}), {doc['epochs']} epochs, batch {doc['batch']} per rank, "
              "no schedule. Accuracy: mean over seeds, +- population std, min..max. Wire: bytes rank 0 sent "
-             "(pycomm.stats, warm-up included) vs an fp32 ring all-reduce of every step.", "",
+             "(pycomm.stats, warm-up included) vs an fp32 ring all-reduce of every step.", ""]
+    for i, m in enumerate(doc.get("merged", [])):
+        lines += [f"Merge run {i} ({m['date']}, load average at start {m['loadavg_start'][0]:.2f}) re-ran the cells "
+                  f"{', '.join(m['cells'])}: `{m['command']}`", ""]
+    lines += [
              "| model | optimizer | compression | seeds | test acc % | delta vs none | min..max | fp32 ring / sent | "
              "NaN/inf | ranks identical |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (m, o, comp), cs in groups.items():
@@ -282,7 +319,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--backend", default="pycomm")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "convergence_digits"))
+    ap.add_argument("--merge", action="store_true",
+                    help="re-run these cells into the existing <out>.json (module docstring)")
     args = ap.parse_args(argv)
+    if args.merge and not os.path.exists(args.out + ".json"):
+        ap.error(f"--merge: {args.out}.json does not exist")
+    args.run_out = args.out + ".merge" if args.merge else args.out
     args.models = args.models.split(",")
     args.optimizers = args.optimizers.split(",")
     args.compressors = args.compressors.split(",")
@@ -302,9 +344,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if any(p.exitcode != 0 for p in procs):
         print("a rank failed", [p.exitcode for p in procs], file=sys.stderr)
         return 1
-    with open(args.out + ".json") as f:
+    with open(args.run_out + ".json") as f:
         doc = json.load(f)
     doc["loadavg_now"] = list(os.getloadavg())
+    if args.merge:
+        with open(args.out + ".json") as f:
+            doc = merge(json.load(f), doc)
+        os.remove(args.run_out + ".json")
     with open(args.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
     table = summarize(doc)

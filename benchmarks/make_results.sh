@@ -52,6 +52,9 @@ for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 c
     model_parallel)
       for b in gloo pycomm; do run "${name}_$b" "$PY" benchmarks/bench_model_parallel.py --backend "$b"; done ;;
     # docs/COMPRESSION.md (and the README's summary): accuracy matrix, several minutes per model.
+    # These commands reproduce every cell. The committed files' PowerSGD cells were re-run after
+    # PowerSGD became per-parameter with the same commands restricted to PowerSGD plus --merge
+    # (each file lists its merge runs and their exact commands).
     convergence)
       "$PY" benchmarks/bench_convergence.py \
         --compressors none,OneBit,TopK,PowerSGD,OneBit-raw,TopK-raw,PowerSGD-raw,OneBit-nofreeze,TopK-nofreeze,PowerSGD-nofreeze \

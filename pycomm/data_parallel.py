@@ -219,8 +219,8 @@ class DataParallel(torch.nn.Module):
             self._buckets.append(_Bucket(bi, list(params), list(offsets), numel, flat))
             for pi, off in zip(params, offsets):
                 self._slot[pi] = (bi, off)
-            # Momentum correction with Adam freezes the optimizer's second moment over each
-            # bucket: it needs to know which parameters the bucket holds (issue 15).
+            # Which parameters the bucket holds: PowerSGD factorises each matrix-shaped one,
+            # and momentum correction with Adam freezes their second moment (issue 15).
             if hasattr(self.compression, "set_layout"):
                 self.compression.set_layout(bi, [(self._params[pi], off) for pi, off in zip(params, offsets)])
 

@@ -117,7 +117,8 @@ def ddp_comm_hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures
         return fut
     if state.compression is not None:
         if hasattr(state.compression, "set_layout"):
-            # The Adam path of MomentumCorrection needs the bucket's parameters (issue 15);
+            # PowerSGD (per-parameter factorisation) and the Adam path of MomentumCorrection
+            # need the bucket's parameters (issue 15);
             # DDP's buffer holds their gradients back to back in parameters() order.
             offs, off = [], 0
             for p in bucket.parameters():

@@ -5,6 +5,7 @@ namespace pycomm {
 void initBackendBindings(pybind11::module_& m);      // backend.cpp
 void initCompressionBindings(pybind11::module_& m);  // compression_bindings.cpp
 void initBucketBindings(pybind11::module_& m);       // bucket_bindings.cpp
+void initPowerSgdBindings(pybind11::module_& m);     // powersgd_bindings.cpp
 void initReduceBindings(pybind11::module_& m);       // reduce_bindings.cpp
 void initFlightRecorderBindings(pybind11::module_& m);  // flight_recorder_bindings.cpp
 }  // namespace pycomm
@@ -19,6 +20,7 @@ PYBIND11_MODULE(_C, m) {
   pycomm::initBackendBindings(m);
   pycomm::initCompressionBindings(m);
   pycomm::initBucketBindings(m);
+  pycomm::initPowerSgdBindings(m);
   pycomm::initReduceBindings(m);
   pycomm::initFlightRecorderBindings(m);
 }

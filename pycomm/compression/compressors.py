@@ -7,7 +7,7 @@ collectives, scheduling and per-key state live in :mod:`pycomm.compression.engin
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
@@ -208,19 +208,25 @@ class TopK(Compressor):
 
 
 class PowerSGD(Compressor):
-    """Rank-r PowerSGD (Vogels et al. 2019): M ~ P Q^T with P = M Q all-reduced and
-    orthogonalised (QR), Q = M^T P all-reduced; error feedback and warm-started Q.
+    """Rank-r PowerSGD (Vogels et al. 2019), per parameter as torch's ``powerSGD_hook``:
+    every matrix-shaped parameter of the flat tensor (a DataParallel / DDP bucket, whose
+    layout they pass through :meth:`set_layout`), viewed as ``shape[0] x rest``, gets its
+    own M ~ P Q^T: P = M Q all-reduced and orthogonalised (QR), Q = M^T P all-reduced and
+    kept for the next call (warm start), M = gradient + error feedback. Vectors, small
+    matrices (``(rows + cols) * r * min_compression_rate >= rows * cols``) and gaps of the
+    layout travel exactly, in the same all-reduce as the P's. The per-matrix arithmetic
+    runs in C++ (``pycomm._C.powersgd_*``, on ATen) with the GIL released.
 
-    A tensor is viewed as ``shape[0] x rest`` (1-D tensors as a near-square zero-padded
-    matrix). Tensors where ``(rows + cols) * rank * min_compression_rate >= rows * cols``,
-    and every tensor during the first ``start_iter`` calls per key, are all-reduced
-    uncompressed (float32, deterministic).
+    Without a layout the tensor is one matrix: its own ``shape[0] x rest`` view, a 1-D
+    tensor the largest near-square ``rows x cols`` prefix (the rest exact). During the
+    first ``start_iter`` calls per key, or when nothing is worth compressing, the tensor
+    is all-reduced uncompressed (float32, deterministic).
 
     Args:
         rank: the approximation rank r.
         start_iter: calls per key that run uncompressed before compression starts.
         min_compression_rate: the least compression worth the extra error.
-        seed: seed of the initial Q (identical on every rank).
+        seed: seed of the initial Q's (identical on every rank).
     """
 
     def __init__(self, rank: int = 4, start_iter: int = 0, min_compression_rate: float = 2,
@@ -236,64 +242,97 @@ class PowerSGD(Compressor):
     def __repr__(self) -> str:
         return f"PowerSGD(rank={self.rank})"
 
-    @staticmethod
-    def _matrix_shape(shape: Tuple[int, ...], numel: int) -> Tuple[int, int]:
-        if len(shape) >= 2 and shape[0] > 0:
-            return shape[0], numel // shape[0]
-        cols = max(1, math.isqrt(max(numel - 1, 0)) + 1) if numel > 1 else 1
-        return -(-numel // cols), cols
-
     def _plan(self, shape: Tuple[int, ...], numel: int) -> Optional[Tuple[int, int, int]]:
-        """(rows, cols, r) when compression pays, else None."""
-        rows, cols = self._matrix_shape(shape, numel)
+        """(rows, cols, r) of a parameter of this shape when compressing it pays, else None."""
+        if len(shape) < 2 or numel == 0 or shape[0] <= 0:
+            return None
+        rows, cols = shape[0], numel // shape[0]
         r = min(self.rank, rows, cols)
         if (rows + cols) * r * self.min_compression_rate >= rows * cols:
             return None
         return rows, cols, r
 
-    def wire_bytes(self, numel: int, world_size: int, shape: Optional[Tuple[int, ...]] = None) -> int:
-        """As :meth:`Compressor.wire_bytes`, for a compressed step (after ``start_iter``);
-        ``shape`` picks the matrix view (default: 1-D)."""
+    def _matrices(self, key: Hashable, shape: Tuple[int, ...], numel: int) -> Tuple[List[int], ...]:
+        """The layout handed to the C++ steps: (offsets, rows, cols, ranks) of the matrices
+        compressed in a tensor of ``shape`` under ``key`` (lists of equal length, maybe empty)."""
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(shape) >= 2:
+                layout = [(tuple(shape), 0)]
+            else:  # a flat tensor with no layout: its largest near-square prefix
+                cols = math.isqrt(max(numel - 1, 0)) + 1
+                layout = [((numel // cols, cols), 0)] if numel // cols >= 1 else []
+        offs: List[int] = []
+        rows: List[int] = []
+        cols_: List[int] = []
+        ranks: List[int] = []
+        end = 0
+        for shp, off in sorted(layout, key=lambda e: e[1]):
+            size = math.prod(shp)
+            if off < end or off + size > numel:
+                raise ValueError(f"PowerSGD: the layout of key {key!r} does not fit its tensor of {numel} elements "
+                                 f"(a parameter of shape {tuple(shp)} at offset {off})")
+            end = off + size
+            plan = self._plan(tuple(shp), size)
+            if plan is not None:
+                offs.append(off)
+                rows.append(plan[0])
+                cols_.append(plan[1])
+                ranks.append(plan[2])
+        return offs, rows, cols_, ranks
+
+    def wire_bytes(self, numel: int, world_size: int, shape: Optional[Tuple[int, ...]] = None,
+                   key: Optional[Hashable] = None) -> int:
+        """As :meth:`Compressor.wire_bytes`, for a compressed call (after ``start_iter``)
+        of the tensor under ``key`` (its layout) or of ``shape`` (default: 1-D)."""
         if world_size <= 1 or numel == 0:
             return 0
-        plan = self._plan(tuple(shape) if shape is not None else (numel,), numel)
-        if plan is None:
+        mats = self._matrices(key, tuple(shape) if shape is not None else (numel,), numel)
+        if not mats[0]:
             return ring_all_reduce_bytes(numel, world_size)
-        rows, cols, r = plan
-        return ring_all_reduce_bytes(rows * r, world_size) + ring_all_reduce_bytes(cols * r, world_size)
+        exact, p, q = _C.powersgd_payload_sizes(numel, *mats)
+        return ring_all_reduce_bytes(exact + p, world_size) + ring_all_reduce_bytes(q, world_size)
 
-    def _compressing(self, tensor: torch.Tensor, state: Dict[str, Any]) -> Optional[Tuple[int, int, int]]:
+    def _compressing(self, tensor: torch.Tensor, state: Dict[str, Any]) -> Optional[Tuple[List[int], ...]]:
         if int(state.get("step", 0)) < self.start_iter:
             return None
-        return self._plan(tuple(tensor.shape), tensor.numel())
+        mats = self._matrices(state.get("key"), tuple(tensor.shape), tensor.numel())
+        return mats if mats[0] else None
+
+    def _state(self, key: Hashable) -> Dict[str, Any]:
+        st = super()._state(key)
+        st["key"] = key  # which layout _reduce uses (the state may be reset or restored)
+        return st
 
     def _stages(self, tensor, key, world_size):
         return 2 if self._compressing(tensor, self._state(key)) is None else 4
 
+    def _initial_q(self, mats: Tuple[List[int], ...], device: torch.device) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        qs = [torch.linalg.qr(torch.randn(c, r, generator=gen, dtype=torch.float32)).Q.reshape(-1)
+              for c, r in zip(mats[2], mats[3])]
+        return torch.cat(qs).to(device)
+
     def _reduce(self, tensor, state, world_size, rank, divisor):
-        plan = self._compressing(tensor, state)
+        mats = self._compressing(tensor, state)
         state["step"] = int(state.get("step", 0)) + 1
         n = tensor.numel()
-        if plan is None:
-            result = yield from _float_all_reduce(_flat_float(tensor), world_size, rank, divisor)
+        x = _flat_float(tensor)
+        if mats is None:
+            result = yield from _float_all_reduce(x, world_size, rank, divisor)
             _write_back(tensor, result)
             return
-        rows, cols, r = plan
-        err = self._buffer(state, "error", rows * cols, tensor)
-        m = err.view(rows, cols)
-        m.view(-1)[:n].add_(_flat_float(tensor))  # M = gradient + error (error buffer reused)
+        qcount = sum(c * r for c, r in zip(mats[2], mats[3]))
+        err = self._buffer(state, "error", n, tensor)
         q = state.get("q")
-        if not isinstance(q, torch.Tensor) or q.shape != (cols, r) or q.device != tensor.device:
-            gen = torch.Generator().manual_seed(self.seed)
-            q = torch.randn(cols, r, generator=gen, dtype=torch.float32).to(tensor.device)
-            q = torch.linalg.qr(q).Q.contiguous()
-        p = m @ q
-        p = yield from _float_all_reduce(p, world_size, rank, 1)
-        p = torch.linalg.qr(p.view(rows, r)).Q.contiguous()
-        q_local = m.t() @ p
-        m.sub_(p @ q_local.t())  # error feedback: what the local rank-r projection missed
+        if not isinstance(q, torch.Tensor) or q.dim() != 1 or q.numel() != qcount or q.device != tensor.device:
+            q = self._initial_q(mats, tensor.device)
+        payload = _C.powersgd_compress(x, err, q, *mats)  # [exact ranges | P_i = M_i Q_i]
+        payload = yield from _float_all_reduce(payload, world_size, rank, divisor)
+        payload = payload.contiguous()
+        q_local = _C.powersgd_project(err, payload, *mats)  # P_i orthonormalised; error feedback
         q = yield from _float_all_reduce(q_local, world_size, rank, divisor)
-        q = q.view(cols, r).contiguous()
-        state["q"] = q
-        approx = (p @ q.t()).view(-1)
-        _write_back(tensor, approx[:n])
+        state["q"] = q = q.contiguous()
+        out = _out_buffer(tensor)
+        _C.powersgd_decompress(out, payload, q, *mats)
+        _write_back(tensor, out)

@@ -325,6 +325,8 @@ class Compressor:
 
     def __init__(self) -> None:
         self._states: Dict[Hashable, Dict[str, Any]] = {}
+        # Per key: the (shape, offset) of every parameter in the flat tensor (set_layout).
+        self._layouts: Dict[Hashable, List[Tuple[Tuple[int, ...], int]]] = {}
 
     # -- public API -------------------------------------------------------------------
 
@@ -373,6 +375,13 @@ class Compressor:
             pass
         return tensor
 
+    def set_layout(self, key: Hashable, params: Any) -> None:
+        """Which parameters make up ``key``'s flat tensor: ``(param or shape, offset)`` pairs
+        (DataParallel and the DDP hook pass their buckets). :class:`PowerSGD` factorises
+        each matrix-shaped parameter on its own; the element-wise compressors ignore it."""
+        self._layouts[key] = [(tuple(p.shape) if isinstance(p, torch.Tensor) else tuple(int(d) for d in p), int(off))
+                              for p, off in params]
+
     def wire_bytes(self, numel: int, world_size: int) -> int:
         """Bytes this rank sends to its peers for one all_reduce of ``numel`` elements:
         (world_size - 1) x the per-peer all_to_all payload plus (world_size - 1) x the
@@ -380,11 +389,15 @@ class Compressor:
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
-        """Per-key state (residuals, PowerSGD Q, RNG steps) as cloned tensors and ints."""
+        """Per-key state (residuals, PowerSGD Q, RNG steps) as cloned tensors and ints, and
+        the layouts given to :meth:`set_layout`."""
         out: Dict[Hashable, Dict[str, Any]] = {}
         for k, st in self._states.items():
             out[k] = {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
-        return {"type": type(self).__name__, "states": out}
+        sd: Dict[str, Any] = {"type": type(self).__name__, "states": out}
+        if self._layouts:  # what set_layout gave (PowerSGD's plan depends on it)
+            sd["layouts"] = {k: list(v) for k, v in self._layouts.items()}
+        return sd
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` returned, so a resumed run continues exactly."""
@@ -394,6 +407,9 @@ class Compressor:
             k: {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
             for k, st in state["states"].items()
         }
+        if "layouts" in state:
+            self._layouts = {k: [(tuple(int(d) for d in shp), int(off)) for shp, off in v]
+                             for k, v in state["layouts"].items()}
 
     # -- for subclasses ---------------------------------------------------------------
 

@@ -188,8 +188,12 @@ class MomentumCorrection:
 
     def set_layout(self, key: Hashable, params: Iterable[Tuple[torch.Tensor, int]]) -> None:
         """Which parameters make up ``key``'s flat tensor: ``(param, offset)`` pairs
-        (DataParallel and the DDP hook pass their buckets). Needed by the Adam path only."""
+        (DataParallel and the DDP hook pass their buckets). Used by the Adam path, and
+        handed on to the inner compressors (PowerSGD factorises each parameter)."""
         self._layout[key] = [(p, int(off)) for p, off in params]
+        for c in (self.compressor, self.warmup_compression):
+            if c is not None and hasattr(c, "set_layout"):
+                c.set_layout(key, self._layout[key])
 
     def _frozen(self, key: Hashable, st: Dict[str, Any], n: int, device: torch.device) -> Optional[torch.Tensor]:
         """The key's preconditioner ``sqrt(F) + eps``, F = the optimizer's ``v_hat`` frozen at

@@ -355,7 +355,7 @@ def test_wire_bytes_ratio_and_identical_results(backend):
             assert abs(ratio / PROMISED[name] - 1) < 0.03, (name, ratio)
         elif name == "topk":
             assert abs(ratio / (0.01 * w) - 1) < 0.03, (name, ratio)
-        else:  # powersgd: r (rows + cols) of rows * cols for the near-square 1-D view
+        else:  # powersgd: r (rows + cols) of rows * cols for the near-square 1-D prefix view
             assert ratio < 0.03, (name, ratio)
 
 
@@ -546,7 +546,7 @@ def _first_step_reference(name: str, comp: C.Compressor, xs, world_size: int):
             idx = torch.sort(-x32[r].abs(), stable=True).indices[:k]
             ref.index_add_(0, idx, x32[r, idx].double())
         return ref / world_size
-    if name == "powersgd" and comp._plan((n,), n) is None:
+    if name == "powersgd" and not comp._matrices(None, (n,), n)[0]:
         return x32.double().mean(0)  # too small to compress: the exact float32 average
     return None
 
@@ -583,8 +583,8 @@ def _edge_body(rank, world_size, backend):
                     bound += got.abs().max().item() * 2 ** -8  # the result's own rounding
                 assert (got - avg).abs().max().item() <= bound * 1.001 + tol["atol"], (name, n, dt)
             else:  # PowerSGD on a matrix it compresses: a projection of the average
-                rows, cols = comp._matrix_shape((n,), n)
-                assert rows * cols == n
+                (off,), (rows,), (cols,), _ = comp._matrices(None, (n,), n)  # no layout: one matrix
+                assert off == 0 and rows * cols == n
                 m = torch.stack([v.float().double() for v in xs]).mean(0).view(rows, cols)
                 a = got.view(rows, cols)
                 # a = P P^T M (P orthonormal, r columns): rank(a) <= r and a^T (M - a) = 0

@@ -1,0 +1,50 @@
+"""benchmarks/bench_convergence.py --merge: re-run cells replace the file's cells of the
+same (model, optimizer, compressor) in place, the rest is kept, the run is recorded."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from dist_util import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_convergence",
+                                                  os.path.join(ROOT, "benchmarks", "bench_convergence.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cell(opt, comp, seed, acc):
+    return {"model": "mlp", "optimizer": opt, "compressor": comp, "seed": seed, "test_acc": acc, "finite": True,
+            "ranks_identical": True, "bytes_sent_rank0": 10, "fp32_ring_bytes": 100}
+
+
+def _doc(cells, **kw):
+    d = {"ranks": 4, "epochs": 15, "batch": 32, "backend": "pycomm", "command": "python full", "date": "d0",
+         "machine": {"cpu": "x", "cores": 2}, "torch": "t", "loadavg_start": [1.0], "loadavg_now": [1.0],
+         "cells": cells}
+    d.update(kw)
+    return d
+
+
+def test_merge_replaces_in_place_and_records_the_run():
+    b = _bench()
+    old = _doc([_cell("sgd", "none", 0, 90.0), _cell("sgd", "PowerSGD", 0, 50.0), _cell("sgd", "PowerSGD", 1, 51.0),
+                _cell("adam", "none", 0, 91.0), _cell("adam", "PowerSGD", 0, 40.0)])
+    new = _doc([_cell("sgd", "PowerSGD", 0, 89.0), _cell("sgd", "PowerSGD", 1, 88.0),
+                _cell("adam", "PowerSGD", 0, 92.0), _cell("adam", "TopK", 0, 90.5)],
+               command="python merge", date="d1")
+    m = b.merge(old, new)
+    assert [(c["optimizer"], c["compressor"], c["test_acc"]) for c in m["cells"]] == [
+        ("sgd", "none", 90.0), ("sgd", "PowerSGD", 89.0), ("sgd", "PowerSGD", 88.0), ("adam", "none", 91.0),
+        ("adam", "PowerSGD", 92.0), ("adam", "TopK", 90.5)]
+    assert m["command"] == "python full" and m["merged"][0]["command"] == "python merge"
+    assert all(c.get("merge_run") == 0 for c in m["cells"] if c["test_acc"] in (89.0, 88.0, 92.0, 90.5))
+    table = b.summarize(m)
+    assert "python merge" in table and "| mlp | sgd | PowerSGD | 2 | 88.50" in table
+    with pytest.raises(SystemExit, match="epochs"):
+        b.merge(old, _doc([], epochs=8))
