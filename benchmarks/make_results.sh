@@ -25,10 +25,13 @@ run() {  # run NAME CMD...
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
-for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd; do
   want "${ALL[@]}" || continue
   case $name in
+    # README "Results": the default user path (plain dist.all_reduce loop, no environment
+    # variables) vs pycomm-bench vs Gloo, against the machine's limits probed in the same run.
+    bench_limits_4) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 --json "$OUT/$name.json" ;;
     collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;

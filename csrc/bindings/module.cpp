@@ -6,6 +6,7 @@ void initBackendBindings(pybind11::module_& m);      // backend.cpp
 void initCompressionBindings(pybind11::module_& m);  // compression_bindings.cpp
 void initBucketBindings(pybind11::module_& m);       // bucket_bindings.cpp
 void initReduceBindings(pybind11::module_& m);       // reduce_bindings.cpp
+void initProbeBindings(pybind11::module_& m);        // probe_bindings.cpp
 }  // namespace pycomm
 
 PYBIND11_MODULE(_C, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
   pycomm::initCompressionBindings(m);
   pycomm::initBucketBindings(m);
   pycomm::initReduceBindings(m);
+  pycomm::initProbeBindings(m);
 }
