@@ -391,7 +391,7 @@ void ShmTransport::readPeer(int peer, uint64_t remote, void* local, size_t bytes
 
 void ShmTransport::adviseHuge(const void* buf, size_t bytes) {
   // Peers pin the pages of this buffer on every read (process_vm_readv): 2 MiB pages
-  // cost 1/512 of the pinning. Once per buffer (core/huge_pages.h remembers it).
+  // mean 1/512 as many pins. Once per buffer (core/huge_pages.h remembers it). Opt-in.
   if (hugeAdviseBytes_ > 0 && bytes >= hugeAdviseBytes_ && buf != nullptr) {
     adviseHugePages(const_cast<void*>(buf), bytes, /*collapse=*/true);
   }

@@ -28,9 +28,12 @@ constexpr size_t kShmInlineBytes = 64 * 1024;
 /// than cores (then every iteration yields the core). PYCOMM_SPIN overrides both.
 constexpr int kSpinDefault = 2000;
 constexpr int kSpinOversubscribed = 64;
-/// Buffers of at least this many bytes that peers read are advised onto huge pages
-/// (PYCOMM_HUGE_PAGES_MIN; 0 turns the advice off).
-constexpr size_t kHugeAdviseDefault = size_t{4} << 20;
+/// PYCOMM_HUGE_PAGES_MIN=N: buffers of at least N bytes that peers read are advised onto
+/// huge pages once (MADV_HUGEPAGE + MADV_COLLAPSE, core/huge_pages.h). Off by default:
+/// on the CI machine kind (kernel 6.18) process_vm_readv pinned 4 KiB pages as fast as
+/// huge ones and 64 MiB all_reduces ran slower with the advice (issue 17's measurements,
+/// docs/BENCHMARKING.md).
+constexpr size_t kHugeAdviseDefault = 0;
 
 struct ShmHeader;
 struct ShmRankSlot;
