@@ -25,24 +25,27 @@ run() {  # run NAME CMD...
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
-for name in collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd; do
   want "${ALL[@]}" || continue
   case $name in
-    collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
-    collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
-    collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
-    reduce_tcp_4) run $name "$PY" -m pycomm.bench reduce --ranks 4 --transport tcp -b 8 -e 64M -f 8 -n 10 -w 3 --compare gloo --no-progress ;;
+    # README "Results": the default user path (plain dist.all_reduce loop, no environment
+    # variables) vs pycomm-bench vs Gloo, against the machine's limits probed in the same run.
+    bench_limits_4) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 --json "$OUT/$name.json" ;;
+    collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
+    collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
+    collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
+    reduce_tcp_4) run $name "$PY" -m pycomm.bench reduce --ranks 4 --transport tcp --thp 1 --threads 1 -b 8 -e 64M -f 8 -n 10 -w 3 --compare gloo --no-progress ;;
     compression_kernels) run $name "$PY" benchmarks/bench_compression_kernels.py ;;
     compressed_1gbit)
       for c in none fp16 onebit topk qsgd powersgd; do
         extra=(); [ "$c" != none ] && extra=(--compression "$c")
-        run "${name}_$c" "$PY" -m pycomm.bench all_reduce --hosts 4 --link 1gbit -b 100M -e 100M -n 3 -w 1 "${extra[@]}" --no-progress
+        run "${name}_$c" "$PY" -m pycomm.bench all_reduce --hosts 4 --link 1gbit --thp 1 --threads 1 -b 100M -e 100M -n 3 -w 1 "${extra[@]}" --no-progress
       done ;;
     compressed_10gbit)
       for c in none fp16 onebit topk; do
         extra=(); [ "$c" != none ] && extra=(--compression "$c")
-        run "${name}_$c" "$PY" -m pycomm.bench all_reduce --hosts 4 --link 10gbit -b 100M -e 100M -n 3 -w 1 "${extra[@]}" --no-progress
+        run "${name}_$c" "$PY" -m pycomm.bench all_reduce --hosts 4 --link 10gbit --thp 1 --threads 1 -b 100M -e 100M -n 3 -w 1 "${extra[@]}" --no-progress
       done ;;
     dp_step) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit
              run ${name}_10gbit "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 10gbit ;;

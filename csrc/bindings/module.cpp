@@ -8,6 +8,7 @@ void initBucketBindings(pybind11::module_& m);       // bucket_bindings.cpp
 void initPowerSgdBindings(pybind11::module_& m);     // powersgd_bindings.cpp
 void initReduceBindings(pybind11::module_& m);       // reduce_bindings.cpp
 void initFlightRecorderBindings(pybind11::module_& m);  // flight_recorder_bindings.cpp
+void initProbeBindings(pybind11::module_& m);        // probe_bindings.cpp
 }  // namespace pycomm
 
 PYBIND11_MODULE(_C, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   pycomm::initPowerSgdBindings(m);
   pycomm::initReduceBindings(m);
   pycomm::initFlightRecorderBindings(m);
+  pycomm::initProbeBindings(m);
 }

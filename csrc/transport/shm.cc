@@ -13,6 +13,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 #include <fstream>
@@ -20,6 +21,8 @@
 
 #include "core/env.h"
 #include "core/error.h"
+#include "core/huge_pages.h"
+#include "transport/probe.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -142,7 +145,16 @@ ShmTransport::ShmTransport(Store& store, const std::string& keyPrefix, int rank,
                            std::chrono::milliseconds timeout)
     : rank_(rank), size_(size), pids_(size), pidfds_(size, -1), sendSeq_(size, 0),
       recvSeq_(size, 0) {
-  spinIters_ = static_cast<int>(envInt("PYCOMM_SPIN", 2000));
+  // How long a wait spins before it sleeps on the futex. A spinning rank helps only
+  // while the rank it waits for runs on another core: with more ranks on the host than
+  // cores it can use, the spin steals the core that rank needs, so the wait yields the
+  // core at every step and sleeps soon (PYCOMM_SPIN / PYCOMM_SPIN_YIELD override).
+  const int cpus = availableCpus();
+  oversubscribed_ = size > cpus;
+  spinIters_ = static_cast<int>(envInt("PYCOMM_SPIN", oversubscribed_ ? kSpinOversubscribed : kSpinDefault));
+  yieldEvery_ = static_cast<int>(std::max<int64_t>(
+      1, envInt("PYCOMM_SPIN_YIELD", oversubscribed_ ? 1 : 128)));
+  hugeAdviseBytes_ = static_cast<size_t>(envInt("PYCOMM_HUGE_PAGES_MIN", static_cast<int64_t>(kHugeAdviseDefault)));
   mapBytes_ = totalBytes(size);
   int fd = -1;
   if (rank == 0) {
@@ -299,8 +311,8 @@ void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadli
   for (int i = 0; i < spinIters_; ++i) {
     if (done()) return;
     PYCOMM_CPU_RELAX();
-    // With more ranks than cores the peer we wait for may need this core.
-    if ((i & 127) == 127) sched_yield();
+    // The peer we wait for may need this core (always so when oversubscribed).
+    if ((i + 1) % yieldEvery_ == 0) sched_yield();
   }
   ShmRankSlot* me = slot(rank_);
   // Collectives only: p2p sequence numbers are per pair and p2p calls are unordered.
@@ -377,9 +389,18 @@ void ShmTransport::readPeer(int peer, uint64_t remote, void* local, size_t bytes
   slot(peer)->served.fetch_add(bytes, std::memory_order_relaxed);
 }
 
+void ShmTransport::adviseHuge(const void* buf, size_t bytes) {
+  // Peers pin the pages of this buffer on every read (process_vm_readv): 2 MiB pages
+  // mean 1/512 as many pins. Once per buffer (core/huge_pages.h remembers it). Opt-in.
+  if (hugeAdviseBytes_ > 0 && bytes >= hugeAdviseBytes_ && buf != nullptr) {
+    adviseHugePages(const_cast<void*>(buf), bytes, /*collapse=*/true);
+  }
+}
+
 void ShmTransport::postSend(int peer, const void* buf, size_t bytes, const OpDesc& desc) {
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "invalid peer rank ", peer);
   checkAbort();
+  adviseHuge(buf, bytes);
   ShmMailbox* mb = mailbox(rank_, peer);
   uint64_t seq = ++sendSeq_[peer];
   mb->desc = desc;
@@ -447,6 +468,7 @@ void ShmTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes,
 uint64_t ShmTransport::post(const OpDesc& desc, const void* addr, size_t bytes, size_t inlineBytes) {
   checkAbort();
   PYCOMM_ASSERT(inlineBytes <= kShmInlineBytes);
+  adviseHuge(addr, bytes);
   const uint64_t dseq = ++directSeq_;
   ShmRankSlot* me = slot(rank_);
   ShmPostRecord& rec = me->rec[dseq & 1];

@@ -24,6 +24,16 @@ namespace pycomm {
 
 /// Bytes a rank can publish inline in its post record (one-shot all-reduce limit).
 constexpr size_t kShmInlineBytes = 64 * 1024;
+/// Spin iterations of a wait before it sleeps: ranks <= usable cores, and more ranks
+/// than cores (then every iteration yields the core). PYCOMM_SPIN overrides both.
+constexpr int kSpinDefault = 2000;
+constexpr int kSpinOversubscribed = 64;
+/// PYCOMM_HUGE_PAGES_MIN=N: buffers of at least N bytes that peers read are advised onto
+/// huge pages once (MADV_HUGEPAGE + MADV_COLLAPSE, core/huge_pages.h). Off by default:
+/// on the CI machine kind (kernel 6.18) process_vm_readv pinned 4 KiB pages as fast as
+/// huge ones and 64 MiB all_reduces ran slower with the advice (issue 17's measurements,
+/// docs/BENCHMARKING.md).
+constexpr size_t kHugeAdviseDefault = 0;
 
 struct ShmHeader;
 struct ShmRankSlot;
@@ -73,6 +83,7 @@ class ShmTransport : public Transport, public DirectAccess {
   template <typename Pred>
   void waitFor(Pred done, int peer, const OpDesc& desc, const Deadline& deadline, const char* what);
   void checkAbort() const;
+  void adviseHuge(const void* buf, size_t bytes);
   void checkPeerAlive(int peer, const OpDesc& desc, const char* what);
   void postSend(int peer, const void* buf, size_t bytes, const OpDesc& desc);
   void waitSendDone(int peer, const OpDesc& desc, const Deadline& deadline);
@@ -93,6 +104,9 @@ class ShmTransport : public Transport, public DirectAccess {
   uint64_t directSeq_ = 0;
   uint64_t barrierSeq_ = 0;
   int spinIters_;
+  int yieldEvery_ = 128;
+  bool oversubscribed_ = false;
+  size_t hugeAdviseBytes_ = kHugeAdviseDefault;
   std::chrono::steady_clock::time_point lastLiveCheck_{};
 };
 

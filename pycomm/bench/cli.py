@@ -65,9 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the buffers live (cuda: rank i on GPU i %% device count; timed until the "
                         "result is on the device)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
-    p.add_argument("--thp", type=int, choices=(0, 1), default=1,
-                   help="launched ranks set THP_MEM_ALLOC_ENABLE (huge pages for large tensors; both backends)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: torch's own default, left unchanged)")
+    p.add_argument("--thp", type=int, choices=(0, 1), default=None,
+                   help="set THP_MEM_ALLOC_ENABLE to this for launched ranks (torch's huge pages for large "
+                        "tensors, both backends); default: leave the environment as it is")
+    p.add_argument("--limits", type=int, choices=(0, 1), default=1,
+                   help="probe this machine's copy / process_vm_readv / futex limits first and print each "
+                        "time as a fraction of the bound they allow (%%lim)")
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout (s)")
     p.add_argument("--launch-timeout", type=float, default=None, help="kill all ranks after this many seconds")
     o = ap.add_argument_group("output")

@@ -99,7 +99,9 @@ def _fmt_mode(m: Optional[dict]) -> str:
 
 
 def header_lines(compare: Optional[str] = None) -> List[str]:
-    """The nccl-tests column header (three lines), with the --compare columns appended."""
+    """The nccl-tests column header (three lines), with the --compare columns appended,
+    then the latency percentiles and the fraction of the machine's limit of each mode
+    (out-of-place, in-place, then the compared backend's out-of-place)."""
     l1 = "#" + " " * 62 + "out-of-place" + " " * 23 + "in-place"
     l2 = (f"#{'size':>11}  {'count':>12}  {'type':>8}  {'redop':>6}  {'root':>6}"
           + f"  {'time':>7}  {'algbw':>6}  {'busbw':>6}  {'#wrong':>6}" * 2)
@@ -109,7 +111,21 @@ def header_lines(compare: Optional[str] = None) -> List[str]:
         l1 += " " * 20 + f"{compare} out-of-place"
         l2 += f"  {'time':>7}  {'busbw':>6}  {'#wrong':>6}  {'ratio':>6}"
         l3 += f"  {'(us)':>7}  {'(GB/s)':>6}  {'':>6}  {'':>6}"
+    l1 = l1.ljust(len(l2)) + "     out-of-place:           in-place:" + (f"            {compare}:" if compare else "")
+    for _ in range(3 if compare else 2):
+        l2 += f"  {'p50':>7}  {'p99':>7}  {'%lim':>5}"
+        l3 += f"  {'(us)':>7}  {'(us)':>7}  {'':>5}"
     return [l1, l2, l3]
+
+
+def _fmt_extra(m: Optional[dict]) -> str:
+    """p50, p99 and the fraction of the limit of one mode ("N/A" where not measured)."""
+    if m is None:
+        return f"  {'N/A':>7}  {'N/A':>7}  {'N/A':>5}"
+    p50 = _fmt_time(m["p50_us"]) if m.get("p50_us") is not None else f"{'N/A':>7}"
+    p99 = _fmt_time(m["p99_us"]) if m.get("p99_us") is not None else f"{'N/A':>7}"
+    frac = f"{100 * m['frac']:5.0f}" if m.get("frac") is not None else f"{'N/A':>5}"
+    return f"  {p50}  {p99}  {frac}"
 
 
 def format_row(row: dict) -> str:
@@ -121,6 +137,9 @@ def format_row(row: dict) -> str:
         wrong = "N/A" if c.get("wrong") is None else str(c["wrong"])
         ratio = "N/A" if row.get("ratio") is None else f"{row['ratio']:6.2f}"
         s += f"  {_fmt_time(c['time_us'])}  {c['busbw']:6.2f}  {wrong:>6}  {ratio:>6}"
+    s += _fmt_extra(row.get("oop")) + _fmt_extra(row.get("ip"))
+    if "cmp" in row:
+        s += _fmt_extra(row["cmp"])
     return s
 
 

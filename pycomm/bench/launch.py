@@ -25,21 +25,20 @@ def _child_argv() -> List[str]:
     return [sys.executable, "-m", "pycomm.bench"]
 
 
-def _child_env(extra: Dict[str, str], thp: bool) -> Dict[str, str]:
+def _child_env(extra: Dict[str, str], thp: Optional[int]) -> Dict[str, str]:
     env = dict(os.environ)
     # The ranks import the same pycomm as this process (a source tree wins over an install).
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYCOMM_BENCH_COMMAND", "pycomm-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
-    # torch's CPU allocator backs large tensors with transparent huge pages when this is
-    # set before the process starts; cross-memory reads (the shm transport) then pin
-    # 2 MiB pages instead of 4 KiB ones, about twice as fast. --thp 0 turns it off.
-    if thp:
-        env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    else:
-        env["THP_MEM_ALLOC_ENABLE"] = "0"
+    # Nothing else is changed unless asked: the ranks see the settings a user's script
+    # would. --thp sets torch's THP_MEM_ALLOC_ENABLE (huge pages for large tensors) and the
+    # header says so (pycomm requests huge pages on the buffers it reads across processes
+    # itself, see csrc/core/huge_pages.h).
+    if thp is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = str(int(thp))
+        env["PYCOMM_BENCH_SET"] = (env.get("PYCOMM_BENCH_SET", "") + f" THP_MEM_ALLOC_ENABLE={int(thp)}").strip()
     return env
 
 
@@ -87,7 +86,7 @@ def launch_local(args: argparse.Namespace, argv: Sequence[str]) -> int:
         extra["PYCOMM_TRANSPORT"] = args.transport
     procs = []
     for r in range(n):
-        env = _child_env({**extra, "RANK": str(r), "LOCAL_RANK": str(r)}, bool(args.thp))
+        env = _child_env({**extra, "RANK": str(r), "LOCAL_RANK": str(r)}, args.thp)
         procs.append(subprocess.Popen(_child_argv() + list(argv), env=env))
     return wait_all(procs, args.launch_timeout)
 
@@ -109,7 +108,7 @@ def launch_cluster(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for h, ranks in enumerate(per_host):
             for local, r in enumerate(ranks):
                 env = _child_env({**extra, "RANK": str(r), "LOCAL_RANK": str(local),
-                                  "LOCAL_WORLD_SIZE": str(len(ranks)), "GROUP_RANK": str(h)}, bool(args.thp))
+                                  "LOCAL_WORLD_SIZE": str(len(ranks)), "GROUP_RANK": str(h)}, args.thp)
                 procs.append(cluster.run(h, _child_argv() + list(argv), env=env))
         return wait_all(procs, args.launch_timeout)
 

@@ -6,7 +6,7 @@ import platform
 import socket
 from typing import Any, Dict
 
-__all__ = ["cpu_model", "machine"]
+__all__ = ["cpu_model", "load", "machine"]
 
 
 def cpu_model() -> str:
@@ -21,7 +21,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def load() -> str:
+    """The 1, 5 and 15 minute load averages ("0.52 1.10 1.35"): how busy the machine was."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def machine() -> Dict[str, Any]:
-    """Host name, CPU model, core count and platform string."""
+    """Host name, CPU model, core count, platform string and the load average now."""
     return {"host": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "load": load()}

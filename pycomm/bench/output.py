@@ -27,7 +27,8 @@ def human(n: int) -> str:
 CSV_FIELDS = ["collective", "backend", "compression", "nranks", "size", "count", "type", "redop", "root",
               "oop_time_us", "oop_algbw", "oop_busbw", "oop_wrong", "ip_time_us", "ip_algbw", "ip_busbw",
               "ip_wrong", "cmp_backend", "cmp_time_us", "cmp_busbw", "cmp_wrong", "ratio", "relerr",
-              "wire_bytes"]
+              "wire_bytes", "oop_p50_us", "oop_p99_us", "oop_bound_us", "oop_frac", "ip_p50_us", "ip_p99_us",
+              "ip_bound_us", "ip_frac", "cmp_p50_us", "cmp_p99_us", "cmp_frac"]
 
 
 def _flat(row: dict) -> dict:
@@ -35,11 +36,11 @@ def _flat(row: dict) -> dict:
                                  "redop", "root", "ratio")}
     for m in ("oop", "ip"):
         v = row.get(m) or {}
-        for k in ("time_us", "algbw", "busbw", "wrong"):
+        for k in ("time_us", "algbw", "busbw", "wrong", "p50_us", "p99_us", "bound_us", "frac"):
             d[f"{m}_{k}"] = v.get(k)
     c = row.get("cmp") or {}
     d["cmp_backend"] = row.get("cmp_backend")
-    for k in ("time_us", "busbw", "wrong"):
+    for k in ("time_us", "busbw", "wrong", "p50_us", "p99_us", "frac"):
         d[f"cmp_{k}"] = c.get(k)
     d["relerr"] = (row.get("oop") or {}).get("relerr")
     d["wire_bytes"] = (row.get("oop") or {}).get("wire_bytes")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pycomm.bench.columns import COMPRESSORS, DTYPES, REDUCING, avg_busbw, counts_for, format_row, header_lines, \
     sweep_sizes
+from pycomm.bench.machine import load
 from pycomm.bench.output import human, machine, progress_bar, write_csv, write_plot
 from pycomm.bench.timing import Case, GroupRunner, time_compressed, time_mode
 
@@ -50,7 +51,8 @@ def run_rank(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     problem = backend_problem(args.backend)
     if problem:
@@ -73,13 +75,36 @@ def run_rank(args: argparse.Namespace) -> int:
         # queues or connections with the backend being measured.
         side = dist.new_group(backend="gloo", timeout=timeout)
         cmp_group = dist.new_group(backend=args.compare, timeout=timeout) if args.compare else None
-        return _sweep(args, rank, world, side, cmp_group, comp)
+        limits = None
+        if args.limits and not args.hosts and args.device == "cpu":
+            # Rank 0 probes while the others wait, before any collective runs.
+            if rank == 0:
+                from pycomm.bench import limits as limits_mod
+
+                try:
+                    limits = limits_mod.probe(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+                except Exception as e:  # noqa: BLE001 - the sweep runs without %lim
+                    print(f"# limits not probed: {type(e).__name__}: {e}", file=sys.stderr)
+            dist.barrier(group=side)
+        return _sweep(args, rank, world, side, cmp_group, comp, limits)
     finally:
         dist.destroy_process_group()
 
 
-def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
+def _settings(args) -> str:
+    """Every setting the bench changed in the ranks, or "none"."""
+    changed = os.environ.get("PYCOMM_BENCH_SET", "").split()
+    if args.transport:
+        changed.append(f"PYCOMM_TRANSPORT={args.transport}")
+    if args.threads is not None:
+        changed.append(f"torch.set_num_threads({args.threads})")
+    return ", ".join(changed) if changed else "none"
+
+
+def _sweep(args, rank: int, world: int, side, cmp_group, comp, limits=None) -> int:
     import torch
+
+    from pycomm.bench import limits as limits_mod
 
     dtype_name = args.dtype
     elem = torch.empty((), dtype=getattr(torch, DTYPES[dtype_name])).element_size()
@@ -114,6 +139,9 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
         "hostname": socket.gethostname(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": os.environ.get("PYCOMM_BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
+        "load": load(), "settings_changed": _settings(args), "torch_threads": torch.get_num_threads(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "limits": limits,
+        "pycomm_env": {k: v for k, v in os.environ.items() if k.startswith("PYCOMM_") and not k.startswith("PYCOMM_BENCH")},
     }
     if os.environ.get("PYCOMM_BENCH_NETEM"):
         meta["netem"] = json.loads(os.environ["PYCOMM_BENCH_NETEM"])
@@ -128,7 +156,13 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
               + (f", transport {meta['transport']}" if meta["transport"] else "")
               + (f", buffers on {primary.device} ({torch.cuda.get_device_name(primary.device)})"
                  if primary.device is not None else "")
-              + f", THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}", file=out)
+              + f", load average {meta['load']}", file=out)
+        print(f"# settings changed by pycomm-bench: {meta['settings_changed']}; in effect: THP_MEM_ALLOC_ENABLE="
+              f"{meta['THP_MEM_ALLOC_ENABLE'] or 'unset'}, torch threads per rank {meta['torch_threads']}"
+              + "".join(f", {k}={v}" for k, v in sorted(meta["pycomm_env"].items())), file=out)
+        if limits:
+            for line in limits_mod.header_lines(limits):
+                print(line, file=out)
         if args.hosts:
             nm = meta.get("netem", {})
             lat = args.latency if nm.get("latency_applied", True) else f"{args.latency} (NOT applied: no sch_netem)"
@@ -152,6 +186,12 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
         else:
             oop = time_mode(primary, case, False, args.iters, args.warmup, bool(args.check), side)
             ip = time_mode(primary, case, True, args.iters, args.warmup, bool(args.check), side)
+        transport = "tcp" if (args.hosts or os.environ.get("PYCOMM_TRANSPORT") == "tcp") else "shm"
+        for m, inplace in ((oop, False), (ip, True)):
+            if m is not None:
+                b = limits_mod.bound_seconds(coll, case.size, world, inplace, limits, transport)
+                m["bound_us"] = None if b is None else b * 1e6
+                m["frac"] = None if b is None or comp is not None else b / (m["time_us"] * 1e-6)
         prog.set_postfix_str(human(case.size), refresh=False)
         prog.update()
         row = {"collective": coll, "backend": args.backend, "compression": args.compression, "nranks": world,
@@ -162,6 +202,9 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp) -> int:
                          case.count, case.size, case.root)
             c = time_mode(other, ccase, False, args.iters, args.warmup, bool(args.check), side)
             prog.update()
+            if c is not None and oop is not None and oop.get("bound_us") is not None:
+                c["bound_us"] = oop["bound_us"]
+                c["frac"] = c["bound_us"] / c["time_us"]
             row["cmp_backend"] = args.compare
             row["cmp"] = c
             row["ratio"] = (oop["busbw"] / c["busbw"]) if c and c["busbw"] > 0 else None

@@ -5,6 +5,7 @@ backend being measured.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
@@ -172,6 +173,37 @@ def _side_sum(value: int, side) -> int:
     return int(t.item())
 
 
+def percentile(sorted_values, q: float) -> float:
+    """The q-th percentile (0..100) of an ascending list, nearest rank (p99 of 20 values is the largest)."""
+    if not sorted_values:
+        return 0.0
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
+    return float(sorted_values[k])
+
+
+def _timed_loop(fn, iters: int, side):
+    """Runs `fn` `iters` times, each call timed. Returns (mean seconds per call, p50, p99):
+    the mean is the whole loop's time / iters, maximum over ranks (nccl-tests' time); the
+    percentiles are over the calls, each call's time being the slowest rank's."""
+    import torch
+    import torch.distributed as dist
+
+    n = max(1, iters)
+    each = [0.0] * n
+    clock = time.perf_counter
+    t0 = clock()
+    for i in range(n):
+        a = clock()
+        fn()
+        each[i] = clock() - a
+    total = (clock() - t0) / n
+    t = torch.tensor(each + [total], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=side)
+    vals = t.tolist()
+    per_call = sorted(vals[:n])
+    return vals[n], percentile(per_call, 50), percentile(per_call, 99)
+
+
 def time_mode(runner: GroupRunner, case: Case, inplace: bool, iters: int, warmup: int, check: bool,
               side) -> Optional[dict]:
     """Times one mode: warm-up, `iters` timed calls, max over ranks; then (check) one call on
@@ -186,11 +218,7 @@ def time_mode(runner: GroupRunner, case: Case, inplace: bool, iters: int, warmup
     for _ in range(warmup):
         fn()
     dist.barrier(group=side)  # start the timed loop together so the max over ranks is fair
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    per_iter = (time.perf_counter() - t0) / max(1, iters)
-    seconds = _side_max(per_iter, side)
+    seconds, p50, p99 = _timed_loop(fn, iters, side)
     wrong = None
     if check:
         fill()
@@ -199,7 +227,8 @@ def time_mode(runner: GroupRunner, case: Case, inplace: bool, iters: int, warmup
                             case.count, case.root)
         wrong = _side_sum(local, side)
     algbw, busbw = bandwidths(case.collective, case.size, seconds, runner.nranks)
-    return {"time_us": seconds * 1e6, "algbw": algbw, "busbw": busbw, "wrong": wrong}
+    return {"time_us": seconds * 1e6, "p50_us": p50 * 1e6, "p99_us": p99 * 1e6, "algbw": algbw, "busbw": busbw,
+            "wrong": wrong}
 
 
 def time_compressed(comp, group, case: Case, iters: int, warmup: int, check: bool, side, rank: int,
@@ -227,10 +256,7 @@ def time_compressed(comp, group, case: Case, iters: int, warmup: int, check: boo
     for _ in range(warmup):
         call()
     dist.barrier(group=side)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        call()
-    seconds = _side_max((time.perf_counter() - t0) / max(1, iters), side)
+    seconds, p50, p99 = _timed_loop(call, iters, side)
     relerr = None
     if check:
         fill()  # a fresh key: no error-feedback residual left over from the timed calls
@@ -244,6 +270,7 @@ def time_compressed(comp, group, case: Case, iters: int, warmup: int, check: boo
         wire = int(comp.wire_bytes(case.count, nranks))
     except Exception:  # noqa: BLE001 - optional information
         pass
-    return {"time_us": seconds * 1e6, "algbw": algbw, "busbw": busbw, "wrong": None, "relerr": relerr,
+    return {"time_us": seconds * 1e6, "p50_us": p50 * 1e6, "p99_us": p99 * 1e6, "algbw": algbw, "busbw": busbw,
+            "wrong": None, "relerr": relerr,
             "wire_bytes": wire}
 

@@ -32,7 +32,8 @@ def run_bench(*argv, timeout=90, env=None):
 
 
 def rows_of(stdout):
-    """Data rows as lists of fields (13 standard columns, +4 with --compare)."""
+    """Data rows as lists of fields (13 standard columns, +4 with --compare, then p50/p99/%lim
+    per mode: +6, +9 with --compare)."""
     return [line.split() for line in stdout.splitlines() if ROW_RE.match(line)]
 
 
@@ -101,15 +102,79 @@ def test_counts_whole_array():
 
 
 def test_format_row_columns():
-    m = {"time_us": 12.345, "algbw": 1.234, "busbw": 2.345, "wrong": 0}
+    m = {"time_us": 12.345, "algbw": 1.234, "busbw": 2.345, "wrong": 0, "p50_us": 11.0, "p99_us": 150.25,
+         "frac": 0.456}
     row = {"size": 1024, "count": 256, "type": "float", "redop": "sum", "root": -1, "oop": m, "ip": None}
     f = bench.format_row(row).split()
-    assert f == ["1024", "256", "float", "sum", "-1", "12.35", "1.23", "2.35", "0", "N/A", "N/A", "N/A", "N/A"]
-    row.update(cmp={"time_us": 24.0, "busbw": 1.0, "wrong": 0}, ratio=2.345)
-    assert bench.format_row(row).split()[-4:] == ["24.00", "1.00", "0", "2.35"]
+    assert f == ["1024", "256", "float", "sum", "-1", "12.35", "1.23", "2.35", "0", "N/A", "N/A", "N/A", "N/A",
+                 "11.00", "150.2", "46", "N/A", "N/A", "N/A"]
+    row.update(cmp={"time_us": 24.0, "busbw": 1.0, "wrong": 0, "p50_us": 20.0, "p99_us": 30.0}, ratio=2.345)
+    f = bench.format_row(row).split()
+    assert f[13:17] == ["24.00", "1.00", "0", "2.35"]
+    assert f[-3:] == ["20.00", "30.00", "N/A"] and len(f) == 26
     hdr = bench.header_lines()
     assert "out-of-place" in hdr[0] and "in-place" in hdr[0]
-    assert hdr[1].split() == ["#", "size", "count", "type", "redop", "root"] + ["time", "algbw", "busbw", "#wrong"] * 2
+    assert hdr[1].split() == (["#", "size", "count", "type", "redop", "root"] + ["time", "algbw", "busbw", "#wrong"] * 2
+                              + ["p50", "p99", "%lim"] * 2)
+    assert bench.header_lines("gloo")[1].split()[-13:] == ["time", "busbw", "#wrong", "ratio"] + ["p50", "p99", "%lim"] * 3
+
+
+def test_percentiles_nearest_rank():
+    from pycomm.bench.timing import percentile
+
+    vals = sorted(float(i) for i in range(1, 101))
+    assert percentile(vals, 50) == 50.0 and percentile(vals, 99) == 99.0 and percentile(vals, 100) == 100.0
+    assert percentile([3.0], 99) == 3.0 and percentile([], 50) == 0.0
+    assert percentile([1.0] * 19 + [9.0], 99) == 9.0  # p99 of 20 calls is the slowest one
+
+
+def _fake_limits(mem=10.0, mem1=6.0, cma=4.0, cma1=2.5, rt=40.0):
+    bw = lambda g, huge=True: {"best_gbps": g, "median_gbps": g, "error": None, "huge_pages": huge,  # noqa: E731
+                               "huge_backed": huge}
+    return {"cpus": 2, "threads_all": 2, "probe_bytes": 64 << 20, "reps": 5,
+            "memcpy_1": bw(mem1), "memcpy_all": bw(mem), "cma_huge_1": bw(cma1), "cma_huge_all": bw(cma),
+            "cma_4k_1": bw(cma1 / 2, False), "cma_4k_all": bw(cma / 2, False),
+            "futex_rt": {"p50_us": rt, "p99_us": 2 * rt, "error": None}}
+
+
+def test_limits_probe_runs():
+    """The C++ probes (pycomm._C.probe_*) return positive figures, and the bench's header
+    carries them."""
+    from pycomm.bench import limits as L
+
+    pytest.importorskip("pycomm._C")
+    lim = L.probe(2, nbytes=4 << 20, reps=2, futex_iters=100)
+    for k in ("memcpy_1", "memcpy_all", "cma_4k_1", "cma_huge_all"):
+        assert lim[k]["error"] is None and lim[k]["best_gbps"] > 0, (k, lim[k])
+    assert lim["cma_4k_1"]["huge_backed"] is False
+    assert 0 < lim["futex_rt"]["p50_us"] <= lim["futex_rt"]["p99_us"]
+    assert lim["threads_all"] == 2 and lim["cpus"] >= 1
+    assert L.bound_seconds("all_reduce", 64 << 20, 2, True, lim) > 0
+
+
+def test_limit_bounds_arithmetic():
+    from pycomm.bench import limits as L
+
+    lim = _fake_limits()
+    s, n = 64 << 20, 4
+    # single-copy all_reduce: 2(n-1) S over the host at the all-core process_vm_readv rate
+    assert L.bound_seconds("all_reduce", s, n, True, lim) == pytest.approx(2 * 3 * s / 4e9)
+    # out of place adds the bench's copy: n S at the all-core memcpy rate
+    assert L.bound_seconds("all_reduce", s, n, False, lim) == pytest.approx(2 * 3 * s / 4e9 + 4 * s / 10e9)
+    # 4 KiB pages: half the rate here, twice the bound
+    assert L.bound_seconds("all_reduce", s, n, True, lim, pages="cma_4k") == pytest.approx(2 * 3 * s / 2e9)
+    # reduce: the root reads alone, at the one-core rate
+    assert L.bound_seconds("reduce", s, n, True, lim) == pytest.approx(3 * s / 2.5e9)
+    assert L.bound_seconds("all_gather", s, n, True, lim) == pytest.approx(3 * s / 4e9)
+    # small messages: never below one wake-up (half the futex round trip)
+    assert L.bound_seconds("all_reduce", 8, n, True, lim) == pytest.approx(20e-6)
+    # no bound without probes, over TCP, or on one rank
+    assert L.bound_seconds("all_reduce", s, n, True, None) is None
+    assert L.bound_seconds("all_reduce", s, n, True, lim, transport="tcp") is None
+    assert L.bound_seconds("all_reduce", s, 1, True, lim) is None
+    lines = L.header_lines(lim)
+    assert "process_vm_readv 4 KiB pages 1 thread 1.25" in lines[0] and "huge pages 1 thread 2.50" in lines[0]
+    assert "p50 40.0 us" in lines[1]
 
 
 @pytest.mark.parametrize("coll", bench.COLLECTIVES)
@@ -212,7 +277,7 @@ def test_gloo_sweep_checked_with_files(tmp_path):
     rows = rows_of(out)
     assert [int(r[0]) for r in rows] == [8, 64, 512, 4096, 32768]
     for r in rows:
-        assert len(r) == 13
+        assert len(r) == 19
         assert int(r[1]) * 4 == int(r[0]) and r[2] == "float" and r[3] == "sum" and r[4] == "-1"
         assert r[8] == "0" and r[12] == "0"  # #wrong out-of-place and in-place
         t, algbw, busbw = float(r[5]), float(r[6]), float(r[7])
@@ -278,7 +343,7 @@ def test_compare_gloo_prints_ratio(tmp_path):
     rows = rows_of(p.stdout)
     assert len(rows) == 3
     for r in rows:
-        assert len(r) == 17 and r[15] == "0"
+        assert len(r) == 26 and r[15] == "0"
     # The ratio column is primary busbw / compared busbw, and the summary is their geomean.
     doc = json.loads((tmp_path / "c.json").read_text())
     ratios = []
@@ -341,7 +406,7 @@ def test_pycomm_compare_gloo(transport):
                   "--ranks", "2", "-b", "4K", "-e", "256K", "-f", "8", "-n", "3", "-w", "1")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = rows_of(p.stdout)
-    assert rows and all(len(r) == 17 and r[8] == "0" and r[15] == "0" for r in rows), p.stdout
+    assert rows and all(len(r) == 26 and r[8] == "0" and r[15] == "0" for r in rows), p.stdout
     assert "transport " + transport in p.stdout
     assert "# busbw ratio pycomm/gloo" in p.stdout
 
