@@ -423,6 +423,16 @@ void ShmTransport::completeRecv(int peer, void* buf, size_t bytes, const OpDesc&
   ring(peer);
 }
 
+Transport::Peek ShmTransport::peekHeader(int peer, OpDesc* desc, size_t* bytes) {
+  checkAbort();
+  PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "invalid peer rank ", peer);
+  ShmMailbox* mb = mailbox(peer, rank_);
+  if (mb->posted.load(std::memory_order_acquire) < recvSeq_[peer] + 1) return Peek::kNothing;
+  *desc = mb->desc;
+  *bytes = mb->bytes;
+  return Peek::kMessage;
+}
+
 void ShmTransport::send(int peer, const void* buf, size_t bytes, const OpDesc& desc,
                         const Deadline& deadline) {
   postSend(peer, buf, bytes, desc);
