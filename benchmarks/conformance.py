@@ -17,7 +17,7 @@ every failure with its error, the tests skipped only because of the backend's na
 what happened when they were run on pycomm, stamped with machine, torch version, date,
 load and command.
 
-    python benchmarks/conformance.py                    # everything (long: ~1 h on 2 cores)
+    python benchmarks/conformance.py                    # everything (~10 min on 2 cores)
     python benchmarks/conformance.py --only 'all_gather|barrier'   # a subset (regex)
 
 How the backend name reaches torch's harness: distributed_test.py reads BACKEND from the
@@ -220,6 +220,11 @@ def main() -> None:
     import torch
 
     from pycomm.bench.machine import machine
+
+    try:
+        import expecttest  # noqa: F401  (torch's test utilities import it)
+    except ImportError:
+        sys.exit("conformance.py needs torch's test dependency expecttest: pip install expecttest")
 
     command = " ".join([os.path.basename(sys.executable)] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     started = datetime.datetime.now(datetime.timezone.utc)

@@ -586,6 +586,8 @@ class PycommBackend : public c10d::Backend {
   /// buffer carries them all), outputs on one device class with the inputs.
   void checkCoalesced(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
                       const char* what) {
+    TORCH_CHECK_VALUE(!inputs.empty() || outputs.empty(), "pycomm rank ", rank_, ": ", what,
+                      " has outputs but no inputs");
     for (const auto* list : {&inputs, &outputs}) {
       for (const auto& t : *list) {
         checkTensor(t, rank_, what);
@@ -618,7 +620,7 @@ class PycommBackend : public c10d::Backend {
     return submit(std::move(c), asyncOp,
                   [in, out, op, pieces = std::move(pieces)](Collectives& cs, const OpDesc& d, const Deadline& dl) {
                     op.run(cs, nullptr, in.data_ptr(), out.data_ptr(), d, dl);
-                    for (const Piece& p : pieces) p.dst.copy_(p.src.view(p.dst.sizes()));
+                    for (const Piece& p : pieces) p.dst.copy_(p.src.reshape(p.dst.sizes()));
                   });
   }
 
