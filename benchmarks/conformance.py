@@ -44,6 +44,20 @@ from typing import Any, Dict, List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SIZE = 3
 
+#: Why a test still fails on pycomm where that is understood (printed next to the failure;
+#: a failure without an entry is unexplained).
+KNOWN = {
+    "test_ddp_logging_data_cpu":
+        "torch: DDP's logger records ProcessGroup::getBackendName(), the backend *type*, which is "
+        "'custom' for every backend registered through Backend.register_backend; the test expects "
+        "dist.get_backend() ('pycomm'). Not fixable in a backend.",
+    "test_sparse_all_reduce_sum":
+        "pycomm has no sparse all_reduce (dense tensors only; ValueError naming the rank).",
+    "test_barrier_timeout_full_group":
+        "the test matches Gloo's timeout wording (' (Timed out|closed|timeout) ') and its timing "
+        "within 0.1 s.",
+}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -255,6 +269,8 @@ def main() -> None:
         "command": command,
         "counts": {"gloo": _counts(gloo), "pycomm": _counts(pyc), "pycomm_gloo_named_tests": _counts(as_gloo)},
         "pycomm_failures": {t: d.get("error", "") for t, d in sorted(pyc.items()) if d["status"] == "fail"},
+        "known_reasons": {t: KNOWN[t] for t in KNOWN if pyc.get(t, {}).get("status") == "fail"
+                          or as_gloo.get(t, {}).get("status") == "fail"},
         "gloo_failures": {t: d.get("error", "") for t, d in sorted(gloo.items()) if d["status"] == "fail"},
         "skipped_only_because_not_gloo": {t: {"reason_on_pycomm": pyc[t].get("reason", ""),
                                               "gloo": gloo.get(t, {}).get("status", "not run"),
@@ -276,6 +292,8 @@ def main() -> None:
     lines += ["", f"pycomm failures ({len(report['pycomm_failures'])}):"]
     for t, e in report["pycomm_failures"].items():
         lines.append(f"  {t}: {_headline(e)}")
+        if t in KNOWN:
+            lines.append(f"      why: {KNOWN[t]}")
     lines += ["", f"gloo failures ({len(report['gloo_failures'])}):"]
     for t, e in report["gloo_failures"].items():
         lines.append(f"  {t}: {_headline(e)}")
@@ -284,6 +302,8 @@ def main() -> None:
     for t, d in report["skipped_only_because_not_gloo"].items():
         why = f"; {_headline(d['error'])}" if d["error"] else ""
         lines.append(f"  {t}: {d['pycomm_run_as_gloo']}  (skip reason: {d['reason_on_pycomm'][:120]}){why}")
+        if d["pycomm_run_as_gloo"] == "fail" and t in KNOWN:
+            lines.append(f"      why: {KNOWN[t]}")
     with open(args.results + ".txt", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

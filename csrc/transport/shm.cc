@@ -314,7 +314,7 @@ void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadli
     if (deadline.expired()) {
       std::string why = strCat("pycomm: rank ", rank_, " timed out waiting for ",
                                peer >= 0 ? strCat("rank ", peer) : std::string("all ranks"), " in ",
-                               desc.str(), " (", what, ")");
+                               desc.str(), " (", what, "; the group's timeout passed)");
       throw TimeoutError(why);
     }
     auto now = std::chrono::steady_clock::now();
