@@ -243,8 +243,9 @@ def main() -> None:
     command = " ".join([os.path.basename(sys.executable)] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
-    work = args.results + ".work"
-    os.makedirs(work, exist_ok=True)
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="pycomm-conformance-")  # per-test JSON lines of each pass
     paths = {b: os.path.join(work, f"{b}.jsonl") for b in ("gloo", "pycomm", "pycomm_as_gloo")}
     procs = [_run_worker("gloo", "gloo", args.only, names, paths["gloo"])]
     if args.sequential:
