@@ -33,6 +33,7 @@
 #include "core/error.h"
 #include "engine/coll_op.h"
 #include "engine/group.h"
+#include "engine/monitored_barrier.h"
 #include "kernels/compress_math.h"
 
 namespace pycomm {
@@ -43,7 +44,8 @@ class PycommBackend : public c10d::Backend {
  public:
   PycommBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                 std::chrono::milliseconds timeout)
-      : c10d::Backend(rank, size) {
+      : c10d::Backend(rank, size),
+        options_(c10::make_intrusive<c10d::Backend::Options>("pycomm", timeout)) {
     // The store adapter lives as long as the group: the TCP transport leaves abort
     // reasons in it for peers, and the CUDA IPC setup rendezvous through it later.
     store_ = std::make_unique<C10dStore>(store);
@@ -68,6 +70,56 @@ class PycommBackend : public c10d::Backend {
   }
 
   const std::string getBackendName() const override { return "pycomm"; }
+
+  c10::intrusive_ptr<c10d::Backend::Options> getBackendOptions() override { return options_; }
+
+  /// Like Gloo: a new group over a subset of the ranks is built with a new backend.
+  bool supportsSplitting() const override { return true; }
+
+  /// The backend of the group `ranks` (this group's ranks, in the new group's order)
+  /// under `store`; null on a rank that is not in it.
+  c10::intrusive_ptr<c10d::Backend> split(const c10::intrusive_ptr<c10d::Store>& store, const std::vector<int>& ranks,
+                                          const c10::intrusive_ptr<c10d::Backend::Options>& opts) override {
+    auto it = std::find(ranks.begin(), ranks.end(), rank_);
+    if (it == ranks.end()) return nullptr;
+    const auto timeout = opts ? opts->timeout : group_->timeout();
+    c10::intrusive_ptr<PycommBackend> be;
+    {
+      NoGil noGil;  // the rendezvous waits for the other ranks
+      be = c10::make_intrusive<PycommBackend>(store, static_cast<int>(it - ranks.begin()),
+                                              static_cast<int>(ranks.size()), timeout);
+    }
+    if (opts) {
+      be->options_->group_name = opts->group_name;
+      be->options_->group_desc = opts->group_desc;
+      be->options_->global_ranks_in_group = opts->global_ranks_in_group;
+    }
+    return be;
+  }
+
+  /// Collectives issued so far (the same on every rank while they agree), as Gloo counts.
+  uint64_t getSequenceNumberForGroup() override { return group_->lastSeq(); }
+
+  /// Gloo's no-op: sequence numbers start at 0 on every rank.
+  void setSequenceNumberForGroup() override {}
+
+  /// Nothing to switch on: every Work records its own timing through torch's profiler hooks.
+  void enableCollectivesTiming() override {}
+
+  /// Barrier that names the ranks that did not reach it within the timeout (rank 0
+  /// reports them; see engine/monitored_barrier.h). Through the store, like Gloo's
+  /// through send/recv: it does not wait for the group's queued collectives.
+  void monitoredBarrier(const c10d::BarrierOptions& opts, bool waitAllRanks) override {
+    const auto timeout = opts.timeout == c10d::kUnsetTimeout ? group_->timeout() : opts.timeout;
+    const uint64_t id = ++monitoredBarriers_;
+    try {
+      NoGil noGil;
+      pycomm::monitoredBarrier(*store_, group_->keyPrefix(), rank_, size_, id, timeout, waitAllRanks,
+                               group_->timeout());
+    } catch (const Error& e) {
+      TORCH_CHECK(false, e.what());
+    }
+  }
 
   /// Counters for pycomm.stats().
   std::map<std::string, uint64_t> stats() const {
@@ -143,9 +195,27 @@ class PycommBackend : public c10d::Backend {
     });
   }
 
+  /// One all-reduce over the tensors laid end to end (all of one dtype), written back
+  /// into each: one collective, one Work.
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
                                                      const c10d::AllreduceCoalescedOptions& opts) override {
-    return allreduce(tensors, opts);
+    const char* what = "all_reduce_coalesced";
+    checkCoalesced(tensors, tensors, what);
+    at::Tensor flat = flatOnHost(tensors);
+    CollOp op;
+    op.coll = CollType::kAllReduce;
+    op.count = static_cast<size_t>(flat.numel());
+    op.bytes = flat.nbytes();
+    op.dtype = toDType(flat.scalar_type(), rank_);
+    op.op = toReduceOp(opts.reduceOp, op.dtype, rank_);
+    std::vector<Piece> back;
+    int64_t off = 0;
+    for (auto& t : tensors) {
+      back.push_back({t, flat.narrow(0, off, t.numel())});
+      off += t.numel();
+    }
+    return submitCoalesced(c10d::OpType::ALLREDUCE_COALESCED, "pycomm:all_reduce_coalesced", op, flat, flat, tensors,
+                           std::move(back), opts.asyncOp);
   }
 
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
@@ -177,18 +247,39 @@ class PycommBackend : public c10d::Backend {
     return outOfPlaceList(call, inputs[0], static_cast<int64_t>(size_) * inputs[0].numel(), outs, opts.asyncOp);
   }
 
+  /// all_gather of several tensors as one operation: `outputLists[r][i]` receives rank
+  /// r's `inputs[i]` (torch's layout, as Gloo takes it).
   c10::intrusive_ptr<c10d::Work> allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputLists,
                                                      std::vector<at::Tensor>& inputs,
                                                      const c10d::AllgatherOptions& opts) override {
-    TORCH_CHECK_VALUE(outputLists.size() == inputs.size(), "pycomm rank ", rank_,
-                      ": allgather_coalesced needs one output list per input");
-    c10::intrusive_ptr<c10d::Work> last;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      std::vector<std::vector<at::Tensor>> o{outputLists[i]};
-      std::vector<at::Tensor> in{inputs[i]};
-      last = allgather(o, in, opts);
+    TORCH_CHECK_VALUE(static_cast<int>(outputLists.size()) == size_, "pycomm rank ", rank_,
+                      ": all_gather_coalesced needs one output list per rank (", size_, "), got ",
+                      outputLists.size());
+    std::vector<at::Tensor> outs;
+    for (int r = 0; r < size_; ++r) {
+      TORCH_CHECK_VALUE(outputLists[r].size() == inputs.size(), "pycomm rank ", rank_,
+                        ": all_gather_coalesced output list ", r, " has ", outputLists[r].size(),
+                        " tensors for ", inputs.size(), " inputs");
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        checkSameShape(outputLists[r][i], inputs[i], "all_gather_coalesced output");
+        outs.push_back(outputLists[r][i]);
+      }
     }
-    return last ? last : barrier(c10d::BarrierOptions());
+    checkCoalesced(inputs, outs, "all_gather_coalesced");
+    // One all-gather of the inputs laid end to end: rank r's block holds its inputs in order.
+    at::Tensor in = flatOnHost(inputs);
+    const int64_t k = in.numel();
+    at::Tensor out = at::empty({size_ * k}, in.options());
+    std::vector<Piece> back;
+    for (int r = 0; r < size_; ++r) {
+      int64_t off = 0;
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        back.push_back({outputLists[r][i], out.narrow(0, r * k + off, inputs[i].numel())});
+        off += inputs[i].numel();
+      }
+    }
+    return submitCoalesced(c10d::OpType::ALLGATHER_COALESCED, "pycomm:all_gather_coalesced", allGatherOp(in), in, out,
+                           outs, std::move(back), opts.asyncOp);
   }
 
   c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
@@ -206,10 +297,27 @@ class PycommBackend : public c10d::Backend {
                                                                  std::vector<at::Tensor>& inputs,
                                                                  const c10d::AllgatherOptions& opts) override {
     TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "pycomm rank ", rank_,
-                      ": coalesced all_gather needs as many outputs as inputs");
-    c10::intrusive_ptr<c10d::Work> last;
-    for (size_t i = 0; i < inputs.size(); ++i) last = _allgather_base(outputs[i], inputs[i], opts);
-    return last ? last : barrier(c10d::BarrierOptions());
+                      ": coalesced all_gather_into_tensor needs as many outputs as inputs, got ", outputs.size(),
+                      " and ", inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      TORCH_CHECK_VALUE(outputs[i].numel() == inputs[i].numel() * size_, "pycomm rank ", rank_,
+                        ": coalesced all_gather_into_tensor output ", i, " has ", outputs[i].numel(),
+                        " elements, expected ", inputs[i].numel() * size_);
+    }
+    checkCoalesced(inputs, outputs, "all_gather_into_tensor_coalesced");
+    at::Tensor in = flatOnHost(inputs);
+    const int64_t k = in.numel();
+    at::Tensor out = at::empty({size_ * k}, in.options());
+    std::vector<Piece> back;
+    int64_t off = 0;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const int64_t n = inputs[i].numel();
+      // Output i, seen as [ranks, n], is column block [off, off + n) of the result seen as [ranks, k].
+      back.push_back({outputs[i], out.view({size_, k}).narrow(1, off, n)});
+      off += n;
+    }
+    return submitCoalesced(c10d::OpType::ALLGATHER_INTO_TENSOR_COALESCED, "pycomm:all_gather_into_tensor_coalesced", allGatherOp(in), in, out,
+                           outputs, std::move(back), opts.asyncOp);
   }
 
   c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>>& outputs,
@@ -306,10 +414,38 @@ class PycommBackend : public c10d::Backend {
                                                                  std::vector<at::Tensor>& inputs,
                                                                  const c10d::ReduceScatterOptions& opts) override {
     TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "pycomm rank ", rank_,
-                      ": coalesced reduce_scatter needs as many outputs as inputs");
-    c10::intrusive_ptr<c10d::Work> last;
-    for (size_t i = 0; i < inputs.size(); ++i) last = _reduce_scatter_base(outputs[i], inputs[i], opts);
-    return last ? last : barrier(c10d::BarrierOptions());
+                      ": coalesced reduce_scatter_tensor needs as many outputs as inputs, got ", outputs.size(),
+                      " and ", inputs.size());
+    int64_t k = 0;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      TORCH_CHECK_VALUE(inputs[i].numel() == outputs[i].numel() * size_, "pycomm rank ", rank_,
+                        ": coalesced reduce_scatter_tensor input ", i, " has ", inputs[i].numel(),
+                        " elements, expected ", outputs[i].numel() * size_);
+      k += outputs[i].numel();
+    }
+    checkCoalesced(inputs, outputs, "reduce_scatter_tensor_coalesced");
+    // The input rank r reduces is every input's r-th block, laid end to end.
+    at::Tensor in = at::empty({size_ * k}, inputs.empty() ? at::TensorOptions(at::kFloat)
+                                                            : inputs[0].options().device(at::kCPU));
+    at::Tensor out = at::empty({k}, in.options());
+    std::vector<Piece> back;
+    int64_t off = 0;
+    {
+      at::NoGradGuard noGrad;
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        const int64_t n = outputs[i].numel();
+        in.view({size_, k}).narrow(1, off, n).copy_(inputs[i].reshape({size_, n}));
+        back.push_back({outputs[i], out.narrow(0, off, n)});
+        off += n;
+      }
+    }
+    CollOp op;
+    op.coll = CollType::kReduceScatter;
+    op.count = static_cast<size_t>(k);
+    op.dtype = toDType(in.scalar_type(), rank_);
+    op.op = toReduceOp(opts.reduceOp, op.dtype, rank_);
+    return submitCoalesced(c10d::OpType::REDUCE_SCATTER_TENSOR_COALESCED, "pycomm:reduce_scatter_tensor_coalesced", op, in, out, outputs,
+                           std::move(back), opts.asyncOp);
   }
 
   c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
@@ -379,11 +515,26 @@ class PycommBackend : public c10d::Backend {
       at::NoGradGuard noGrad;
       s.finish();
     });
-    return c10::make_intrusive<PycommWork>(rank_, c10d::OpType::RECV, "pycomm:recv", tensors, c, 0);
+    auto work = c10::make_intrusive<PycommWork>(rank_, c10d::OpType::RECV, "pycomm:recv", tensors, c, 0);
+    work->setSource(std::make_shared<std::atomic<int>>(srcRank));
+    return work;
   }
 
-  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>&, int) override {
-    TORCH_CHECK(false, "pycomm rank ", rank_, ": recv from any source is not supported; name the source rank");
+  /// Receives the first message with `tag` that any other rank sends; the Work's
+  /// sourceRank() names the sender once it completed.
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override {
+    TORCH_CHECK_VALUE(tensors.size() == 1, "pycomm rank ", rank_, ": recv takes one tensor");
+    TORCH_CHECK_VALUE(size_ > 1, "pycomm rank ", rank_, ": recv from any source in a group of one rank");
+    Staged s = stage(tensors[0], true, "recv tensor");
+    auto source = std::make_shared<std::atomic<int>>(-1);
+    auto c = group_->submitRecvAny(s.data(), s.bytes(), static_cast<uint32_t>(tag), source, [s] {
+      at::NoGradGuard noGrad;
+      s.finish();
+    });
+    auto work = c10::make_intrusive<PycommWork>(rank_, c10d::OpType::RECVANYSOURCE, "pycomm:recv_anysource", tensors,
+                                                c, 0);
+    work->setSource(std::move(source));
+    return work;
   }
 
  private:
@@ -415,6 +566,63 @@ class PycommBackend : public c10d::Backend {
     CollOp op;
     std::optional<std::vector<at::Tensor>> splitInto = std::nullopt;
   };
+
+  /// Releases the GIL for a blocking wait if this thread holds it (torch's bindings may
+  /// have released it already).
+  struct NoGil {
+    std::optional<pybind11::gil_scoped_release> released;
+    NoGil() {
+      if (Py_IsInitialized() && PyGILState_Check()) released.emplace();
+    }
+  };
+
+  /// Where a coalesced collective's result goes: `dst` gets `src` (a view of the flat result).
+  struct Piece {
+    at::Tensor dst;
+    at::Tensor src;
+  };
+
+  /// The tensors of a coalesced call: defined, all of the first input's dtype (one flat
+  /// buffer carries them all), outputs on one device class with the inputs.
+  void checkCoalesced(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs,
+                      const char* what) {
+    TORCH_CHECK_VALUE(!inputs.empty() || outputs.empty(), "pycomm rank ", rank_, ": ", what,
+                      " has outputs but no inputs");
+    for (const auto* list : {&inputs, &outputs}) {
+      for (const auto& t : *list) {
+        checkTensor(t, rank_, what);
+        TORCH_CHECK_VALUE(t.scalar_type() == inputs[0].scalar_type(), "pycomm rank ", rank_, ": ", what,
+                          " needs tensors of one dtype, got ", inputs[0].scalar_type(), " and ", t.scalar_type());
+        TORCH_CHECK_VALUE(t.layout() == at::kStrided, "pycomm rank ", rank_, ": ", what, " needs dense tensors");
+      }
+    }
+  }
+
+  /// The tensors flattened and laid end to end in one new host tensor.
+  static at::Tensor flatOnHost(const std::vector<at::Tensor>& ts) {
+    at::NoGradGuard noGrad;
+    if (ts.empty()) return at::empty({0}, at::kFloat);
+    std::vector<at::Tensor> flat;
+    for (const auto& t : ts) flat.push_back(t.reshape({-1}).to(at::kCPU));
+    return at::cat(flat).contiguous();
+  }
+
+  /// One collective over flat host tensors `in` and `out` (the same for in-place ones),
+  /// after which each piece's dst gets its src: the coalesced calls' single operation.
+  c10::intrusive_ptr<c10d::Work> submitCoalesced(c10d::OpType type, const char* name, const CollOp& op, at::Tensor in,
+                                                 at::Tensor out, std::vector<at::Tensor> outputs,
+                                                 std::vector<Piece> pieces, bool asyncOp) {
+    Call c{type, name, op.coll, std::move(outputs), {stage(in, false, name + 7), stage(out, true, name + 7)}};
+    c.copyBack = std::vector<Staged>{};
+    c.count = in.numel();
+    c.op = op.op;
+    c.root = op.root;
+    return submit(std::move(c), asyncOp,
+                  [in, out, op, pieces = std::move(pieces)](Collectives& cs, const OpDesc& d, const Deadline& dl) {
+                    op.run(cs, nullptr, in.data_ptr(), out.data_ptr(), d, dl);
+                    for (const Piece& p : pieces) p.dst.copy_(p.src.reshape(p.dst.sizes()));
+                  });
+  }
 
   static CollOp allGatherOp(const at::Tensor& input) {
     CollOp op;
@@ -620,6 +828,8 @@ class PycommBackend : public c10d::Backend {
   size_t stageChunkBytes_ = 0;               // PYCOMM_CUDA_STAGE_CHUNK_BYTES
   std::unique_ptr<Group> group_;
   std::unique_ptr<CudaCollectives> cuda_;    // refers to group_ and streams_
+  c10::intrusive_ptr<c10d::Backend::Options> options_;  // what getBackendOptions() returns
+  uint64_t monitoredBarriers_ = 0;           // monitored barriers issued (caller thread)
 };
 
 void initBackendBindings(pybind11::module_& m) {

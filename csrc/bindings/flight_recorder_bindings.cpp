@@ -47,6 +47,7 @@ at::ScalarType scalarType(DType d) {
 
 // The collective's name as torch's analyser knows it (types.py COLLECTIVES / P2P).
 std::string opName(const FlightEntry& e, int rank) {
+  if (e.isP2P && e.peer < 0) return strCat("recv ", rank, "<-any");  // receive from any source
   if (e.isP2P) return e.isSend ? strCat("send ", rank, "->", e.peer) : strCat("recv ", rank, "<-", e.peer);
   switch (e.coll) {
     case CollType::kCompressed: return "all_reduce";

@@ -52,6 +52,11 @@ bool PycommWork::wait(std::chrono::milliseconds timeout) {
 
 void PycommWork::synchronize() {}
 
+int PycommWork::sourceRank() const {
+  TORCH_CHECK(source_, "pycomm: sourceRank() is only defined for the Work of a recv");
+  return source_->load();
+}
+
 c10::intrusive_ptr<c10::ivalue::Future> PycommWork::getFuture() { return future_; }
 
 }  // namespace pycomm

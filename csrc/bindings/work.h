@@ -6,6 +6,7 @@
 #include <torch/csrc/distributed/c10d/Work.hpp>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -33,8 +34,13 @@ class PycommWork : public c10d::Work {
   /// synchronises before it completes.
   void synchronize() override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
+  /// A receive's source rank (for a receive from any source: -1 until it completed).
+  int sourceRank() const override;
+  /// Makes this the Work of a receive whose source `source` holds.
+  void setSource(std::shared_ptr<std::atomic<int>> source) { source_ = std::move(source); }
 
  private:
+  std::shared_ptr<std::atomic<int>> source_;
   std::vector<at::Tensor> outputs_;
   std::shared_ptr<Completion> completion_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;

@@ -32,7 +32,7 @@ struct FlightEntry {
   bool isSend = false;     ///< p2p: send (else receive)
   bool retired = false;    ///< finished, completed or failed
   State state = State::kScheduled;
-  int32_t peer = -1;       ///< p2p: the other rank (group rank)
+  int32_t peer = -1;       ///< p2p: the other rank (group rank); -1: receive from any source
   uint64_t inCount = 0;    ///< elements in (p2p: bytes)
   uint64_t outCount = 0;   ///< elements out (p2p: bytes)
   int64_t createdNs = 0;   ///< wall clock (ns since the epoch) when submitted

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <thread>
 
 #include "core/env.h"
 #include "core/error.h"
@@ -163,13 +164,52 @@ std::shared_ptr<Completion> Group::submitRecv(int peer, void* buf, size_t bytes,
                                               std::function<void()> after) {
   PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "recv: invalid source rank ", peer,
                    " (this is rank ", rank_, " of ", size_, ")");
-  const OpDesc desc = p2pDesc(recvSeq_, peer, bytes, tag);
   const uint64_t rec = FlightRecorder::get().recordP2P(frGroup_, false, peer, bytes, timeout_.count());
-  return recvQueue_->push([this, peer, buf, bytes, desc, rec, after = std::move(after)] {
+  // Numbered on the receive thread, in queue order: a receive from any source before
+  // this one learns its peer (and takes that pair's next number) only when it runs.
+  return recvQueue_->push([this, peer, buf, bytes, tag, rec, after = std::move(after)] {
     P2PRecord r(frGroup_, rec);
-    p2p_->recv(peer, buf, bytes, desc, Deadline::after(timeout_));
+    p2p_->recv(peer, buf, bytes, p2pDesc(recvSeq_, peer, bytes, tag), Deadline::after(timeout_));
     if (after) after();
     r.ok = true;
+  });
+}
+
+std::shared_ptr<Completion> Group::submitRecvAny(void* buf, size_t bytes, uint32_t tag,
+                                                 std::shared_ptr<std::atomic<int>> source,
+                                                 std::function<void()> after) {
+  PYCOMM_CHECK_ARG(size_ > 1, "recv from any source: rank ", rank_, " is alone in its group");
+  const uint64_t rec = FlightRecorder::get().recordP2P(frGroup_, false, -1, bytes, timeout_.count());
+  return recvQueue_->push([this, buf, bytes, tag, rec, source = std::move(source), after = std::move(after)] {
+    P2PRecord r(frGroup_, rec);
+    const Deadline deadline = Deadline::after(timeout_);
+    // Poll the head of every peer's stream until one holds this receive's message.
+    auto pause = std::chrono::microseconds(20);
+    for (const int start = (rank_ + 1) % size_;;) {
+      for (int i = 0; i < size_; ++i) {
+        const int peer = (start + i) % size_;
+        if (peer == rank_) continue;
+        OpDesc theirs;
+        size_t theirBytes = 0;
+        const Transport::Peek seen = p2p_->peekHeader(peer, &theirs, &theirBytes);
+        const bool ours = seen == Transport::Peek::kMessage && theirs.coll == CollType::kSend &&
+                          theirs.seq == recvSeq_[peer] + 1 && theirs.tag == tag;
+        if (ours || seen == Transport::Peek::kBroken) {
+          // A broken stream: the receive reports why. A size mismatch: it names both sides.
+          p2p_->recv(peer, buf, bytes, p2pDesc(recvSeq_, peer, bytes, tag), deadline);
+          source->store(peer);
+          if (after) after();
+          r.ok = true;
+          return;
+        }
+      }
+      if (deadline.expired()) {
+        throw TimeoutError(strCat("pycomm: rank ", rank_, " received no message with tag ", tag,
+                                  " from any rank within ", timeout_.count(), " ms (recv from any source)"));
+      }
+      std::this_thread::sleep_for(pause);
+      pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
+    }
   });
 }
 

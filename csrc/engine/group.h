@@ -67,6 +67,8 @@ class Group {
 
   /// Next collective sequence number (call in issue order, on the caller's thread).
   uint64_t nextSeq() { return ++seq_; }
+  /// The last sequence number handed out (0 before the first collective).
+  uint64_t lastSeq() const { return seq_.load(); }
 
   /// Queues a collective; `fn` runs on the communication thread with the group's
   /// algorithms and a deadline of now + timeout. Failures abort the group's
@@ -89,6 +91,13 @@ class Group {
   /// See submitSend.
   std::shared_ptr<Completion> submitRecv(int peer, void* buf, size_t bytes, uint32_t tag,
                                          std::function<void()> after);
+
+  /// A receive from whichever of the other ranks first sends a message with `tag`
+  /// (pairs stay in order: a peer whose next message has another tag is passed over
+  /// until a later receive takes it). The source is stored in `*source` before the
+  /// operation completes; `after` as for submitRecv. TimeoutError if none arrives.
+  std::shared_ptr<Completion> submitRecvAny(void* buf, size_t bytes, uint32_t tag, std::shared_ptr<std::atomic<int>> source,
+                                            std::function<void()> after);
 
   /// True if device collectives of this group may go over IPC: more than one rank, all
   /// on this host (the group runs over shared memory), and IPC not turned off.
@@ -125,7 +134,7 @@ class Group {
   std::atomic<uint64_t> seq_{0};
   std::atomic<uint64_t> collectivesRun_{0};
   std::vector<uint64_t> sendSeq_;  // p2p sequence per peer (caller thread)
-  std::vector<uint64_t> recvSeq_;
+  std::vector<uint64_t> recvSeq_;  // receive thread
   std::unique_ptr<WorkQueue> collQueue_;
   std::unique_ptr<WorkQueue> sendQueue_;
   std::unique_ptr<WorkQueue> recvQueue_;

@@ -326,7 +326,7 @@ void ShmTransport::waitFor(Pred done, int peer, const OpDesc& desc, const Deadli
     if (deadline.expired()) {
       std::string why = strCat("pycomm: rank ", rank_, " timed out waiting for ",
                                peer >= 0 ? strCat("rank ", peer) : std::string("all ranks"), " in ",
-                               desc.str(), " (", what, ")");
+                               desc.str(), " (", what, "; the group's timeout passed)");
       throw TimeoutError(why);
     }
     auto now = std::chrono::steady_clock::now();
@@ -442,6 +442,16 @@ void ShmTransport::completeRecv(int peer, void* buf, size_t bytes, const OpDesc&
   // Release the sender's buffer.
   mb->consumed.store(seq, std::memory_order_release);
   ring(peer);
+}
+
+Transport::Peek ShmTransport::peekHeader(int peer, OpDesc* desc, size_t* bytes) {
+  checkAbort();
+  PYCOMM_CHECK_ARG(peer >= 0 && peer < size_ && peer != rank_, "invalid peer rank ", peer);
+  ShmMailbox* mb = mailbox(peer, rank_);
+  if (mb->posted.load(std::memory_order_acquire) < recvSeq_[peer] + 1) return Peek::kNothing;
+  *desc = mb->desc;
+  *bytes = mb->bytes;
+  return Peek::kMessage;
 }
 
 void ShmTransport::send(int peer, const void* buf, size_t bytes, const OpDesc& desc,

@@ -61,6 +61,8 @@ class ShmTransport : public Transport, public DirectAccess {
             const Deadline& deadline) override;
   void sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes, int recvPeer, void* recvBuf,
                 size_t recvBytes, const OpDesc& desc, const Deadline& deadline) override;
+  /// The mailbox from `peer` holds a posted message this rank has not taken yet.
+  Peek peekHeader(int peer, OpDesc* desc, size_t* bytes) override;
   void abort(const std::string& why) override;
   /// Bytes peers have copied out of this rank's buffers (what this rank "sent").
   uint64_t bytesSent() const override;

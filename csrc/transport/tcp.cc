@@ -569,6 +569,34 @@ void TcpTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes,
   }
 }
 
+Transport::Peek TcpTransport::peekHeader(int peer, OpDesc* desc, size_t* bytes) {
+  checkPeer(peer, "recv");
+  throwIfFailed();
+  Pair* p = pairs_[peer].get();
+  if (!p->recvBroken.empty()) return Peek::kBroken;
+  const int fd = p->fd.get();
+  tcp_wire::FrameHeader h;
+  while (true) {
+    ssize_t got = ::recv(fd, &h, sizeof(h), MSG_PEEK | MSG_DONTWAIT);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? Peek::kNothing : Peek::kBroken;
+    if (got == 0) return Peek::kBroken;
+    if (static_cast<size_t>(got) < sizeof(h)) return Peek::kNothing;
+    if (h.magic != tcp_wire::kFrameMagic || h.version != tcp_wire::kVersion) return Peek::kBroken;
+    if (h.kind == kStatusKind && h.bytes == 0) {
+      ssize_t n;
+      do {
+        n = ::recv(fd, &h, sizeof(h), MSG_DONTWAIT);  // exactly the bytes peeked
+      } while (n < 0 && errno == EINTR);
+      continue;
+    }
+    if (h.kind != static_cast<uint16_t>(tcp_wire::FrameKind::kData)) return Peek::kBroken;
+    *desc = h.desc;
+    *bytes = static_cast<size_t>(h.bytes);
+    return Peek::kMessage;
+  }
+}
+
 void TcpTransport::abort(const std::string& why) {
   {
     std::lock_guard<std::mutex> g(failMu_);

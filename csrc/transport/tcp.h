@@ -149,6 +149,11 @@ class TcpTransport : public Transport {
                 void* recvBuf, size_t recvBytes, const OpDesc& desc,
                 const Deadline& deadline) override;
 
+  /// Peeks at the frame header waiting on `peer`'s socket (status frames, which only
+  /// carry diagnostics, are taken off first); a closed socket, a bad frame or an ABORT
+  /// frame is kBroken, for recv() to report.
+  Peek peekHeader(int peer, OpDesc* desc, size_t* bytes) override;
+
   /// Fails the transport: best-effort ABORT frame carrying `why` to every peer, then
   /// shuts every socket down so that current waits return; every later call throws
   /// PeerError.

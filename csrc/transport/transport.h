@@ -137,6 +137,19 @@ class Transport {
                         void* recvBuf, size_t recvBytes, const OpDesc& desc,
                         const Deadline& deadline) = 0;
 
+  /// What peekHeader() found at the head of a peer's stream.
+  enum class Peek {
+    kNothing,  ///< no whole header has arrived yet
+    kMessage,  ///< a message's header: `desc` and `bytes` are filled in
+    kBroken,   ///< the stream failed (closed, garbage): a recv() from the peer reports why
+  };
+
+  /// Looks, without blocking and without consuming anything, at the next message
+  /// `peer` sent to this rank: lets a receiver choose among several peers (receive
+  /// from any source) while every pair stays in order. Called on the receiving thread
+  /// only. Throws PeerError if the transport failed.
+  virtual Peek peekHeader(int peer, OpDesc* desc, size_t* bytes) = 0;
+
   /// Marks the transport failed with `why`: every current and future wait on any
   /// rank of the group raises PeerError carrying `why` (best effort for remote ranks).
   virtual void abort(const std::string& why) = 0;
