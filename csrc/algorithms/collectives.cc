@@ -41,6 +41,7 @@ const char* algoKey(Algo a) {
     case Algo::kReduceDirect: return "algo_reduce_direct";
     case Algo::kReduceAllReduce: return "algo_reduce_all_reduce";
     case Algo::kReduceChain: return "algo_reduce_chain";
+    case Algo::kAllReduceHier: return "algo_all_reduce_hier";
     case Algo::kCount: break;
   }
   return "algo_unknown";
@@ -61,18 +62,22 @@ AlgoConfig AlgoConfig::fromEnv() {
   c.compressPieceBytes = static_cast<size_t>(std::max<int64_t>(
       4, envInt("PYCOMM_COMPRESS_PIECE_BYTES", static_cast<int64_t>(c.compressPieceBytes))));
   PYCOMM_CHECK_ARG(c.algo == "auto" || c.algo == "ring" || c.algo == "direct" || c.algo == "oneshot" ||
-                       c.algo == "rd",
-                   "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd (got '", c.algo, "')");
+                       c.algo == "rd" || c.algo == "hier",
+                   "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd, hier (got '", c.algo, "')");
   return c;
 }
 
-Collectives::Collectives(Transport& transport, AlgoConfig config)
+Collectives::Collectives(Transport& transport, AlgoConfig config, const Topology& topology, Transport* local)
     : transport_(transport),
       direct_(transport.directAccess()),
       config_(std::move(config)),
       rank_(transport.rank()),
-      size_(transport.size()) {
+      size_(transport.size()),
+      topology_(topology) {
   if (direct_ && config_.smallBytes > direct_->inlineCapacity()) config_.smallBytes = direct_->inlineCapacity();
+  PYCOMM_ASSERT(topology_.hostOf.empty() || static_cast<int>(topology_.hostOf.size()) == size_,
+                "topology of ", topology_.hostOf.size(), " ranks for a group of ", size_);
+  if (topology_.hierarchical()) initHierarchy(local);
 }
 
 Collectives::~Collectives() {
@@ -116,6 +121,12 @@ Algo Collectives::runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op
   }
   const size_t bytes = count * dtypeSize(dtype);
   const std::string& a = config_.algo;
+  // Hierarchical when the group spans hosts with several ranks on some (large calls;
+  // small ones are latency-bound and go to recursive doubling below).
+  if (shards_ > 0 && (a == "hier" || (a == "auto" && bytes > config_.smallBytes && count >= static_cast<size_t>(size_)))) {
+    hierAllReduce(buf, count, dtype, op, desc, deadline);
+    return Algo::kAllReduceHier;
+  }
   if (direct_) {
     if (a == "oneshot" || (a == "auto" && bytes <= config_.smallBytes)) {
       PYCOMM_CHECK_ARG(bytes <= direct_->inlineCapacity(), "PYCOMM_ALGO=oneshot supports at most ",

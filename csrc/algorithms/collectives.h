@@ -14,6 +14,7 @@
 #include "core/deadline.h"
 #include "algorithms/compressed.h"
 #include "core/dtype.h"
+#include "core/topology.h"
 #include "transport/transport.h"
 
 namespace pycomm {
@@ -25,8 +26,8 @@ struct AlgoConfig {
   size_t smallBytes = 64 * 1024;
   /// Ring segment size in bytes (pipelining granularity). PYCOMM_RING_SEGMENT_BYTES.
   size_t segmentBytes = 1 << 20;
-  /// "auto", "ring", "direct" (shm only), "oneshot" (shm) or "rd" (recursive doubling).
-  /// PYCOMM_ALGO.
+  /// "auto", "ring", "direct" (shm only), "oneshot" (shm), "rd" (recursive doubling)
+  /// or "hier" (hierarchical: groups whose ranks span several hosts). PYCOMM_ALGO.
   std::string algo = "auto";
   /// Float32 bytes of each chunk piece a compressed all-reduce pipelines (rounded to
   /// whole 2048-element blocks). PYCOMM_COMPRESS_PIECE_BYTES.
@@ -52,6 +53,7 @@ enum class Algo : uint8_t {
   kReduceDirect,        ///< the root reads every peer's buffer in place
   kReduceAllReduce,     ///< small: an all-reduce of a copy, kept on the root
   kReduceChain,         ///< pipelined chain ending at the root
+  kAllReduceHier,       ///< hierarchical: in-host reduce-scatter, cross-host all-reduce per shard, in-host all-gather (hier)
   kCount
 };
 
@@ -63,8 +65,14 @@ const char* algoKey(Algo a);
 /// (the backend's communication thread).
 class Collectives {
  public:
-  /// `transport` must outlive this object.
-  Collectives(Transport& transport, AlgoConfig config);
+  /// `transport` must outlive this object. `topology` says which ranks share a host
+  /// (default: unknown, treated as one host); when it spans several hosts with several
+  /// ranks on some, the hierarchical algorithms run their in-host steps over `local`
+  /// (a transport of this host's ranks, e.g. shared memory; default: a view of
+  /// `transport`) and their cross-host steps over a view of `transport`. `local`, if
+  /// given, must outlive this object too.
+  Collectives(Transport& transport, AlgoConfig config, const Topology& topology = Topology(),
+              Transport* local = nullptr);
 
   /// In-place all-reduce of `count` elements.
   void allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
@@ -135,6 +143,10 @@ class Collectives {
                    const Deadline& deadline);
   void shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                           const Deadline& deadline);
+  void hierAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                     const Deadline& deadline);
+  // Sets up the in-host and cross-host sub-collectives (hierarchical.cc).
+  void initHierarchy(Transport* local);
   char* scratch(size_t bytes);
 
   Transport& transport_;
@@ -147,6 +159,19 @@ class Collectives {
   std::unique_ptr<WorkQueue> recvThread_;   // compressed all-reduces: receives
   std::vector<uint8_t> compressScratch_;  // their payload buffers
   std::array<std::atomic<uint64_t>, static_cast<size_t>(Algo::kCount)> ran_{};  // per Algo
+
+  // Hierarchy (set when the topology spans several hosts and some host holds several
+  // ranks): the buffer is cut into shards_ shards (the fewest ranks any host holds);
+  // the rank with local index k < shards_ runs shard k's cross-host all-reduce.
+  Topology topology_;
+  int localIndex_ = 0;
+  int localSize_ = 1;
+  int shards_ = 0;                              // 0: no hierarchy
+  std::unique_ptr<Transport> localView_;        // this host's ranks, when no `local` was given
+  std::unique_ptr<Transport> crossView_;        // ranks with local index localIndex_ on every host
+  std::unique_ptr<Collectives> local_;          // in-host steps
+  std::unique_ptr<Collectives> cross_;          // cross-host steps (local index < shards_ only)
+  std::vector<char> hierScratch_;
 };
 
 }  // namespace pycomm
