@@ -59,6 +59,8 @@ AlgoConfig AlgoConfig::fromEnv() {
   c.segmentBytes = static_cast<size_t>(
       std::max<int64_t>(4096, envInt("PYCOMM_RING_SEGMENT_BYTES", static_cast<int64_t>(c.segmentBytes))));
   c.algo = envStr("PYCOMM_ALGO", "auto");
+  c.hierChunkBytes = static_cast<size_t>(
+      std::max<int64_t>(4096, envInt("PYCOMM_HIER_CHUNK_BYTES", static_cast<int64_t>(c.hierChunkBytes))));
   c.compressPieceBytes = static_cast<size_t>(std::max<int64_t>(
       4, envInt("PYCOMM_COMPRESS_PIECE_BYTES", static_cast<int64_t>(c.compressPieceBytes))));
   PYCOMM_CHECK_ARG(c.algo == "auto" || c.algo == "ring" || c.algo == "direct" || c.algo == "oneshot" ||
@@ -83,6 +85,7 @@ Collectives::Collectives(Transport& transport, AlgoConfig config, const Topology
 Collectives::~Collectives() {
   if (codecThread_) codecThread_->shutdown("pycomm: collectives destroyed");
   if (recvThread_) recvThread_->shutdown("pycomm: collectives destroyed");
+  if (crossThread_) crossThread_->shutdown("pycomm: collectives destroyed");
 }
 
 void Collectives::compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,

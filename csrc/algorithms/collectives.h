@@ -32,6 +32,10 @@ struct AlgoConfig {
   /// Float32 bytes of each chunk piece a compressed all-reduce pipelines (rounded to
   /// whole 2048-element blocks). PYCOMM_COMPRESS_PIECE_BYTES.
   size_t compressPieceBytes = 1 << 20;
+  /// Hierarchical all-reduce pipelining: calls are cut into chunks of about this many
+  /// bytes, and the in-host steps of one chunk overlap the cross-host step of another.
+  /// PYCOMM_HIER_CHUNK_BYTES.
+  size_t hierChunkBytes = 16 << 20;
 
   /// Reads the PYCOMM_* variables above.
   static AlgoConfig fromEnv();
@@ -145,6 +149,10 @@ class Collectives {
                           const Deadline& deadline);
   void hierAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                      const Deadline& deadline);
+  // The hierarchical all-reduce's steps on elements [lo, lo+n) of buf (hierarchical.cc).
+  void hierLocalReduce(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
+  void hierCross(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
+  void hierLocalGather(char* b, size_t n, DType dtype, const OpDesc& desc, const Deadline& deadline);
   // Sets up the in-host and cross-host sub-collectives (hierarchical.cc).
   void initHierarchy(Transport* local);
   char* scratch(size_t bytes);
@@ -171,6 +179,8 @@ class Collectives {
   std::unique_ptr<Transport> crossView_;        // ranks with local index localIndex_ on every host
   std::unique_ptr<Collectives> local_;          // in-host steps
   std::unique_ptr<Collectives> cross_;          // cross-host steps (local index < shards_ only)
+  bool localSeparate_ = false;                  // in-host steps run over their own transport
+  std::unique_ptr<WorkQueue> crossThread_;      // runs cross-host steps while in-host ones go on
   std::vector<char> hierScratch_;
 };
 

@@ -9,6 +9,7 @@
 
 #include "algorithms/collectives.h"
 #include "core/error.h"
+#include "core/work_queue.h"
 #include "kernels/reduce.h"
 #include "transport/subset.h"
 
@@ -32,6 +33,7 @@ void Collectives::initHierarchy(Transport* local) {
   sub.algo = "auto";
   if (localSize_ > 1) {
     Transport* lt = local;
+    localSeparate_ = local != nullptr;
     if (!lt) {
       localView_ = std::make_unique<SubsetTransport>(transport_, mine);
       lt = localView_.get();
@@ -48,44 +50,129 @@ void Collectives::initHierarchy(Transport* local) {
   }
 }
 
+// In-host step 1 on n elements at b: afterwards this rank's shard holds the host's
+// partial. Hosts with as many ranks as shards and an n the shards divide run a
+// reduce-scatter; others (a host with more ranks than shards, or a ragged n) an
+// all-reduce inside the host. Every rank of a host decides alike; the shard bounds are
+// the same on every host.
+void Collectives::hierLocalReduce(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc,
+                                  const Deadline& deadline) {
+  if (!local_) return;
+  const size_t es = dtypeSize(dtype);
+  const size_t k = static_cast<size_t>(shards_);
+  if (localSize_ == shards_ && n % k == 0) {
+    const size_t per = n / k;
+    if (hierScratch_.size() < per * es) hierScratch_.resize(per * es);
+    local_->reduceScatter(b, hierScratch_.data(), per, dtype, op, desc, deadline);
+    if (per) memcpy(b + localIndex_ * per * es, hierScratch_.data(), per * es);
+  } else {
+    local_->allReduce(b, n, dtype, op, desc, deadline);
+  }
+}
+
+// Cross-host step: this rank's shard, all-reduced among the ranks owning it on every
+// host (with `op` = kAvg: summed, then divided by the group size here).
+void Collectives::hierCross(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc,
+                            const Deadline& deadline) {
+  if (!cross_) return;
+  const size_t es = dtypeSize(dtype);
+  const size_t lo = shardBegin(n, shards_, localIndex_);
+  const size_t len = shardBegin(n, shards_, localIndex_ + 1) - lo;
+  cross_->allReduce(b + lo * es, len, dtype, op == ReduceOp::kAvg ? ReduceOp::kSum : op, desc, deadline);
+  if (op == ReduceOp::kAvg) finalizeAvg(b + lo * es, len, dtype, size_);
+}
+
+// In-host step 3: every shard from its owner to the host's other ranks.
+void Collectives::hierLocalGather(char* b, size_t n, DType dtype, const OpDesc& desc, const Deadline& deadline) {
+  if (!local_) return;
+  const size_t es = dtypeSize(dtype);
+  const size_t k = static_cast<size_t>(shards_);
+  if (localSize_ == shards_ && n % k == 0) {
+    const size_t per = n / k;
+    local_->allGather(b + localIndex_ * per * es, b, per * es, desc, deadline);
+  } else {
+    for (int s = 0; s < shards_; ++s) {
+      const size_t lo = shardBegin(n, shards_, s);
+      local_->broadcast(b + lo * es, (shardBegin(n, shards_, s + 1) - lo) * es, s, desc, deadline);
+    }
+  }
+}
+
 void Collectives::hierAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                                 const Deadline& deadline) {
   const size_t es = dtypeSize(dtype);
   char* b = static_cast<char*>(buf);
-  const int k = shards_;
   // Partial steps sum; the shard owner divides once at the end (hosts may hold unequal
   // numbers of ranks, so an average of averages would be wrong).
   const ReduceOp inner = op == ReduceOp::kAvg ? ReduceOp::kSum : op;
-  // Hosts with as many ranks as shards and a count they divide run reduce-scatter and
-  // all-gather; others (a host with more ranks than shards, or a ragged count)
-  // all-reduce inside the host and broadcast each shard from its owner. Every rank of
-  // a host decides the same way; the shard bounds are the same on every host.
-  const bool scatter = localSize_ == k && count % static_cast<size_t>(k) == 0;
-  const size_t per = count / static_cast<size_t>(k);
-  if (local_) {
-    if (scatter) {
-      if (hierScratch_.size() < per * es) hierScratch_.resize(per * es);
-      local_->reduceScatter(b, hierScratch_.data(), per, dtype, inner, desc, deadline);
-      if (per) memcpy(b + localIndex_ * per * es, hierScratch_.data(), per * es);
-    } else {
-      local_->allReduce(b, count, dtype, inner, desc, deadline);
+  // Chunks: the same on every rank (they depend on the count only).
+  const size_t chunks = std::max<size_t>(1, (count * es + config_.hierChunkBytes - 1) / config_.hierChunkBytes);
+  auto chunk = [&](size_t c, size_t* n) {
+    const size_t lo = shardBegin(count, static_cast<int>(chunks), static_cast<int>(c));
+    *n = shardBegin(count, static_cast<int>(chunks), static_cast<int>(c) + 1) - lo;
+    return b + lo * es;
+  };
+  if (chunks == 1 || !local_ || !localSeparate_) {
+    // One step after the other (nothing to overlap, or the two kinds of step share a
+    // transport). The choice is the same for every rank of a host, so the in-host steps
+    // come in the same order on all of them.
+    for (size_t c = 0; c < chunks; ++c) {
+      size_t n;
+      char* p = chunk(c, &n);
+      hierLocalReduce(p, n, dtype, inner, desc, deadline);
+      hierCross(p, n, dtype, op, desc, deadline);
+      hierLocalGather(p, n, dtype, desc, deadline);
     }
+    return;
   }
-  if (cross_) {
-    const size_t lo = shardBegin(count, k, localIndex_);
-    const size_t n = shardBegin(count, k, localIndex_ + 1) - lo;
-    cross_->allReduce(b + lo * es, n, dtype, inner, desc, deadline);
-    if (op == ReduceOp::kAvg) finalizeAvg(b + lo * es, n, dtype, size_);
-  }
-  if (local_) {
-    if (scatter) {
-      local_->allGather(b + localIndex_ * per * es, b, per * es, desc, deadline);
-    } else {
-      for (int s = 0; s < k; ++s) {
-        const size_t lo = shardBegin(count, k, s);
-        local_->broadcast(b + lo * es, (shardBegin(count, k, s + 1) - lo) * es, s, desc, deadline);
+  // Pipelined: this thread runs the in-host steps in a fixed order (reduce chunk c+1,
+  // then gather chunk c once its cross-host step is done), the cross-host steps run in
+  // chunk order on crossThread_, each queued as soon as its chunk is reduced.
+  if (!crossThread_) crossThread_ = std::make_unique<WorkQueue>("pycomm-hier");
+  std::vector<std::shared_ptr<Completion>> crossDone(chunks);
+  auto queueCross = [&](size_t c) {
+    size_t n;
+    char* p = chunk(c, &n);
+    crossDone[c] = crossThread_->push([this, p, n, dtype, op, &desc, &deadline] {
+      hierCross(p, n, dtype, op, desc, deadline);
+    });
+  };
+  auto waitAll = [&] {
+    for (auto& d : crossDone) {
+      if (d) d->waitFor(-1);  // each bounded by the deadline inside its transport calls
+    }
+  };
+  try {
+    size_t n0;
+    char* p0 = chunk(0, &n0);
+    hierLocalReduce(p0, n0, dtype, inner, desc, deadline);
+    queueCross(0);
+    for (size_t c = 0; c < chunks; ++c) {
+      if (c + 1 < chunks) {
+        size_t n;
+        char* p = chunk(c + 1, &n);
+        hierLocalReduce(p, n, dtype, inner, desc, deadline);
+        queueCross(c + 1);
       }
+      crossDone[c]->waitFor(-1);
+      if (auto err = crossDone[c]->error()) std::rethrow_exception(err);
+      size_t n;
+      char* p = chunk(c, &n);
+      hierLocalGather(p, n, dtype, desc, deadline);
     }
+  } catch (...) {
+    // Steps still queued or running use `buf`: fail them now, wait, then report.
+    std::string why = "pycomm: hierarchical all-reduce failed";
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      why = e.what();
+    } catch (...) {
+    }
+    transport_.abort(why);
+    local_->transport().abort(why);
+    waitAll();
+    throw;
   }
 }
 

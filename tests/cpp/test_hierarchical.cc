@@ -57,10 +57,11 @@ RankTransport makeMixed(MemStore& store, const Topology& topo, int rank, millise
 
 double value(int rank, size_t i) { return static_cast<double>((rank * 31 + i * 7) % 17) - 8.0 + 0.25 * rank; }
 
-AlgoConfig config(const std::string& algo) {
+AlgoConfig config(const std::string& algo, size_t hierChunkBytes = 8192) {
   AlgoConfig c;
   c.algo = algo;
-  c.segmentBytes = 4096;  // several segments per ring step even for small test buffers
+  c.segmentBytes = 4096;            // several segments per ring step even for small test buffers
+  c.hierChunkBytes = hierChunkBytes;  // pipelined hierarchical all-reduce from 2 chunks on
   return c;
 }
 
@@ -91,9 +92,12 @@ TEST_P(Layouts, HierarchicalAllReduceMatchesFloat64Reference) {
   const ReduceOp ops[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax};
   runRanks(n, [&](int r) {
     RankTransport rt = makeMixed(store, topo, r);
-    Collectives hier(*rt.t, config("hier"), topo, rt.local);
+    // Pipelined (small chunks) and one chunk at a time.
+    Collectives piped(*rt.t, config("hier"), topo, rt.local);
+    Collectives whole(*rt.t, config("hier", size_t{1} << 30), topo, rt.local);
     uint64_t seq = 0;
-    for (size_t count : kCounts) {
+    for (size_t count : kCounts) for (Collectives* cp : {&piped, &whole}) {
+      Collectives& hier = *cp;
       for (ReduceOp op : ops) {
         std::vector<float> x(count);
         for (size_t i = 0; i < count; ++i) x[i] = static_cast<float>(value(r, i));
@@ -125,8 +129,8 @@ TEST_P(Layouts, HierarchicalAllReduceMatchesFloat64Reference) {
         ASSERT_NEAR(y[i], ref, 1e-12 * (1 + std::fabs(ref)));
       }
     }
-    const auto s = hier.stats();
-    EXPECT_EQ(s.at("algo_all_reduce_hier"), kCounts.size() * 4);
+    EXPECT_EQ(piped.stats().at("algo_all_reduce_hier"), kCounts.size() * 4);
+    EXPECT_EQ(whole.stats().at("algo_all_reduce_hier"), kCounts.size() * 4);
   });
 }
 
