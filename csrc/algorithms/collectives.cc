@@ -42,6 +42,8 @@ const char* algoKey(Algo a) {
     case Algo::kReduceAllReduce: return "algo_reduce_all_reduce";
     case Algo::kReduceChain: return "algo_reduce_chain";
     case Algo::kAllReduceHier: return "algo_all_reduce_hier";
+    case Algo::kReduceScatterHier: return "algo_reduce_scatter_hier";
+    case Algo::kAllGatherHier: return "algo_all_gather_hier";
     case Algo::kCount: break;
   }
   return "algo_unknown";
@@ -300,6 +302,11 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
   const size_t blockBytes = countPerRank * es;
   const char* src = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
+  if (hierBlocks(blockBytes * n)) {
+    hierReduceScatter(in, out, countPerRank, dtype, op, desc, deadline);
+    ran(Algo::kReduceScatterHier);
+    return;
+  }
   if (blockBytes) memmove(o, src + rank_ * blockBytes, blockBytes);
   if (n == 1) {
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, 1);
@@ -356,6 +363,11 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
                             const Deadline& deadline) {
   const int n = size_;
   char* o = static_cast<char*>(out);
+  if (hierBlocks(bytesPerRank * n)) {
+    hierAllGather(in, out, bytesPerRank, desc, deadline);
+    ran(Algo::kAllGatherHier);
+    return;
+  }
   if (bytesPerRank && o + rank_ * bytesPerRank != in) memmove(o + rank_ * bytesPerRank, in, bytesPerRank);
   if (n == 1) return;
   if (direct_ && config_.algo != "ring") {

@@ -58,6 +58,8 @@ enum class Algo : uint8_t {
   kReduceAllReduce,     ///< small: an all-reduce of a copy, kept on the root
   kReduceChain,         ///< pipelined chain ending at the root
   kAllReduceHier,       ///< hierarchical: in-host reduce-scatter, cross-host all-reduce per shard, in-host all-gather (hier)
+  kReduceScatterHier,   ///< hierarchical: in-host reduce-scatter of permuted blocks, then across hosts
+  kAllGatherHier,       ///< hierarchical: across hosts, then in-host all-gather, then unpermute
   kCount
 };
 
@@ -153,6 +155,11 @@ class Collectives {
   void hierLocalReduce(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
   void hierCross(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
   void hierLocalGather(char* b, size_t n, DType dtype, const OpDesc& desc, const Deadline& deadline);
+  // True if reduce_scatter / all_gather of `bytes` in all go hierarchical.
+  bool hierBlocks(size_t bytes) const;
+  void hierReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                         const OpDesc& desc, const Deadline& deadline);
+  void hierAllGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc, const Deadline& deadline);
   // Sets up the in-host and cross-host sub-collectives (hierarchical.cc).
   void initHierarchy(Transport* local);
   char* scratch(size_t bytes);
@@ -180,6 +187,8 @@ class Collectives {
   std::unique_ptr<Collectives> local_;          // in-host steps
   std::unique_ptr<Collectives> cross_;          // cross-host steps (local index < shards_ only)
   bool localSeparate_ = false;                  // in-host steps run over their own transport
+  bool uniform_ = false;                        // every host holds shards_ ranks
+  std::vector<int> permBlocks_;                 // group rank of block j = l * hosts + h (rank l of host h)
   std::unique_ptr<WorkQueue> crossThread_;      // runs cross-host steps while in-host ones go on
   std::vector<char> hierScratch_;
 };

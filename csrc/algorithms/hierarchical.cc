@@ -42,6 +42,12 @@ void Collectives::initHierarchy(Transport* local) {
                   " ranks (this one ", lt->rank(), ") for ", localSize_, " local ranks (this one ", localIndex_, ")");
     local_ = std::make_unique<Collectives>(*lt, sub);
   }
+  uniform_ = topology_.maxPerHost() == shards_;
+  if (uniform_) {
+    for (int l = 0; l < shards_; ++l) {
+      for (int h = 0; h < topology_.numHosts(); ++h) permBlocks_.push_back(topology_.ranksOn(h)[l]);
+    }
+  }
   if (localIndex_ < shards_) {
     std::vector<int> peers;
     for (int h = 0; h < topology_.numHosts(); ++h) peers.push_back(topology_.ranksOn(h)[localIndex_]);
@@ -173,6 +179,49 @@ void Collectives::hierAllReduce(void* buf, size_t count, DType dtype, ReduceOp o
     local_->transport().abort(why);
     waitAll();
     throw;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// reduce_scatter / all_gather on hosts that hold equally many ranks. Block j of the
+// permuted order is group rank permBlocks_[j] = rank l of host h for j = l * hosts + h,
+// so in-host rank l's share of the in-host step is the blocks of every host's rank l,
+// which the cross-host step (among the ranks l, ordered by host) then splits by host.
+// Each host's link carries (H-1)/H of the whole buffer, as the all-reduce's halves do.
+
+bool Collectives::hierBlocks(size_t bytes) const {
+  if (shards_ == 0 || !uniform_ || !local_ || !cross_) return false;
+  return config_.algo == "hier" || (config_.algo == "auto" && bytes > config_.smallBytes);
+}
+
+void Collectives::hierReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                                    const OpDesc& desc, const Deadline& deadline) {
+  const size_t es = dtypeSize(dtype);
+  const size_t block = countPerRank * es;
+  const int hosts = topology_.numHosts();
+  const ReduceOp inner = op == ReduceOp::kAvg ? ReduceOp::kSum : op;
+  char* perm = scratch(block * (size_ + hosts));
+  char* mine = perm + block * size_;
+  const char* src = static_cast<const char*>(in);
+  if (block) {
+    for (int j = 0; j < size_; ++j) memcpy(perm + j * block, src + permBlocks_[j] * block, block);
+  }
+  local_->reduceScatter(perm, mine, countPerRank * hosts, dtype, inner, desc, deadline);
+  cross_->reduceScatter(mine, out, countPerRank, dtype, inner, desc, deadline);
+  if (op == ReduceOp::kAvg) finalizeAvg(out, countPerRank, dtype, size_);
+}
+
+void Collectives::hierAllGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc,
+                                const Deadline& deadline) {
+  const size_t block = bytesPerRank;
+  const int hosts = topology_.numHosts();
+  char* mine = scratch(block * (hosts + size_));
+  char* perm = mine + block * hosts;
+  cross_->allGather(in, mine, block, desc, deadline);  // reads `in` before `out` is written
+  local_->allGather(mine, perm, block * hosts, desc, deadline);
+  char* o = static_cast<char*>(out);
+  if (block) {
+    for (int j = 0; j < size_; ++j) memcpy(o + permBlocks_[j] * block, perm + j * block, block);
   }
 }
 

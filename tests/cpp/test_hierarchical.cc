@@ -134,6 +134,52 @@ TEST_P(Layouts, HierarchicalAllReduceMatchesFloat64Reference) {
   });
 }
 
+TEST_P(Layouts, HierarchicalReduceScatterAndAllGather) {
+  const Topology topo{GetParam()};
+  const int n = static_cast<int>(topo.hostOf.size());
+  // Hierarchical on hosts holding equally many ranks; the flat ring otherwise.
+  const bool hier = topo.minPerHost() == topo.maxPerHost();
+  MemStore store;
+  runRanks(n, [&](int r) {
+    RankTransport rt = makeMixed(store, topo, r);
+    Collectives c(*rt.t, config("hier"), topo, rt.local);
+    uint64_t seq = 0;
+    auto dl = [] { return Deadline::after(kTimeout); };
+    for (size_t count : kCounts) {
+      for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg}) {
+        std::vector<double> in(count * n), out(count);
+        for (size_t i = 0; i < in.size(); ++i) in[i] = value(r, i);
+        OpDesc d = testing::makeDesc(CollType::kReduceScatter, ++seq, count * n, DType::kFloat64);
+        d.op = op;
+        c.reduceScatter(in.data(), out.data(), count, DType::kFloat64, op, d, dl());
+        for (size_t i = 0; i < count; ++i) {
+          double ref = 0;
+          for (int p = 0; p < n; ++p) ref += value(p, r * count + i);
+          if (op == ReduceOp::kAvg) ref /= n;
+          ASSERT_NEAR(out[i], ref, 1e-9) << "rank " << r << " count " << count << " i " << i;
+        }
+      }
+      // all_gather, in place (this rank's block inside the output) and out of place.
+      std::vector<float> all(count * n, -1.0f);
+      for (size_t i = 0; i < count; ++i) all[r * count + i] = static_cast<float>(value(r, i));
+      c.allGather(all.data() + r * count, all.data(), count * 4,
+                  testing::makeDesc(CollType::kAllGather, ++seq, count * n), dl());
+      std::vector<float> mine(count), all2(count * n);
+      for (size_t i = 0; i < count; ++i) mine[i] = static_cast<float>(value(r, i));
+      c.allGather(mine.data(), all2.data(), count * 4, testing::makeDesc(CollType::kAllGather, ++seq, count * n), dl());
+      for (int p = 0; p < n; ++p) {
+        for (size_t i = 0; i < count; ++i) {
+          ASSERT_EQ(all[p * count + i], static_cast<float>(value(p, i))) << "rank " << r << " block " << p;
+          ASSERT_EQ(all2[p * count + i], static_cast<float>(value(p, i))) << "rank " << r << " block " << p;
+        }
+      }
+    }
+    const auto s = c.stats();
+    EXPECT_EQ(s.at("algo_reduce_scatter_hier"), hier ? kCounts.size() * 2 : 0u);
+    EXPECT_EQ(s.at("algo_all_gather_hier"), hier ? kCounts.size() * 2 : 0u);
+  });
+}
+
 TEST_P(Layouts, AutoPicksHierarchicalForLargeCallsOnly) {
   const Topology topo{GetParam()};
   const int n = static_cast<int>(topo.hostOf.size());
@@ -251,7 +297,8 @@ TEST_P(Layouts, AbortOnOneHostFailsEveryRankFast) {
 
 INSTANTIATE_TEST_SUITE_P(Hier, Layouts,
                          ::testing::Values(std::vector<int>{0, 0, 1, 1}, std::vector<int>{0, 0, 1, 2},
-                                           std::vector<int>{0, 0, 0, 1, 1}, std::vector<int>{0, 1, 1}));
+                                           std::vector<int>{0, 0, 0, 1, 1}, std::vector<int>{0, 1, 1},
+                                           std::vector<int>{0, 1, 0, 1, 0, 1}));  // interleaved 3+3
 
 TEST(SubsetTransport, MapsRanksOntoTheParent) {
   MemStore store;
