@@ -234,7 +234,6 @@ std::map<std::string, uint64_t> Group::stats() const {
     for (const auto& [k, v] : ipc->stats()) s[k] = v;
   }
   s["collectives"] = collectivesRun_.load();
-  s["hosts"] = static_cast<uint64_t>(topology_.numHosts());
   // Counters per underlying transport ("bytes_sent_shm", "bytes_sent_tcp"; a mixed
   // transport's parts counted apart), and their totals.
   uint64_t sent = 0, recv = 0, msgs = 0;

@@ -86,17 +86,21 @@ def run_topology(args, rank: int, world: int) -> int:
                     dist.all_reduce(x, group=g)
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
+                p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
                     dist.all_reduce(x, group=g)
                 t = (time.perf_counter() - t0) / args.iters
+                p1 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 dist.barrier(group=side)
                 c1 = link_bytes(ifname) if local_rank == 0 else None
-                # Per host: tx and rx bytes per call on its link; per rank: time (max) and #wrong.
-                v = torch.zeros(2 * hosts + 2, dtype=torch.float64)
+                # Per host: tx and rx bytes per call on its link, and the TCP payload its
+                # ranks sent (pycomm's counters); per rank: #wrong.
+                v = torch.zeros(3 * hosts + 1, dtype=torch.float64)
                 if c0 is not None:
                     v[2 * host] = (c1["tx"] - c0["tx"]) / args.iters
                     v[2 * host + 1] = (c1["rx"] - c0["rx"]) / args.iters
+                v[2 * hosts + host] = (p1 - p0) / args.iters
                 v[-1] = wrong
                 dist.all_reduce(v, group=side)
                 tmax = torch.tensor([t], dtype=torch.float64)
@@ -109,6 +113,8 @@ def run_topology(args, rank: int, world: int) -> int:
                 rows.append({"size": size, "variant": label, "time_s": float(tmax), "algos": algos,
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
+                             "payload_per_host": [float(v[2 * hosts + h]) for h in range(hosts)] if backend == "pycomm"
+                             else None,
                              "wrong": int(v[-1])})
                 if rank == 0:
                     _print_row(rows[-1], hosts, rows)
@@ -127,12 +133,13 @@ def _limit(size: int, hosts: int) -> float:
 def _print_row(row, hosts, rows) -> None:
     if row["variant"] == VARIANTS[0][0]:
         print(f"# {'size':>10} {'variant':>12} {'time ms':>9} {'algbw GB/s':>10} {'tx/host MB (max)':>16} "
-              f"{'limit MB':>9} {'tx/limit':>8} {'vs pycomm':>9} {'#wrong':>6} algorithm")
+              f"{'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} {'vs pycomm':>9} {'#wrong':>6} algorithm")
     base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == VARIANTS[0][0])
     lim = _limit(row["size"], hosts)
     tx = max(row["tx_per_host"])
+    payload = f"{max(row['payload_per_host']) / lim:.3f}" if row["payload_per_host"] and lim else "-"
     print(f"  {row['size']:>10} {row['variant']:>12} {row['time_s'] * 1e3:9.1f} {row['size'] / row['time_s'] / 1e9:10.3f} "
-          f"{tx / 1e6:16.2f} {lim / 1e6:9.2f} {tx / lim if lim else float('nan'):8.3f} "
+          f"{tx / 1e6:16.2f} {lim / 1e6:9.2f} {tx / lim if lim else float('nan'):8.3f} {payload:>13} "
           f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}", flush=True)
 
 
@@ -147,7 +154,8 @@ def _finish(args, rows, world, hosts, per_host) -> None:
     if os.environ.get("PYCOMM_BENCH_NETEM"):
         meta["netem"] = json.loads(os.environ["PYCOMM_BENCH_NETEM"])
     print(f"# {hosts} hosts x {per_host} ranks, link {args.link}; tx/host = bytes each host's link sent per "
-          f"all_reduce (interface counters, headers included); limit = 2(H-1)/H * S", flush=True)
+          f"all_reduce (interface counters: Ethernet/IP/TCP headers and ACKs included); payload = TCP payload "
+          f"pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); limit = 2(H-1)/H * S", flush=True)
     for size in sorted({r["size"] for r in rows}):
         by = {r["variant"]: r for r in rows if r["size"] == size}
         if "pycomm" in by:

@@ -28,7 +28,6 @@ def test_every_collective_on_a_mixed_layout(layout):
     for r in results:
         p = r["payload"]
         assert p["transport"] == "shm+tcp", p
-        assert p["hosts"] == len(set(layout)), p
         # Large all-reduces went hierarchical; small ones recursive doubling.
         assert p["algos"].get("all_reduce_hier", 0) > 0, p
         assert set(p["algos"]) <= {"all_reduce_hier", "all_reduce_rd"}, p
