@@ -35,7 +35,7 @@ struct AlgoConfig {
   /// Hierarchical all-reduce pipelining: calls are cut into chunks of about this many
   /// bytes, and the in-host steps of one chunk overlap the cross-host step of another.
   /// PYCOMM_HIER_CHUNK_BYTES.
-  size_t hierChunkBytes = 16 << 20;
+  size_t hierChunkBytes = 2 << 20;
 
   /// Reads the PYCOMM_* variables above.
   static AlgoConfig fromEnv();
