@@ -9,7 +9,7 @@ from typing import List
 
 import reliability_cases as rc
 
-LENGTHS = [0, 1, 2, 13, 97, 40009]
+LENGTHS = [0, 1, 13, 40009]
 
 
 def _join(rank: int, ws: int, store, layout: List[int], pg_timeout: float = 60.0) -> None:
@@ -52,7 +52,7 @@ def every_collective(rank: int, ws: int, store, layout: List[int]) -> dict:
         gathered = torch.empty(n * ws, dtype=torch.float64)
         dist.all_gather_into_tensor(gathered, _inputs(rank, n))
         torch.testing.assert_close(gathered, torch.cat([_inputs(r, n) for r in range(ws)]))
-        for root in range(ws):
+        for root in sorted({0, ws - 1}):  # a root on the first host and one on the last
             b = _inputs(rank, n)
             dist.broadcast(b, src=root)
             torch.testing.assert_close(b, _inputs(root, n))
