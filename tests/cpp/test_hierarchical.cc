@@ -121,7 +121,9 @@ TEST_P(Layouts, HierarchicalAllReduceMatchesFloat64Reference) {
       OpDesc g = testing::makeDesc(CollType::kAllGather, ++seq, count * 8);
       hier.allGather(y.data(), all.data(), count * 8, g, Deadline::after(kTimeout));
       for (int p = 0; p < n; ++p) {
-        ASSERT_EQ(0, memcmp(all.data() + p * count, y.data(), count * 8)) << "rank " << p << " differs, count " << count;
+        if (count) {
+          ASSERT_EQ(0, memcmp(all.data() + p * count, y.data(), count * 8)) << "rank " << p << " differs, count " << count;
+        }
       }
       for (size_t i = 0; i < count; ++i) {
         double ref = 0;
@@ -258,7 +260,7 @@ TEST_P(Layouts, FlatCollectivesOverTheMixedTransport) {
       std::vector<size_t> offs(n), sizes(n, count);
       for (int p = 0; p < n; ++p) offs[p] = p * count;
       std::vector<uint8_t> src(count * n), dst(count * n);
-      for (int p = 0; p < n; ++p) memcpy(src.data() + p * count, testing::filled(r, count).data(), count);
+      for (int p = 0; p < n && count > 0; ++p) memcpy(src.data() + p * count, testing::filled(r, count).data(), count);
       c.allToAll(src.data(), offs, sizes, dst.data(), offs, sizes,
                  testing::makeDesc(CollType::kAllToAll, ++seq, count * n), dl());
       for (int p = 0; p < n; ++p) {
