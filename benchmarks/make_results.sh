@@ -26,7 +26,7 @@ want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
-            demo model_parallel convergence pipeline_balance local_sgd; do
+            demo model_parallel convergence pipeline_balance local_sgd topology; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -75,6 +75,13 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
         "$PY" benchmarks/bench_local_sgd.py --hosts 4 --link $l --hidden 1024 --depth 2 --seeds 2 --window 0.25 \
           --modes ddp_gloo,dp,postlocalsgd_h8,localsgd_h8,diloco_h8,diloco_h8_onebit,dp_slow,balanced_dp_slow,async_slow \
           --out "$OUT/local_sgd_$l"
+      done ;;
+    # docs/USER_GUIDE.md (topology): hierarchical vs flat vs Gloo, 2 hosts x 2 ranks and 4 x 1.
+    topology)
+      for lay in "2 2" "4 1"; do
+        set -- $lay
+        run "topology_${1}x${2}_1gbit" "$PY" -m pycomm.bench all_reduce --hosts "$1" --ranks-per-host "$2" --link 1gbit \
+          -b 16M -e 64M -f 4 -n 5 -w 1 --json "$OUT/topology_${1}x${2}_1gbit.json" --no-progress
       done ;;
   esac
 done

@@ -71,5 +71,6 @@ def stats(group: Any = None) -> Dict[str, int]:
 
 
 def transport(group: Optional[dist.ProcessGroup] = None) -> str:
-    """The transport a pycomm group uses on this rank: ``"shm"`` or ``"tcp"``."""
+    """The transport a pycomm group uses on this rank: ``"shm"``, ``"tcp"``, or ``"shm+tcp"`` (several
+    hosts with co-located ranks: shared memory inside a host, TCP between hosts)."""
     return _pycomm_backend(group).transport()

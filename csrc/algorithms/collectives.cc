@@ -41,6 +41,9 @@ const char* algoKey(Algo a) {
     case Algo::kReduceDirect: return "algo_reduce_direct";
     case Algo::kReduceAllReduce: return "algo_reduce_all_reduce";
     case Algo::kReduceChain: return "algo_reduce_chain";
+    case Algo::kAllReduceHier: return "algo_all_reduce_hier";
+    case Algo::kReduceScatterHier: return "algo_reduce_scatter_hier";
+    case Algo::kAllGatherHier: return "algo_all_gather_hier";
     case Algo::kCount: break;
   }
   return "algo_unknown";
@@ -58,26 +61,33 @@ AlgoConfig AlgoConfig::fromEnv() {
   c.segmentBytes = static_cast<size_t>(
       std::max<int64_t>(4096, envInt("PYCOMM_RING_SEGMENT_BYTES", static_cast<int64_t>(c.segmentBytes))));
   c.algo = envStr("PYCOMM_ALGO", "auto");
+  c.hierChunkBytes = static_cast<size_t>(
+      std::max<int64_t>(4096, envInt("PYCOMM_HIER_CHUNK_BYTES", static_cast<int64_t>(c.hierChunkBytes))));
   c.compressPieceBytes = static_cast<size_t>(std::max<int64_t>(
       4, envInt("PYCOMM_COMPRESS_PIECE_BYTES", static_cast<int64_t>(c.compressPieceBytes))));
   PYCOMM_CHECK_ARG(c.algo == "auto" || c.algo == "ring" || c.algo == "direct" || c.algo == "oneshot" ||
-                       c.algo == "rd",
-                   "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd (got '", c.algo, "')");
+                       c.algo == "rd" || c.algo == "hier",
+                   "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd, hier (got '", c.algo, "')");
   return c;
 }
 
-Collectives::Collectives(Transport& transport, AlgoConfig config)
+Collectives::Collectives(Transport& transport, AlgoConfig config, const Topology& topology, Transport* local)
     : transport_(transport),
       direct_(transport.directAccess()),
       config_(std::move(config)),
       rank_(transport.rank()),
-      size_(transport.size()) {
+      size_(transport.size()),
+      topology_(topology) {
   if (direct_ && config_.smallBytes > direct_->inlineCapacity()) config_.smallBytes = direct_->inlineCapacity();
+  PYCOMM_ASSERT(topology_.hostOf.empty() || static_cast<int>(topology_.hostOf.size()) == size_,
+                "topology of ", topology_.hostOf.size(), " ranks for a group of ", size_);
+  if (topology_.hierarchical()) initHierarchy(local);
 }
 
 Collectives::~Collectives() {
   if (codecThread_) codecThread_->shutdown("pycomm: collectives destroyed");
   if (recvThread_) recvThread_->shutdown("pycomm: collectives destroyed");
+  if (crossThread_) crossThread_->shutdown("pycomm: collectives destroyed");
 }
 
 void Collectives::compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
@@ -116,6 +126,12 @@ Algo Collectives::runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op
   }
   const size_t bytes = count * dtypeSize(dtype);
   const std::string& a = config_.algo;
+  // Hierarchical when the group spans hosts with several ranks on some (large calls;
+  // small ones are latency-bound and go to recursive doubling below).
+  if (shards_ > 0 && (a == "hier" || (a == "auto" && bytes > config_.smallBytes && count >= static_cast<size_t>(size_)))) {
+    hierAllReduce(buf, count, dtype, op, desc, deadline);
+    return Algo::kAllReduceHier;
+  }
   if (direct_) {
     if (a == "oneshot" || (a == "auto" && bytes <= config_.smallBytes)) {
       PYCOMM_CHECK_ARG(bytes <= direct_->inlineCapacity(), "PYCOMM_ALGO=oneshot supports at most ",
@@ -286,6 +302,11 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
   const size_t blockBytes = countPerRank * es;
   const char* src = static_cast<const char*>(in);
   char* o = static_cast<char*>(out);
+  if (hierBlocks(blockBytes * n)) {
+    hierReduceScatter(in, out, countPerRank, dtype, op, desc, deadline);
+    ran(Algo::kReduceScatterHier);
+    return;
+  }
   if (blockBytes) memmove(o, src + rank_ * blockBytes, blockBytes);
   if (n == 1) {
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, 1);
@@ -342,6 +363,11 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
                             const Deadline& deadline) {
   const int n = size_;
   char* o = static_cast<char*>(out);
+  if (hierBlocks(bytesPerRank * n)) {
+    hierAllGather(in, out, bytesPerRank, desc, deadline);
+    ran(Algo::kAllGatherHier);
+    return;
+  }
   if (bytesPerRank && o + rank_ * bytesPerRank != in) memmove(o + rank_ * bytesPerRank, in, bytesPerRank);
   if (n == 1) return;
   if (direct_ && config_.algo != "ring") {

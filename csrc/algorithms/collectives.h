@@ -14,6 +14,7 @@
 #include "core/deadline.h"
 #include "algorithms/compressed.h"
 #include "core/dtype.h"
+#include "core/topology.h"
 #include "transport/transport.h"
 
 namespace pycomm {
@@ -25,12 +26,16 @@ struct AlgoConfig {
   size_t smallBytes = 64 * 1024;
   /// Ring segment size in bytes (pipelining granularity). PYCOMM_RING_SEGMENT_BYTES.
   size_t segmentBytes = 1 << 20;
-  /// "auto", "ring", "direct" (shm only), "oneshot" (shm) or "rd" (recursive doubling).
-  /// PYCOMM_ALGO.
+  /// "auto", "ring", "direct" (shm only), "oneshot" (shm), "rd" (recursive doubling)
+  /// or "hier" (hierarchical: groups whose ranks span several hosts). PYCOMM_ALGO.
   std::string algo = "auto";
   /// Float32 bytes of each chunk piece a compressed all-reduce pipelines (rounded to
   /// whole 2048-element blocks). PYCOMM_COMPRESS_PIECE_BYTES.
   size_t compressPieceBytes = 1 << 20;
+  /// Hierarchical all-reduce pipelining: calls are cut into chunks of about this many
+  /// bytes, and the in-host steps of one chunk overlap the cross-host step of another.
+  /// PYCOMM_HIER_CHUNK_BYTES.
+  size_t hierChunkBytes = 2 << 20;
 
   /// Reads the PYCOMM_* variables above.
   static AlgoConfig fromEnv();
@@ -52,6 +57,9 @@ enum class Algo : uint8_t {
   kReduceDirect,        ///< the root reads every peer's buffer in place
   kReduceAllReduce,     ///< small: an all-reduce of a copy, kept on the root
   kReduceChain,         ///< pipelined chain ending at the root
+  kAllReduceHier,       ///< hierarchical: in-host reduce-scatter, cross-host all-reduce per shard, in-host all-gather (hier)
+  kReduceScatterHier,   ///< hierarchical: in-host reduce-scatter of permuted blocks, then across hosts
+  kAllGatherHier,       ///< hierarchical: across hosts, then in-host all-gather, then unpermute
   kCount
 };
 
@@ -63,8 +71,14 @@ const char* algoKey(Algo a);
 /// (the backend's communication thread).
 class Collectives {
  public:
-  /// `transport` must outlive this object.
-  Collectives(Transport& transport, AlgoConfig config);
+  /// `transport` must outlive this object. `topology` says which ranks share a host
+  /// (default: unknown, treated as one host); when it spans several hosts with several
+  /// ranks on some, the hierarchical algorithms run their in-host steps over `local`
+  /// (a transport of this host's ranks, e.g. shared memory; default: a view of
+  /// `transport`) and their cross-host steps over a view of `transport`. `local`, if
+  /// given, must outlive this object too.
+  Collectives(Transport& transport, AlgoConfig config, const Topology& topology = Topology(),
+              Transport* local = nullptr);
 
   /// In-place all-reduce of `count` elements.
   void allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
@@ -135,6 +149,19 @@ class Collectives {
                    const Deadline& deadline);
   void shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                           const Deadline& deadline);
+  void hierAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                     const Deadline& deadline);
+  // The hierarchical all-reduce's steps on elements [lo, lo+n) of buf (hierarchical.cc).
+  void hierLocalReduce(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
+  void hierCross(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
+  void hierLocalGather(char* b, size_t n, DType dtype, const OpDesc& desc, const Deadline& deadline);
+  // True if reduce_scatter / all_gather of `bytes` in all go hierarchical.
+  bool hierBlocks(size_t bytes) const;
+  void hierReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                         const OpDesc& desc, const Deadline& deadline);
+  void hierAllGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc, const Deadline& deadline);
+  // Sets up the in-host and cross-host sub-collectives (hierarchical.cc).
+  void initHierarchy(Transport* local);
   char* scratch(size_t bytes);
 
   Transport& transport_;
@@ -147,6 +174,23 @@ class Collectives {
   std::unique_ptr<WorkQueue> recvThread_;   // compressed all-reduces: receives
   std::vector<uint8_t> compressScratch_;  // their payload buffers
   std::array<std::atomic<uint64_t>, static_cast<size_t>(Algo::kCount)> ran_{};  // per Algo
+
+  // Hierarchy (set when the topology spans several hosts and some host holds several
+  // ranks): the buffer is cut into shards_ shards (the fewest ranks any host holds);
+  // the rank with local index k < shards_ runs shard k's cross-host all-reduce.
+  Topology topology_;
+  int localIndex_ = 0;
+  int localSize_ = 1;
+  int shards_ = 0;                              // 0: no hierarchy
+  std::unique_ptr<Transport> localView_;        // this host's ranks, when no `local` was given
+  std::unique_ptr<Transport> crossView_;        // ranks with local index localIndex_ on every host
+  std::unique_ptr<Collectives> local_;          // in-host steps
+  std::unique_ptr<Collectives> cross_;          // cross-host steps (local index < shards_ only)
+  bool localSeparate_ = false;                  // in-host steps run over their own transport
+  bool uniform_ = false;                        // every host holds shards_ ranks
+  std::vector<int> permBlocks_;                 // group rank of block j = l * hosts + h (rank l of host h)
+  std::unique_ptr<WorkQueue> crossThread_;      // runs cross-host steps while in-host ones go on
+  std::vector<char> hierScratch_;
 };
 
 }  // namespace pycomm

@@ -8,44 +8,105 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "engine/flight_recorder.h"
+#include "transport/mixed.h"
 #include "transport/shm.h"
 #include "transport/tcp.h"
 
 namespace pycomm {
 
-std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPrefix, int rank,
-                                         int size, std::chrono::milliseconds timeout) {
+std::string groupHostKey() {
+  const std::string over = envStr("PYCOMM_HOST_KEY", "");
+  return over.empty() ? localHostKey() : strCat(over, "#", localHostKey());
+}
+
+GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, int rank, int size,
+                                  std::chrono::milliseconds timeout) {
   const std::string want = envStr("PYCOMM_TRANSPORT", "auto");
   PYCOMM_CHECK_ARG(want == "auto" || want == "shm" || want == "tcp",
                    "PYCOMM_TRANSPORT must be auto, shm or tcp (got '", want, "')");
-  bool sameHost = true;
-  if (want != "tcp") {
-    // All ranks learn whether they share one host (and namespaces) through the store.
-    store.setString(strCat(keyPrefix, "host/", rank), localHostKey());
-    const std::string mine = localHostKey();
-    for (int r = 0; r < size && sameHost; ++r) {
-      sameHost = store.getString(strCat(keyPrefix, "host/", r), timeout) == mine;
-    }
-    // Agree on the answer (a rank that differs from one peer may match another).
-    store.setString(strCat(keyPrefix, "samehost/", rank), sameHost ? "1" : "0");
-    for (int r = 0; r < size; ++r) {
-      if (store.getString(strCat(keyPrefix, "samehost/", r), timeout) != "1") sameHost = false;
-    }
+  // Every rank learns every rank's host key through the store, so all compute the
+  // same topology.
+  store.setString(strCat(keyPrefix, "host/", rank), groupHostKey());
+  std::vector<std::string> keys(size);
+  for (int r = 0; r < size; ++r) keys[r] = store.getString(strCat(keyPrefix, "host/", r), timeout);
+  const Topology keyed = Topology::fromKeys(keys);
+  GroupTransport g;
+  auto tcp = [&] { return std::make_unique<TcpTransport>(store, keyPrefix + "t/", rank, size, timeout); };
+  auto oneHostPerRank = [&] {
+    std::vector<int> h(size);
+    for (int r = 0; r < size; ++r) h[r] = r;
+    return Topology{h};
+  };
+  if (want == "tcp") {
+    g.transport = tcp();
+    g.topology = keyed;
+    return g;
   }
-  if (want == "shm" && !sameHost) {
-    throw InvalidArgument("PYCOMM_TRANSPORT=shm, but the group's ranks are not all on one host");
-  }
-  if (want != "tcp" && sameHost) {
+  if (keyed.numHosts() == 1) {
     try {
-      return std::make_unique<ShmTransport>(store, keyPrefix + "s/", rank, size, timeout);
+      auto shm = std::make_unique<ShmTransport>(store, keyPrefix + "s/", rank, size, timeout);
+      g.local = shm.get();
+      g.transport = std::move(shm);
+      g.topology = keyed;
+      return g;
     } catch (const InvalidArgument&) {
       throw;
     } catch (const Error& e) {
       if (want == "shm") throw;
       if (rank == 0) std::fprintf(stderr, "pycomm: shared memory unavailable (%s); using TCP\n", e.what());
     }
+    g.transport = tcp();
+    g.topology = oneHostPerRank();
+    return g;
   }
-  return std::make_unique<TcpTransport>(store, keyPrefix + "t/", rank, size, timeout);
+  if (want == "shm") {
+    throw InvalidArgument(strCat("PYCOMM_TRANSPORT=shm, but the group's ranks are not all on one host (",
+                                 keyed.str(), ")"));
+  }
+  // Several hosts: shared memory among each host's ranks, confirmed by its probe (the
+  // ShmTransport constructor fails on every rank of the host alike when cross-memory
+  // attach does not work); every rank learns every host's outcome.
+  const int host = keyed.hostOf[rank];
+  const std::vector<int> mine = keyed.ranksOn(host);
+  std::unique_ptr<Transport> local;
+  bool ok = true;
+  if (mine.size() > 1) {
+    try {
+      local = std::make_unique<ShmTransport>(store, strCat(keyPrefix, "s", host, "/"), keyed.localIndex(rank),
+                                             static_cast<int>(mine.size()), timeout);
+    } catch (const InvalidArgument&) {
+      throw;
+    } catch (const Error& e) {
+      ok = false;
+      if (mine[0] == rank) {
+        std::fprintf(stderr, "pycomm: shared memory unavailable among ranks of host %d (%s); using TCP\n", host,
+                     e.what());
+      }
+    }
+  }
+  store.setString(strCat(keyPrefix, "shmok/", rank), ok ? "1" : "0");
+  std::vector<bool> hostOk(keyed.numHosts(), true);
+  for (int r = 0; r < size; ++r) {
+    if (store.getString(strCat(keyPrefix, "shmok/", r), timeout) != "1") hostOk[keyed.hostOf[r]] = false;
+  }
+  if (!hostOk[host]) local.reset();
+  std::vector<std::string> confirmed(size);
+  for (int r = 0; r < size; ++r) {
+    confirmed[r] = hostOk[keyed.hostOf[r]] ? strCat("h", keyed.hostOf[r]) : strCat("r", r);
+  }
+  g.topology = Topology::fromKeys(confirmed);
+  if (local) {
+    g.local = local.get();
+    g.transport = std::make_unique<MixedTransport>(mine, std::move(local), tcp());
+  } else {
+    g.transport = tcp();
+  }
+  return g;
+}
+
+std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPrefix, int rank,
+                                         int size, std::chrono::milliseconds timeout) {
+  return makeGroupTransport(store, keyPrefix, rank, size, timeout).transport;
 }
 
 IpcConfig IpcConfig::fromEnv() {
@@ -72,9 +133,11 @@ Group::Group(Store& store, int rank, int size, std::chrono::milliseconds timeout
   const int64_t gen = store.add(strCat("pycomm/instances/", rank), 1);
   const std::string prefix = strCat("g", gen, "/");
   keyPrefix_ = prefix;
-  coll_ = makeTransport(store, prefix + "c/", rank, size, timeout);
+  GroupTransport gt = makeGroupTransport(store, prefix + "c/", rank, size, timeout);
+  coll_ = std::move(gt.transport);
+  topology_ = gt.topology;
   p2p_ = makeTransport(store, prefix + "p/", rank, size, timeout);
-  algos_ = std::make_unique<Collectives>(*coll_, AlgoConfig::fromEnv());
+  algos_ = std::make_unique<Collectives>(*coll_, AlgoConfig::fromEnv(), topology_, gt.local);
   collQueue_ = std::make_unique<WorkQueue>("pycomm-coll");
   sendQueue_ = std::make_unique<WorkQueue>("pycomm-send");
   recvQueue_ = std::make_unique<WorkQueue>("pycomm-recv");
@@ -240,12 +303,26 @@ std::map<std::string, uint64_t> Group::stats() const {
     for (const auto& [k, v] : ipc->stats()) s[k] = v;
   }
   s["collectives"] = collectivesRun_.load();
-  const std::string t = coll_->name();
-  s["bytes_sent_" + t] = coll_->bytesSent() + p2p_->bytesSent();
-  s["bytes_recv_" + t] = coll_->stats().bytesRecv.load() + p2p_->stats().bytesRecv.load();
-  s["messages_sent"] = coll_->stats().messagesSent.load() + p2p_->stats().messagesSent.load();
-  s["bytes_sent"] = s["bytes_sent_" + t];
-  s["bytes_recv"] = s["bytes_recv_" + t];
+  // Counters per underlying transport ("bytes_sent_shm", "bytes_sent_tcp"; a mixed
+  // transport's parts counted apart), and their totals.
+  uint64_t sent = 0, recv = 0, msgs = 0;
+  std::function<void(const Transport&)> add = [&](const Transport& t) {
+    if (auto* m = dynamic_cast<const MixedTransport*>(&t)) {
+      add(m->localPart());
+      add(m->remotePart());
+      return;
+    }
+    s[strCat("bytes_sent_", t.name())] += t.bytesSent();
+    s[strCat("bytes_recv_", t.name())] += t.stats().bytesRecv.load();
+    sent += t.bytesSent();
+    recv += t.stats().bytesRecv.load();
+    msgs += t.stats().messagesSent.load();
+  };
+  add(*coll_);
+  add(*p2p_);
+  s["messages_sent"] = msgs;
+  s["bytes_sent"] = sent;
+  s["bytes_recv"] = recv;
   return s;
 }
 

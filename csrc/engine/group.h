@@ -19,8 +19,27 @@
 
 namespace pycomm {
 
-/// Creates the transport for a group: shared memory when every rank is on this host
-/// (same host key), TCP otherwise. PYCOMM_TRANSPORT=shm|tcp|auto overrides.
+/// A group's transport and what the algorithms need to know about its layout.
+struct GroupTransport {
+  std::unique_ptr<Transport> transport;  ///< every pair of the group
+  Topology topology;                     ///< which ranks share a host (as the transport sees it)
+  Transport* local = nullptr;            ///< this host's ranks (shared memory) inside `transport`, or null
+};
+
+/// This rank's host key: localHostKey() (hostname, boot id, namespaces), prefixed with
+/// PYCOMM_HOST_KEY when set (tests and emulation: it can split one host into several,
+/// never join separate ones).
+std::string groupHostKey();
+
+/// Creates the transport of a group (collectively). Ranks with equal host keys that pass
+/// the shared-memory probe (cross-memory attach) are one host: shared memory between
+/// them, TCP between hosts (a MixedTransport when both are in use). A host whose probe
+/// fails counts as one host per rank. PYCOMM_TRANSPORT=tcp puts every pair on TCP
+/// (the topology still follows the host keys); =shm requires one host.
+GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, int rank, int size,
+                                  std::chrono::milliseconds timeout);
+
+/// makeGroupTransport's transport alone.
 std::unique_ptr<Transport> makeTransport(Store& store, const std::string& keyPrefix, int rank,
                                          int size, std::chrono::milliseconds timeout);
 
@@ -56,9 +75,12 @@ class Group {
   int rank() const { return rank_; }
   /// Number of ranks.
   int size() const { return size_; }
+  /// Which ranks share a host.
+  const Topology& topology() const { return topology_; }
   /// Per-operation timeout.
   std::chrono::milliseconds timeout() const { return timeout_; }
-  /// Name of the transport in use ("shm" or "tcp").
+  /// Name of the transport in use ("shm", "tcp", or "shm+tcp" for a group with
+  /// co-located ranks on several hosts).
   std::string transportName() const { return coll_->name(); }
 
   /// Store-key prefix private to this group instance (for setup that happens later,
@@ -130,6 +152,7 @@ class Group {
   std::atomic<const IpcCollectives*> ipcView_{nullptr};  // ipc_, for stats() on other threads
   std::unique_ptr<Transport> coll_;
   std::unique_ptr<Transport> p2p_;
+  Topology topology_;
   std::unique_ptr<Collectives> algos_;
   std::atomic<uint64_t> seq_{0};
   std::atomic<uint64_t> collectivesRun_{0};

@@ -100,9 +100,10 @@ def launch_cluster(args: argparse.Namespace, argv: Sequence[str]) -> int:
         raise SystemExit(f"pycomm-bench: --ranks {n} < --hosts {args.hosts}: every host needs a rank")
     with netem.Cluster(hosts=args.hosts, link=args.link, latency=args.latency) as cluster:
         extra = {"MASTER_ADDR": cluster.addr(0), "MASTER_PORT": "29500", "WORLD_SIZE": str(n),
-                 "PYCOMM_TRANSPORT": args.transport or "tcp",
                  "PYCOMM_SOCKET_IFNAME": cluster.ifname, "GLOO_SOCKET_IFNAME": cluster.ifname,
                  "PYCOMM_BENCH_NETEM": json.dumps(cluster.describe())}
+        if args.transport:  # else pycomm picks: shm among a host's ranks, TCP between hosts
+            extra["PYCOMM_TRANSPORT"] = args.transport
         per_host = [[r for r in range(n) if r * args.hosts // n == h] for h in range(args.hosts)]
         procs = []
         for h, ranks in enumerate(per_host):

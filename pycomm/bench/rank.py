@@ -68,6 +68,10 @@ def run_rank(args: argparse.Namespace) -> int:
                 print(f"# skipped: --compression {args.compression} needs pycomm.compression "
                       f"({type(e).__name__}: {e})")
             return 0
+    if getattr(args, "ranks_per_host", None):
+        from pycomm.bench.topology import run_topology
+
+        return run_topology(args, rank, world)
     timeout = datetime.timedelta(seconds=args.timeout)
     dist.init_process_group(args.backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
     try:

@@ -494,3 +494,26 @@ def test_cli_imports_only_modules_inside_the_package(tmp_path):
         assert path.startswith(pkg_root), f"{name} is loaded from {path}, outside the installed package"
         package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
         assert package in packages, f"{name}: its package {package} is not installed by setup.py"
+
+
+@pytest.mark.skipif(bool(_NETNS_WHY), reason=_NETNS_WHY or "ok")
+@needs_pycomm
+def test_bench_ranks_per_host_compares_hierarchical_flat_and_gloo(tmp_path):
+    jp = tmp_path / "t.json"
+    p = run_bench("all_reduce", "--hosts", "2", "--ranks-per-host", "2", "--link", "1gbit", "-b", "4M", "-e", "4M",
+                  "-n", "2", "-w", "1", "--json", str(jp), timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {r["variant"]: r for r in json.loads(jp.read_text())["rows"]}
+    assert set(rows) == {"pycomm", "pycomm-flat", "gloo"}, rows
+    assert all(r["wrong"] == 0 for r in rows.values()), rows
+    assert set(rows["pycomm"]["algos"]) == {"hier"} and set(rows["pycomm-flat"]["algos"]) == {"ring"}, rows
+    size = rows["pycomm"]["size"]
+    limit = 2 * (2 - 1) / 2 * size
+    # TCP payload each host sent: the hierarchical limit exactly (plus frame headers),
+    # where the flat ring's 2(n-1)/n * S crosses a host link 1.5 times that.
+    for pay in rows["pycomm"]["payload_per_host"]:
+        assert limit <= pay < 1.01 * limit, rows["pycomm"]
+    for pay in rows["pycomm-flat"]["payload_per_host"]:
+        assert pay > 1.4 * limit, rows["pycomm-flat"]
+    # The interface counters see the same (headers and ACKs add a few percent).
+    assert max(rows["pycomm"]["tx_per_host"]) < 1.1 * limit < 1.1 * max(rows["pycomm-flat"]["tx_per_host"]), rows

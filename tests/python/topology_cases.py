@@ -1,0 +1,81 @@
+"""Rank bodies of test_topology.py: each rank first takes the emulated host key of its
+layout entry (PYCOMM_HOST_KEY), then joins the group, so one machine holds several
+"hosts" (shared memory inside each, TCP between them)."""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import List
+
+import reliability_cases as rc
+
+LENGTHS = [0, 1, 13, 40009]
+
+
+def _join(rank: int, ws: int, store, layout: List[int], pg_timeout: float = 60.0) -> None:
+    import torch.distributed as dist
+
+    os.environ["PYCOMM_HOST_KEY"] = f"host{layout[rank]}"
+    dist.init_process_group("pycomm", store=store, rank=rank, world_size=ws,
+                            timeout=datetime.timedelta(seconds=pg_timeout))
+
+
+def _inputs(rank: int, n: int):
+    import torch
+
+    return (torch.arange(n, dtype=torch.float64) % 11) * 0.5 - 2.0 + 0.25 * rank
+
+
+def every_collective(rank: int, ws: int, store, layout: List[int]) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    import pycomm
+
+    _join(rank, ws, store, layout)
+    out = {"transport": pycomm.transport()}
+    before = pycomm.stats()
+    for n in LENGTHS:
+        ref = sum(_inputs(r, n) for r in range(ws))
+        for op, scale in ((dist.ReduceOp.SUM, 1.0), (dist.ReduceOp.AVG, 1.0 / ws)):
+            x = _inputs(rank, n).float()
+            dist.all_reduce(x, op=op)
+            torch.testing.assert_close(x.double(), ref * scale, rtol=1e-5, atol=1e-5)
+        y = _inputs(rank, n)
+        dist.all_reduce(y)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        # reduce_scatter / all_gather (n elements per rank)
+        full = torch.cat([_inputs(rank, n) + 10 * b for b in range(ws)])
+        mine = torch.empty(n, dtype=torch.float64)
+        dist.reduce_scatter_tensor(mine, full)
+        torch.testing.assert_close(mine, sum(_inputs(r, n) + 10 * rank for r in range(ws)))
+        gathered = torch.empty(n * ws, dtype=torch.float64)
+        dist.all_gather_into_tensor(gathered, _inputs(rank, n))
+        torch.testing.assert_close(gathered, torch.cat([_inputs(r, n) for r in range(ws)]))
+        for root in sorted({0, ws - 1}):  # a root on the first host and one on the last
+            b = _inputs(rank, n)
+            dist.broadcast(b, src=root)
+            torch.testing.assert_close(b, _inputs(root, n))
+            r_ = _inputs(rank, n)
+            dist.reduce(r_, dst=root)
+            torch.testing.assert_close(r_, ref if rank == root else _inputs(rank, n))
+        dist.barrier()
+    after = pycomm.stats()
+    out["algos"] = {k: after[k] - before.get(k, 0) for k in after
+                    if k.startswith("algo_all_reduce_") and after[k] != before.get(k, 0)}
+    # A subgroup on one host: shared memory only.
+    host0 = [r for r in range(ws) if layout[r] == layout[0]]
+    sub = dist.new_group(host0)
+    if rank in host0:
+        out["sub_transport"] = pycomm.transport(sub)
+        s = _inputs(rank, 1009)
+        dist.all_reduce(s, group=sub)
+        torch.testing.assert_close(s, sum(_inputs(r, 1009) for r in host0))
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def kill_on_other_host(rank: int, ws: int, store, layout: List[int], victim: int, stamp: str) -> dict:
+    _join(rank, ws, store, layout)
+    return rc.kill_mid_allreduce(rank, ws, victim, 16 << 20, stamp)
