@@ -63,6 +63,18 @@ def every_collective(rank: int, ws: int, store, layout: List[int]) -> dict:
     after = pycomm.stats()
     out["algos"] = {k: after[k] - before.get(k, 0) for k in after
                     if k.startswith("algo_all_reduce_") and after[k] != before.get(k, 0)}
+    # Receive from any source: rank 0 takes every other rank's message, over shm or TCP.
+    if rank == 0:
+        seen = {}
+        for _ in range(ws - 1):
+            t = torch.empty(7, dtype=torch.float64)
+            src = dist.recv(t)
+            seen[src] = t
+        assert sorted(seen) == list(range(1, ws)), sorted(seen)
+        for src, t in seen.items():
+            torch.testing.assert_close(t, _inputs(src, 7))
+    else:
+        dist.send(_inputs(rank, 7), dst=0)
     # A subgroup on one host: shared memory only.
     host0 = [r for r in range(ws) if layout[r] == layout[0]]
     sub = dist.new_group(host0)
