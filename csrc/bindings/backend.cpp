@@ -26,6 +26,7 @@
 #include "bindings/c10d_store.h"
 #include "bindings/cuda_collectives.h"
 #include "bindings/process_stats.h"
+#include "bindings/sparse_allreduce.h"
 #include "bindings/staging.h"
 #include "bindings/torch_types.h"
 #include "bindings/work.h"
@@ -138,8 +139,27 @@ class PycommBackend : public c10d::Backend {
 
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts) override {
+    if (tensors.size() == 1 && tensors[0].defined() && tensors[0].is_sparse()) {
+      return sparseAllReduce(tensors[0], opts);
+    }
     return inPlace(tensors, c10d::OpType::ALLREDUCE, "pycomm:all_reduce", CollType::kAllReduce, opts.reduceOp, -1,
                    opts.asyncOp);
+  }
+
+  /// SUM all-reduce of a sparse COO CPU tensor (bindings/sparse_allreduce.h), written
+  /// back into it; one collective, one Work.
+  c10::intrusive_ptr<c10d::Work> sparseAllReduce(at::Tensor t, const c10d::AllreduceOptions& opts) {
+    checkSparseAllReduce(t, opts.reduceOp, rank_);
+    OpDesc desc;
+    desc.seq = group_->nextSeq();
+    desc.coll = CollType::kAllReduce;
+    auto c = group_->submitCollective(!opts.asyncOp, [t, desc, rank = rank_, size = size_](Collectives& cs,
+                                                                                          const Deadline& dl) mutable {
+      at::NoGradGuard noGrad;
+      t.copy_(sparseAllReduceSum(cs, t, desc, dl, rank, size));
+    }, desc);
+    return c10::make_intrusive<PycommWork>(rank_, c10d::OpType::ALLREDUCE, "pycomm:all_reduce",
+                                           std::vector<at::Tensor>{t}, c, desc.seq);
   }
 
   /// Pipelined compressed all-reduce of a contiguous CPU float32 tensor, in place (the

@@ -112,6 +112,50 @@ def test_coalesced_bad_input_names_the_rank():
     run_ranks(WORLD, _coalesced_bad_input_body)
 
 
+def _sparse_input(rank: int, case: int, shape, sparse_dim: int, dtype) -> torch.Tensor:
+    """Rank `rank`'s sparse COO tensor: a rank-dependent number of non-zeros (none on rank 1),
+    indices that repeat within and across ranks, small integer values (exact sums)."""
+    g = torch.Generator().manual_seed(100 * case + rank)
+    nnz = [5, 0, 11, 2][rank % 4]
+    idx = torch.stack([torch.randint(0, shape[d], (nnz,), generator=g) for d in range(sparse_dim)])
+    vals = torch.randint(-9, 10, (nnz,) + tuple(shape[sparse_dim:]), generator=g).to(dtype)
+    return torch.sparse_coo_tensor(idx, vals, shape, check_invariants=True)
+
+
+def _sparse_body(rank, world):
+    for case, (shape, sparse_dim, dtype) in enumerate([((5, 7), 2, torch.float32), ((6, 3), 1, torch.float64),
+                                                       ((13,), 1, torch.int64), ((1, 1), 2, torch.float32)]):
+        t = _sparse_input(rank, case, shape, sparse_dim, dtype)
+        dist.all_reduce(t)
+        ref = sum(_sparse_input(r, case, shape, sparse_dim, dtype).to_dense().double() for r in range(world))
+        assert t.is_sparse and t.dtype == dtype, (t.layout, t.dtype)
+        torch.testing.assert_close(t.to_dense().double(), ref, rtol=0, atol=0)
+    # async: the result is in the tensor once the Work is done
+    t = _sparse_input(rank, 9, (4, 4), 2, torch.float32)
+    dist.all_reduce(t, async_op=True).wait()
+    ref = sum(_sparse_input(r, 9, (4, 4), 2, torch.float32).to_dense().double() for r in range(world))
+    torch.testing.assert_close(t.to_dense().double(), ref, rtol=0, atol=0)
+    if dist.get_backend() == "pycomm":
+        with pytest.raises(ValueError, match=rf"pycomm rank {rank}: sparse all_reduce supports ReduceOp.SUM only"):
+            dist.all_reduce(_sparse_input(rank, 0, (5, 7), 2, torch.float32), op=dist.ReduceOp.MAX)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_all_reduce_sums_like_gloo(backend):
+    run_ranks(WORLD, _sparse_body, backend=backend)
+
+
+def _sparse_mismatch_body(rank, world):
+    shape = (5, 8) if rank == 2 else (5, 7)
+    with pytest.raises(Exception, match=r"sparse all_reduce #\d+ of .*but rank \d passed"):
+        dist.all_reduce(_sparse_input(rank, 0, shape, 2, torch.float32))
+    dist.destroy_process_group()  # the group has failed (as after any mismatch): no closing barrier
+
+
+def test_sparse_all_reduce_mismatched_sizes_fail_on_every_rank():
+    run_ranks(WORLD, _sparse_mismatch_body)
+
+
 def _recv_any_body(rank, world):
     # Rank 0 receives from whoever sends a message with the tag it asks for; rank 1's
     # tag-5 message arrives first but only the tag-5 receive may take it.
