@@ -165,18 +165,26 @@ int availableCpus() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
-BandwidthProbe probeMemcpy(size_t bytes, int threads, int reps, bool hugePages) {
-  BandwidthProbe r;
+// Records a bandwidth probe's settings in `r`; false (with r.error) if its buffers
+// could not be mapped.
+bool setUp(BandwidthProbe& r, size_t bytes, int threads, int reps, bool hugePages, const Buffer& src,
+           const Buffer& dst) {
   r.threads = std::max(1, threads);
   r.reps = std::max(1, reps);
   r.hugePages = hugePages;
   r.bytes = bytes;
-  Buffer src(bytes, hugePages), dst(bytes, hugePages);
   if (!src.ok() || !dst.ok()) {
     r.error = "mmap failed";
-    return r;
+    return false;
   }
   r.hugeBacked = hugeBacked(src.data, bytes);
+  return true;
+}
+
+BandwidthProbe probeMemcpy(size_t bytes, int threads, int reps, bool hugePages) {
+  BandwidthProbe r;
+  Buffer src(bytes, hugePages), dst(bytes, hugePages);
+  if (!setUp(r, bytes, threads, reps, hugePages, src, dst)) return r;
   std::vector<double> gbps;
   for (int i = 0; i <= r.reps; ++i) {  // the first repetition warms up
     const double s = timeThreads(r.threads, [&](int t) {
@@ -191,19 +199,11 @@ BandwidthProbe probeMemcpy(size_t bytes, int threads, int reps, bool hugePages) 
 
 BandwidthProbe probeCrossMemory(size_t bytes, int threads, int reps, bool hugePages) {
   BandwidthProbe r;
-  r.threads = std::max(1, threads);
-  r.reps = std::max(1, reps);
-  r.hugePages = hugePages;
-  r.bytes = bytes;
   // The child inherits the source mapping (copy-on-write, never written again, so its
   // pages stay the parent's pages): the parent reads them out of the child's address
   // space, as a rank reads a peer's buffer.
   Buffer src(bytes, hugePages), dst(bytes, hugePages);
-  if (!src.ok() || !dst.ok()) {
-    r.error = "mmap failed";
-    return r;
-  }
-  r.hugeBacked = hugeBacked(src.data, bytes);
+  if (!setUp(r, bytes, threads, reps, hugePages, src, dst)) return r;
   Child child;
   if (!child.ok()) {
     r.error = std::string("fork failed: ") + strerror(errno);
