@@ -51,8 +51,6 @@ KNOWN = {
         "torch: DDP's logger records ProcessGroup::getBackendName(), the backend *type*, which is "
         "'custom' for every backend registered through Backend.register_backend; the test expects "
         "dist.get_backend() ('pycomm'). Not fixable in a backend.",
-    "test_sparse_all_reduce_sum":
-        "pycomm has no sparse all_reduce (dense tensors only; ValueError naming the rank).",
     "test_barrier_timeout_full_group":
         "the test matches Gloo's timeout wording (' (Timed out|closed|timeout) ') and its timing "
         "within 0.1 s.",
