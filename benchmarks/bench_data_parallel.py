@@ -379,8 +379,8 @@ def validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"--ranks {args.ranks} < --hosts {args.hosts}: every emulated host needs a rank")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    """The flags, validated (a bad combination exits 2 with a message naming it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ranks", type=int, default=None, help="ranks (default 4; H*L with --ranks-per-host)")
@@ -400,6 +400,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "use shared memory, hosts TCP")
     args = ap.parse_args(argv)
     validate(ap, args)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if os.environ.get("PYCOMM_BENCH_DP_WORKER") == "1":
         worker(args)
         return 0
