@@ -16,6 +16,9 @@ output (default 6 x 2048: ~27M parameters, ~108 MB of float32 gradients), batch
 Both DataParallel and torch DDP run with ``gradient_as_bucket_view=True`` (gradients are
 views into the buckets: no copy back after the all-reduce).
 The modes run one after the other; compute-only is re-measured right before each.
+Each mode's warm-up is at least ``--warmup``, 2 steps, and its compressor's warm-up
+(DataParallel runs OneBit / TopK / PowerSGD exact for their first 10 steps): the timed
+steps are compressed ones.
 
 Columns: ``step`` = median over the timed steps of the slowest rank's step time
 (forward + backward + gradient averaging + optimizer step); ``compute`` = the same
@@ -256,9 +259,13 @@ def worker(args: argparse.Namespace) -> None:
                     for w in works:
                         w.wait()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up.
+        # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up. So
+        # do DataParallel's sign / sparse / low-rank compressors: their first
+        # `warmup_steps` steps (10) are exact all-reduces (pycomm.compression.for_training);
+        # the timed steps are compressed ones.
+        warm = max(args.warmup, 2, int(getattr(getattr(model, "compression", None), "warmup_steps", 0)))
         a0 = _algo_counts()
-        step_t = _time_steps(train_step(model, opt), max(args.warmup, 2), args.steps, gloo, cuda)
+        step_t = _time_steps(train_step(model, opt), warm, args.steps, gloo, cuda)
         a1 = _algo_counts()
         algos = {k: v - a0.get(k, 0) for k, v in a1.items() if v != a0.get(k, 0)}
         comm_t = _time_steps(comm_fn, 1, args.steps, gloo, cuda) if comm_fn is not None else float("nan")
