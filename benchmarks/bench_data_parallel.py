@@ -319,7 +319,8 @@ def launch(args: argparse.Namespace, argv: List[str]) -> int:
     n = args.ranks
     env_base = {"WORLD_SIZE": str(n), "PYCOMM_BENCH_DP_WORKER": "1", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                "PYCOMM_BENCH_DP_COMMAND": " ".join(shlex.quote(a) for a in ["benchmarks/bench_data_parallel.py"] + argv)}
+                "PYCOMM_BENCH_DP_COMMAND": " ".join(shlex.quote(a)
+                                                    for a in ["benchmarks/bench_data_parallel.py"] + argv)}
     cmd = [sys.executable, os.path.abspath(__file__)] + argv
     procs = []
     if args.hosts:
