@@ -6,6 +6,7 @@ in the same run, plus the overlap figure (step vs compute-only and comm-only).
     python benchmarks/bench_data_parallel.py                        # 4 ranks on this host
     python benchmarks/bench_data_parallel.py --steps 3 --warmup 2   # shorter
     python benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit # emulated 1 Gbit/s cluster
+    python benchmarks/bench_data_parallel.py --hosts 2 --ranks-per-host 2 --modes dp,dp_flat,ddp_gloo
     python benchmarks/bench_data_parallel.py --modes dp,dp_onebit,ddp_gloo --json out.json
     python benchmarks/bench_data_parallel.py --device cuda --modes ddp_gloo,dp,dp_fp16,ddp_pycomm
 
@@ -15,6 +16,9 @@ output (default 6 x 2048: ~27M parameters, ~108 MB of float32 gradients), batch
 Both DataParallel and torch DDP run with ``gradient_as_bucket_view=True`` (gradients are
 views into the buckets: no copy back after the all-reduce).
 The modes run one after the other; compute-only is re-measured right before each.
+Each mode's warm-up is at least ``--warmup``, 2 steps, and its compressor's warm-up
+(DataParallel runs OneBit / TopK / PowerSGD exact for their first 10 steps): the timed
+steps are compressed ones.
 
 Columns: ``step`` = median over the timed steps of the slowest rank's step time
 (forward + backward + gradient averaging + optimizer step); ``compute`` = the same
@@ -27,7 +31,18 @@ overlap; compute + comm over max(...) would be no overlap at all).
 CUDA path is then CUDA IPC (ranks on this host) and DDP on Gloo stages through the host.
 
 ``--hosts H`` runs the ranks inside H network namespaces joined by a ``tc``-shaped
-bridge (pycomm.bench.netem; root and iproute2 needed), pycomm over TCP.
+bridge (pycomm.bench.netem; root and iproute2 needed), placed in blocks (ranks
+0..L-1 on host 0, ...), pycomm over TCP. ``--hosts H --ranks-per-host L`` puts L ranks
+in each namespace (``--ranks`` becomes H*L) and lets pycomm pick the transport per pair:
+shared memory between the ranks of one namespace (they share a host key: the key
+includes the network namespace), TCP between namespaces. On such a layout DataParallel's
+large all-reduces are hierarchical (``algo_all_reduce_hier``); mode ``dp_flat`` runs the
+same DataParallel on a group built with ``PYCOMM_ALGO=ring`` (the flat ring over every
+rank), for the comparison. Each mode's line names the pycomm all-reduce algorithms its
+timed steps ran (``pycomm.stats("all")`` deltas on rank 0).
+
+The output (and ``--json``'s ``meta``) is stamped with the machine, torch version, date,
+load average and command (pycomm.bench.machine).
 """
 from __future__ import annotations
 
@@ -45,11 +60,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 DP_COMPRESSORS = {
-    "dp": None, "dp_fp16": "FP16", "dp_bf16": "BF16", "dp_onebit": "OneBit", "dp_topk": "TopK",
+    "dp": None, "dp_flat": None, "dp_fp16": "FP16", "dp_bf16": "BF16", "dp_onebit": "OneBit", "dp_topk": "TopK",
     "dp_qsgd": "QSGD", "dp_powersgd": "PowerSGD",
 }
 DDP_MODES = ["ddp_gloo", "ddp_gloo_fp16", "ddp_gloo_powersgd", "ddp_gloo_pycomm_onebit", "ddp_pycomm"]
 ALL_MODES = ["ddp_gloo"] + list(DP_COMPRESSORS) + DDP_MODES[1:]
+#: Modes that run on a pycomm group of their own, built with these environment settings.
+MODE_ENV = {"dp_flat": {"PYCOMM_ALGO": "ring"}}
+
+
+def stamp(argv: List[str]) -> Dict[str, Any]:
+    """Machine, torch version, date, load and command: what the raw result is stamped with."""
+    import datetime
+    import shlex
+
+    import torch
+
+    from pycomm.bench.machine import machine
+
+    cmd = os.environ.get("PYCOMM_BENCH_DP_COMMAND") or " ".join(
+        shlex.quote(a) for a in ["benchmarks/bench_data_parallel.py"] + list(argv))
+    return {"machine": machine(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "command": cmd}
+
+
+def _algo_counts() -> Dict[str, int]:
+    import pycomm
+
+    return {k[len("algo_all_reduce_"):]: v for k, v in pycomm.stats("all").items() if k.startswith("algo_all_reduce_")}
 
 
 def make_compressor(name: Optional[str]) -> Any:
@@ -120,8 +159,25 @@ def worker(args: argparse.Namespace) -> None:
         dev = torch.device("cpu")
     io = max(1, args.width // 4)
     x = torch.randn(args.batch, io, generator=torch.Generator().manual_seed(rank)).to(dev)
-    results: Dict[str, Dict[str, float]] = {}
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    results: Dict[str, Dict[str, Any]] = {}
+    modes = parse_modes(args.modes)
+    # Groups of the modes that need their own settings: PYCOMM_ALGO is read when the
+    # backend of a group is built (its first collective), so the variable is set around
+    # the group's creation and first call only.
+    mode_groups: Dict[str, Any] = {}
+    for mode in modes:
+        if mode in MODE_ENV:
+            saved = {k: os.environ.get(k) for k in MODE_ENV[mode]}
+            os.environ.update(MODE_ENV[mode])
+            try:
+                mode_groups[mode] = dist.new_group(backend="pycomm")
+                dist.all_reduce(torch.ones(1, device=dev), group=mode_groups[mode])
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
     def train_step(model: Any, opt: Any) -> Callable[[], None]:
         def step() -> None:
@@ -150,13 +206,15 @@ def worker(args: argparse.Namespace) -> None:
         comm_fn: Optional[Callable[[], None]] = None
         if mode in DP_COMPRESSORS:
             comp = make_compressor(DP_COMPRESSORS[mode])
-            model = DataParallel(net, compression=comp, gradient_as_bucket_view=True)
+            grp = mode_groups.get(mode)
+            model = DataParallel(net, group=grp, compression=comp, gradient_as_bucket_view=True)
             buckets = [b.flat for b in model._buckets]
             comp_only = make_compressor(DP_COMPRESSORS[mode])
 
-            def comm_fn(buckets=buckets, comp_only=comp_only) -> None:
+            def comm_fn(buckets=buckets, comp_only=comp_only, grp=grp) -> None:
                 if comp_only is None:
-                    futs = [dist.all_reduce(b, op=dist.ReduceOp.AVG, async_op=True).get_future() for b in buckets]
+                    futs = [dist.all_reduce(b, op=dist.ReduceOp.AVG, group=grp, async_op=True).get_future()
+                            for b in buckets]
                 else:
                     futs = [comp_only.all_reduce(b, key=i, op="avg", async_op=True) for i, b in enumerate(buckets)]
                 for f in futs:
@@ -201,15 +259,24 @@ def worker(args: argparse.Namespace) -> None:
                     for w in works:
                         w.wait()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up.
-        step_t = _time_steps(train_step(model, opt), max(args.warmup, 2), args.steps, gloo, cuda)
+        # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up. So
+        # do DataParallel's sign / sparse / low-rank compressors: their first
+        # `warmup_steps` steps (10) are exact all-reduces (pycomm.compression.for_training);
+        # the timed steps are compressed ones.
+        warm = max(args.warmup, 2, int(getattr(getattr(model, "compression", None), "warmup_steps", 0)))
+        a0 = _algo_counts()
+        step_t = _time_steps(train_step(model, opt), warm, args.steps, gloo, cuda)
+        a1 = _algo_counts()
+        algos = {k: v - a0.get(k, 0) for k, v in a1.items() if v != a0.get(k, 0)}
         comm_t = _time_steps(comm_fn, 1, args.steps, gloo, cuda) if comm_fn is not None else float("nan")
-        results[mode] = {"step_ms": step_t * 1e3, "compute_ms": compute_here * 1e3, "comm_ms": comm_t * 1e3}
+        results[mode] = {"step_ms": step_t * 1e3, "compute_ms": compute_here * 1e3, "comm_ms": comm_t * 1e3,
+                         "algos": algos}
         if rank == 0:
             r = results[mode]
             ov = r["step_ms"] / max(r["compute_ms"], r["comm_ms"]) if comm_fn is not None else float("nan")
+            names = ",".join(f"{k}:{v}" for k, v in sorted(algos.items())) or "-"
             print(f"{mode:24s} step {r['step_ms']:9.1f} ms   compute-only {r['compute_ms']:8.1f} ms   "
-                  f"comm-only {r['comm_ms']:9.1f} ms   overlap {ov:5.2f}", flush=True)
+                  f"comm-only {r['comm_ms']:9.1f} ms   overlap {ov:5.2f}   pycomm all_reduce: {names}", flush=True)
         if hasattr(model, "remove_hooks"):
             model.remove_hooks()
         del model, opt, net
@@ -226,9 +293,15 @@ def worker(args: argparse.Namespace) -> None:
             lines.append(f"| {mode} | {r['step_ms']:.1f} | {speed} | {r['compute_ms']:.1f} | "
                          f"{'-' if comm != comm else f'{comm:.1f}'} | {'-' if ov != ov else f'{ov:.2f}'} |")
         print("\n".join(lines), flush=True)
+        if "dp" in results and "dp_flat" in results:
+            print(f"# dp vs dp_flat (PYCOMM_ALGO=ring): {results['dp_flat']['step_ms'] / results['dp']['step_ms']:.2f}x"
+                  " faster step", flush=True)
+        meta = {"ranks": world, "hosts": args.hosts, "ranks_per_host": args.ranks_per_host, "link": args.link,
+                "params": nparams, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+                "device": args.device, "netem": json.loads(os.environ.get("PYCOMM_BENCH_NETEM", "null")),
+                **stamp(sys.argv[1:])}
+        print(f"# {json.dumps(meta)}", flush=True)
         if args.json:
-            meta = {"ranks": world, "params": nparams, "batch": args.batch, "steps": args.steps, "device": args.device,
-                    "netem": json.loads(os.environ.get("PYCOMM_BENCH_NETEM", "null"))}
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "compute_ms": compute * 1e3, "results": results}, f, indent=1)
     dist.barrier()
@@ -239,23 +312,36 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, argv: List[str]) -> int:
+    import shlex
+
+    from pycomm.bench.launch import wait_all
+
     n = args.ranks
     env_base = {"WORLD_SIZE": str(n), "PYCOMM_BENCH_DP_WORKER": "1", "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+                "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "PYCOMM_BENCH_DP_COMMAND": " ".join(shlex.quote(a)
+                                                    for a in ["benchmarks/bench_data_parallel.py"] + argv)}
     cmd = [sys.executable, os.path.abspath(__file__)] + argv
     procs = []
     if args.hosts:
         from pycomm.bench import netem
 
         with netem.Cluster(hosts=args.hosts, link=args.link, latency=args.latency) as cluster:
-            extra = {"MASTER_ADDR": cluster.addr(0), "MASTER_PORT": "29511", "PYCOMM_TRANSPORT": "tcp",
+            extra = {"MASTER_ADDR": cluster.addr(0), "MASTER_PORT": "29511",
                      "PYCOMM_SOCKET_IFNAME": cluster.ifname, "GLOO_SOCKET_IFNAME": cluster.ifname,
                      "PYCOMM_BENCH_NETEM": json.dumps(cluster.describe())}
-            for r in range(n):
-                h = r * args.hosts // n
-                env = {**env_base, **extra, "RANK": str(r), "LOCAL_RANK": "0"}
-                procs.append(cluster.run(h, cmd, env=env))
-            return max(p.wait() for p in procs)
+            if not args.ranks_per_host:
+                # One rank per namespace (the --hosts 4 results): every pair over TCP, as before.
+                # With --ranks-per-host pycomm picks: shm inside a namespace, TCP between them.
+                extra["PYCOMM_TRANSPORT"] = "tcp"
+            # Blocks, as pycomm.bench.launch.launch_cluster places them.
+            per_host = [[r for r in range(n) if r * args.hosts // n == h] for h in range(args.hosts)]
+            for h, ranks in enumerate(per_host):
+                for local, r in enumerate(ranks):
+                    env = {**env_base, **extra, "RANK": str(r), "LOCAL_RANK": str(local),
+                           "LOCAL_WORLD_SIZE": str(len(ranks)), "GROUP_RANK": str(h)}
+                    procs.append(cluster.run(h, cmd, env=env))
+            return wait_all(procs, None)
     import socket
 
     with socket.socket() as s:
@@ -266,14 +352,46 @@ def launch(args: argparse.Namespace, argv: List[str]) -> int:
         env.update(env_base)
         env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r), "LOCAL_RANK": str(r)})
         procs.append(subprocess.Popen(cmd, env=env))
-    return max(p.wait() for p in procs)
+    return wait_all(procs, None)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_modes(text: str) -> List[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Rejects contradictory or impossible flags before any process starts (ap.error: exit 2)."""
+    modes = parse_modes(args.modes)
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if not modes or unknown:
+        ap.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_MODES)}")
+    if args.steps < 1 or args.warmup < 0:
+        ap.error(f"--steps must be >= 1 and --warmup >= 0 (got --steps {args.steps} --warmup {args.warmup})")
+    if args.hosts < 0:
+        ap.error(f"--hosts must be >= 0 (got {args.hosts})")
+    if args.ranks_per_host is not None:
+        if args.ranks_per_host < 1:
+            ap.error(f"--ranks-per-host must be >= 1 (got {args.ranks_per_host})")
+        if not args.hosts:
+            ap.error("--ranks-per-host needs --hosts H (the emulated hosts to put the ranks in)")
+        n = args.hosts * args.ranks_per_host
+        if args.ranks is not None and args.ranks != n:
+            ap.error(f"--ranks {args.ranks} contradicts --hosts {args.hosts} x --ranks-per-host "
+                     f"{args.ranks_per_host} = {n}")
+        args.ranks = n
+    if args.ranks is None:
+        args.ranks = 4
+    if args.ranks < 1:
+        ap.error(f"--ranks must be >= 1 (got {args.ranks})")
+    if args.hosts and args.ranks < args.hosts:
+        ap.error(f"--ranks {args.ranks} < --hosts {args.hosts}: every emulated host needs a rank")
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    """The flags, validated (a bad combination exits 2 with a message naming it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--ranks", type=int, default=None, help="ranks (default 4; H*L with --ranks-per-host)")
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--batch", type=int, default=16)
@@ -285,7 +403,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--hosts", type=int, default=0, help="emulated hosts (netem); 0 = this host, shm")
     ap.add_argument("--link", default="1gbit", help="per-host link rate with --hosts (tc syntax)")
     ap.add_argument("--latency", default="100us", help="one-way latency with --hosts")
+    ap.add_argument("--ranks-per-host", type=int, default=None,
+                    help="with --hosts H: L ranks in each emulated host (--ranks becomes H*L); co-located ranks "
+                         "use shared memory, hosts TCP")
     args = ap.parse_args(argv)
+    validate(ap, args)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if os.environ.get("PYCOMM_BENCH_DP_WORKER") == "1":
         worker(args)
         return 0

@@ -517,3 +517,45 @@ def test_bench_ranks_per_host_compares_hierarchical_flat_and_gloo(tmp_path):
         assert pay > 1.4 * limit, rows["pycomm-flat"]
     # The interface counters see the same (headers and ACKs add a few percent).
     assert max(rows["pycomm"]["tx_per_host"]) < 1.1 * limit < 1.1 * max(rows["pycomm-flat"]["tx_per_host"]), rows
+
+
+# ---- benchmarks/bench_data_parallel.py flags (no ranks started) -------------------------
+
+
+def _dp_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_data_parallel",
+                                                  os.path.join(ROOT, "benchmarks", "bench_data_parallel.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ranks-per-host", "2"], "--ranks-per-host needs --hosts"),
+    (["--hosts", "2", "--ranks-per-host", "0"], "--ranks-per-host must be >= 1 (got 0)"),
+    (["--hosts", "2", "--ranks-per-host", "2", "--ranks", "3"],
+     "--ranks 3 contradicts --hosts 2 x --ranks-per-host 2 = 4"),
+    (["--hosts", "4", "--ranks", "2"], "--ranks 2 < --hosts 4"),
+    (["--hosts", "-1"], "--hosts must be >= 0"),
+    (["--ranks", "0"], "--ranks must be >= 1"),
+    (["--modes", "dp,dp_bogus"], "unknown mode(s) dp_bogus"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_dp_bench_rejects_bad_flags(argv, message, capsys):
+    mod = _dp_bench()
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dp_bench_ranks_per_host_layout():
+    mod = _dp_bench()
+    a = mod.parse_args(["--hosts", "2", "--ranks-per-host", "3", "--modes", "dp,dp_flat"])
+    assert (a.ranks, a.hosts, a.ranks_per_host) == (6, 2, 3)
+    assert mod.parse_args(["--hosts", "2", "--ranks-per-host", "2", "--ranks", "4"]).ranks == 4
+    assert mod.parse_args([]).ranks == 4 and mod.parse_args(["--hosts", "4"]).ranks == 4
+    # dp_flat runs DataParallel on a group built with the flat ring forced.
+    assert mod.MODE_ENV["dp_flat"] == {"PYCOMM_ALGO": "ring"} and "dp_flat" in mod.ALL_MODES
