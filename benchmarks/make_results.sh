@@ -26,7 +26,7 @@ want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
-            demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2; do
+            demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2 conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -81,11 +81,14 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
       for lay in "2 2" "4 1"; do
         set -- $lay
         run "topology_${1}x${2}_1gbit" "$PY" -m pycomm.bench all_reduce --hosts "$1" --ranks-per-host "$2" --link 1gbit \
-          -b 16M -e 64M -f 4 -n 5 -w 1 --json "$OUT/topology_${1}x${2}_1gbit.json" --no-progress
+          --thp 1 --threads 1 -b 16M -e 64M -f 4 -n 5 -w 1 --json "$OUT/topology_${1}x${2}_1gbit.json" --no-progress
       done ;;
     # docs/USER_GUIDE.md (topology): DataParallel step, 2 hosts x 2 ranks at 1 Gbit/s,
     # hierarchical (dp) vs the flat ring (dp_flat) vs DDP on Gloo vs OneBit.
     dp_step_2x2) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 2 --ranks-per-host 2 --link 1gbit \
         --steps 3 --warmup 1 --modes dp,dp_flat,ddp_gloo,dp_onebit --json "$OUT/${name}_1gbit.json" ;;
+    # README / docs/USER_GUIDE.md (c10d): torch's own distributed tests on Gloo and pycomm, same
+    # run (needs torch's test dependency expecttest: pip install expecttest).
+    conformance) "$PY" benchmarks/conformance.py ;;
   esac
 done

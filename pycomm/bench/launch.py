@@ -34,8 +34,8 @@ def _child_env(extra: Dict[str, str], thp: Optional[int]) -> Dict[str, str]:
     env.update(extra)
     # Nothing else is changed unless asked: the ranks see the settings a user's script
     # would. --thp sets torch's THP_MEM_ALLOC_ENABLE (huge pages for large tensors) and the
-    # header says so (pycomm requests huge pages on the buffers it reads across processes
-    # itself, see csrc/core/huge_pages.h).
+    # header says so (pycomm can also ask for huge pages on the buffers its peers read:
+    # PYCOMM_HUGE_PAGES_MIN, off by default, see csrc/core/huge_pages.h).
     if thp is not None:
         env["THP_MEM_ALLOC_ENABLE"] = str(int(thp))
         env["PYCOMM_BENCH_SET"] = (env.get("PYCOMM_BENCH_SET", "") + f" THP_MEM_ALLOC_ENABLE={int(thp)}").strip()

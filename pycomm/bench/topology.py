@@ -52,7 +52,8 @@ def run_topology(args, rank: int, world: int) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", rank % per_host))
     ifname = os.environ.get("PYCOMM_SOCKET_IFNAME", "eth0")
     timeout = datetime.timedelta(seconds=args.timeout)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     os.environ.pop("PYCOMM_ALGO", None)
     dist.init_process_group("pycomm", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     try:
