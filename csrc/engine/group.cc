@@ -27,9 +27,11 @@ GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, in
   // Every rank learns every rank's host key through the store, so all compute the
   // same topology.
   store.setString(strCat(keyPrefix, "host/", rank), groupHostKey());
-  std::vector<std::string> keys(size);
-  for (int r = 0; r < size; ++r) keys[r] = store.getString(strCat(keyPrefix, "host/", r), timeout);
-  const Topology keyed = Topology::fromKeys(keys);
+  auto readKeys = [&] {
+    std::vector<std::string> keys(size);
+    for (int r = 0; r < size; ++r) keys[r] = store.getString(strCat(keyPrefix, "host/", r), timeout);
+    return Topology::fromKeys(keys);
+  };
   GroupTransport g;
   auto tcp = [&] { return std::make_unique<TcpTransport>(store, keyPrefix + "t/", rank, size, timeout); };
   auto oneHostPerRank = [&] {
@@ -38,10 +40,13 @@ GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, in
     return Topology{h};
   };
   if (want == "tcp") {
+    // The mesh first: ranks listen (and refuse strangers) while late ranks arrive; every
+    // host key is in the store once the mesh is up.
     g.transport = tcp();
-    g.topology = keyed;
+    g.topology = readKeys();
     return g;
   }
+  const Topology keyed = readKeys();
   if (keyed.numHosts() == 1) {
     try {
       auto shm = std::make_unique<ShmTransport>(store, keyPrefix + "s/", rank, size, timeout);
