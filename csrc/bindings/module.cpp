@@ -2,7 +2,7 @@
 #include <torch/extension.h>
 
 namespace pycomm {
-void initBackendBindings(pybind11::module_& m);      // backend.cpp
+void initBackendBindings(pybind11::module_& m);      // backend.cpp (backend.h)
 void initCompressionBindings(pybind11::module_& m);  // compression_bindings.cpp
 void initBucketBindings(pybind11::module_& m);       // bucket_bindings.cpp
 void initPowerSgdBindings(pybind11::module_& m);     // powersgd_bindings.cpp

@@ -1,0 +1,74 @@
+// The all-reduces beyond the dense one: sparse COO (SUM, as Gloo) and the pipelined
+// compressed all-reduce (the native path of pycomm.compression).
+#include "algorithms/compressed.h"
+#include "bindings/backend.h"
+#include "bindings/sparse_allreduce.h"
+#include "bindings/work.h"
+#include "kernels/compress_math.h"
+
+namespace pycomm {
+
+c10::intrusive_ptr<c10d::Work> PycommBackend::sparseAllReduce(at::Tensor t, const c10d::AllreduceOptions& opts) {
+  checkSparseAllReduce(t, opts.reduceOp, rank_);
+  OpDesc desc;
+  desc.seq = group_->nextSeq();
+  desc.coll = CollType::kAllReduce;
+  auto c = group_->submitCollective(!opts.asyncOp, [t, desc, rank = rank_, size = size_](Collectives& cs,
+                                                                                        const Deadline& dl) mutable {
+    at::NoGradGuard noGrad;
+    t.copy_(sparseAllReduceSum(cs, t, desc, dl, rank, size));
+  }, desc);
+  return c10::make_intrusive<PycommWork>(rank_, c10d::OpType::ALLREDUCE, "pycomm:all_reduce",
+                                         std::vector<at::Tensor>{t}, c, desc.seq);
+}
+
+c10::intrusive_ptr<c10d::Work> PycommBackend::compressedAllReduce(at::Tensor t, const std::string& codecName, int64_t bits,
+                                                                  bool errorFeedback, int64_t chunk, int64_t divisor,
+                                                                  std::optional<at::Tensor> worker,
+                                                                  std::optional<at::Tensor> server, int64_t workerSeed,
+                                                                  int64_t serverSeed, bool asyncOp) {
+  auto isFlatF32 = [](const at::Tensor& x) {
+    return x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous();
+  };
+  TORCH_CHECK_VALUE(t.defined() && isFlatF32(t), "pycomm rank ", rank_,
+                    ": compressed all_reduce needs a contiguous CPU float32 tensor, got ",
+                    t.defined() ? c10::str(t.scalar_type(), " on ", t.device()) : std::string("undefined"));
+  const size_t n = static_cast<size_t>(t.numel());
+  TORCH_CHECK_VALUE(chunk > 0 && chunk % static_cast<int64_t>(kCompressAlign) == 0 &&
+                        static_cast<size_t>(chunk) * static_cast<size_t>(size_) >= n,
+                    "pycomm rank ", rank_, ": compressed all_reduce chunk ", chunk, " does not tile ", n,
+                    " elements over ", size_, " ranks");
+  TORCH_CHECK_VALUE(divisor >= 1, "pycomm rank ", rank_, ": compressed all_reduce divisor must be >= 1");
+  std::unique_ptr<PieceCodec> codec;
+  try {
+    codec = makeCodec(codecName, static_cast<int>(bits), &errorFeedback, static_cast<uint32_t>(workerSeed),
+                      static_cast<uint32_t>(serverSeed));
+  } catch (const InvalidArgument& e) {
+    TORCH_CHECK_VALUE(false, "pycomm rank ", rank_, ": ", e.what());
+  }
+  CompressedArgs args;
+  args.data = t.data_ptr<float>();
+  args.n = n;
+  args.chunk = static_cast<size_t>(chunk);
+  args.divisor = static_cast<int>(divisor);
+  std::vector<at::Tensor> keep{t};
+  if (errorFeedback) {
+    TORCH_CHECK_VALUE(worker && server && isFlatF32(*worker) && isFlatF32(*server) &&
+                          static_cast<size_t>(worker->numel()) == n && server->numel() == chunk,
+                      "pycomm rank ", rank_, ": ", codecName, " with error feedback needs CPU float32 residuals of ",
+                      n, " (worker) and ", chunk, " (server) elements");
+    args.workerResidual = worker->data_ptr<float>();
+    args.serverResidual = server->data_ptr<float>();
+    keep.push_back(*worker);
+    keep.push_back(*server);
+  }
+  std::shared_ptr<PieceCodec> shared(std::move(codec));
+  Call call{c10d::OpType::ALLREDUCE, "pycomm:compressed_all_reduce", CollType::kCompressed, {t}, {Staged{t, t, false}}};
+  call.op = divisor == 1 ? ReduceOp::kSum : ReduceOp::kAvg;
+  call.tag = shared->id();
+  return submit(std::move(call), asyncOp, [shared, args, keep](Collectives& c, const OpDesc& d, const Deadline& dl) {
+    c.compressedAllReduce(*shared, args, d, dl);
+  });
+}
+
+}  // namespace pycomm
