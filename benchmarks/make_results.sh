@@ -92,7 +92,7 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
     tcp_streams)
       for l in 10gbit 1gbit; do
         run "${name}_$l" "$PY" -m pycomm.bench all_reduce --hosts 2 --ranks-per-host 1 --link $l --tcp-streams-compare \
-          --thp 1 --threads 1 -b 64M -e 64M -n 5 -w 2 --json "$OUT/${name}_$l.json" --no-progress
+          --rounds 5 --thp 1 --threads 1 -b 64M -e 64M -n 3 -w 2 --json "$OUT/${name}_$l.json" --no-progress
       done
       # what one plain TCP connection gets through the same emulated 10 Gbit/s link (no pycomm)
       run "${name}_10gbit_veth" "$PY" -m pycomm.bench.netem measure --link 10gbit --bytes 268435456 ;;

@@ -6,13 +6,14 @@ each emulated host put on its link, read from the namespace's interface counters
 hierarchical limit 2(H-1)/H * S.
 
 ``--tcp-streams-compare`` measures TCP streams instead: pycomm with PYCOMM_TCP_STREAMS=auto,
-with one stream, and Gloo, next to the wire time of the limit on the emulated link."""
+with one stream, with four, and Gloo, next to the wire time of the limit on the emulated link."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from typing import Dict, List
@@ -24,9 +25,10 @@ from pycomm.bench.output import human
 #: PYCOMM_TCP_STREAMS of the group (None: as the environment says).
 TOPOLOGY_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-flat", "pycomm", "ring", None),
                      ("gloo", "gloo", None, None))
-#: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, Gloo.
+#: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, four
+#: streams (what "auto" picks on a machine with 4 or more cores), Gloo.
 STREAMS_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-1stream", "pycomm", None, "1"),
-                    ("gloo", "gloo", None, None))
+                    ("pycomm-4streams", "pycomm", None, "4"), ("gloo", "gloo", None, None))
 VARIANTS = TOPOLOGY_VARIANTS
 
 
@@ -99,7 +101,9 @@ def run_topology(args, rank: int, world: int) -> int:
             ref = torch.zeros(count, dtype=torch.float64)
             for r in range(world):
                 ref += (torch.arange(count, dtype=torch.float64) % 13) * 0.5 + r
-            for label, backend, algo, _streams in variants:
+            # Several rounds, the variants interleaved in each, so that a load change on a
+            # shared machine hits every variant alike; the summary takes medians.
+            for label, backend, algo, _streams in [v for _ in range(max(1, args.rounds)) for v in variants]:
                 g = groups[label]
                 x = ((torch.arange(count, dtype=torch.float64) % 13) * 0.5 + rank).float()
                 before_stats = pycomm.stats(g) if backend == "pycomm" else {}
@@ -177,7 +181,7 @@ def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS) -> None:
 def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> None:
     import torch
 
-    meta = {"variants": [v[0] for v in variants], "tcp_streams": os.environ.get("PYCOMM_TCP_STREAMS", "auto"),
+    meta = {"variants": [v[0] for v in variants], "rounds": max(1, args.rounds), "tcp_streams": os.environ.get("PYCOMM_TCP_STREAMS", "auto"),
             "hosts": hosts, "ranks_per_host": per_host, "nranks": world, "link": args.link,
             "latency": args.latency, "iters": args.iters, "warmup": args.warmup, "dtype": "float32", "op": "sum",
             "torch": torch.__version__, "machine": machine(), "load": os.getloadavg(),
@@ -189,10 +193,18 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> N
           f"all_reduce (interface counters: Ethernet/IP/TCP headers and ACKs included); payload = TCP payload "
           f"pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); limit = 2(H-1)/H * S", flush=True)
     for size in sorted({r["size"] for r in rows}):
-        by = {r["variant"]: r for r in rows if r["size"] == size}
+        times = {}
+        for r in rows:
+            if r["size"] == size:
+                times.setdefault(r["variant"], []).append(r["time_s"])
+        by = {v: {"time_s": statistics.median(ts)} for v, ts in times.items()}
         if "pycomm" in by:
             t = by["pycomm"]["time_s"]
             others = ", ".join(f"vs {v[0]} {by[v[0]]['time_s'] / t:.2f}x" for v in variants[1:] if v[0] in by)
+            if max(len(ts) for ts in times.values()) > 1:
+                print(f"# {human(size)}B medians over {len(times['pycomm'])} interleaved rounds: " + ", ".join(
+                    f"{v} {by[v]['time_s'] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})"
+                    for v, ts in times.items()), flush=True)
             wire = _wire_s(_limit(size, hosts))
             wire_txt = f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts))}B per host link at {args.link})" \
                 if wire else ""

@@ -3,6 +3,7 @@
 striped, with stripes of unequal length), checked against float64 / exact references the
 ranks compute themselves; the streams really exist; a dead peer still fails everyone fast.
 Sizes are kept small enough that the whole file runs in seconds per setting."""
+import json
 import os
 import tempfile
 
@@ -171,3 +172,20 @@ def test_dead_peer_with_four_streams_fails_everyone_fast():
         assert p["msg"] is not None and "rank" in p["msg"], p
         assert p["failed_at"] - killed_at < 10.0, p  # far below the 60 s timeout
         assert p["destroy_s"] < 5.0, p
+
+
+def test_bench_tcp_streams_compare_mode(tmp_path):
+    """pycomm-bench --tcp-streams-compare: every variant measured in every round, right results."""
+    from test_bench import _NETNS_WHY, run_bench
+
+    if _NETNS_WHY:
+        pytest.skip(_NETNS_WHY)
+    jp = tmp_path / "s.json"
+    p = run_bench("all_reduce", "--hosts", "2", "--ranks-per-host", "1", "--link", "10gbit", "--tcp-streams-compare",
+                  "--rounds", "2", "-b", "2M", "-e", "2M", "-n", "1", "-w", "0", "--json", str(jp), timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(jp.read_text())
+    variants = [r["variant"] for r in doc["rows"]]
+    assert variants == ["pycomm", "pycomm-1stream", "pycomm-4streams", "gloo"] * 2, variants
+    assert all(r["wrong"] == 0 for r in doc["rows"]), doc["rows"]
+    assert "medians over 2 interleaved rounds" in p.stdout and "wire-time limit" in p.stdout, p.stdout
