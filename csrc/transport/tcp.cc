@@ -138,7 +138,7 @@ TcpTransport::TcpTransport(Store& store, const std::string& keyPrefix, int rank,
   PYCOMM_CHECK_ARG(rank >= 0 && rank < size, "pycomm: rank ", rank, " out of range for size ",
                    size);
   pairs_.resize(size);
-  const int streams = tcp_streams::configuredStreams(rank);  // checked even alone
+  const int streams = tcp_streams::configuredStreams(rank, size);  // checked even alone
   if (size == 1) return;
   socketBuffer_ = tcp_detail::socketBufferSize();
   connectMesh(store, keyPrefix, streams);

@@ -4,12 +4,13 @@
 // stream count (agreed in the handshake), so a stripe carries no offset on the wire.
 #pragma once
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
-#include <thread>
 
 #include "core/env.h"
 #include "core/error.h"
@@ -19,21 +20,33 @@ namespace tcp_streams {
 
 /// Most sockets a pair may open (the handshake carries the count in one byte).
 constexpr int kMaxStreams = 8;
-/// Streams "auto" opens at most (like NCCL's default of a few sockets per peer): more
-/// only add per-socket overhead once the link is filled.
+/// Streams "auto" opens at most (NCCL also defaults to a few sockets per peer): more
+/// only add per-socket overhead once the link is filled. Not tied to the core count: one
+/// thread drives all of a pair's sockets in one poll loop, and the CPU time per byte
+/// measured the same for 1, 2 and 4 streams (benchmarks/results/tcp_streams_10gbit.txt).
 constexpr int kAutoMaxStreams = 4;
 /// Smallest stripe: a message shorter than two of these goes whole over stream 0, so
 /// small-message latency is what it is with one stream.
 constexpr size_t kMinStripe = size_t(256) << 10;
 
-/// The PYCOMM_TCP_STREAMS setting of this process: the most streams it opens per peer.
-/// "auto" (or unset): min(kAutoMaxStreams, CPU cores); otherwise an integer in
-/// [1, kMaxStreams]. InvalidArgument naming the variable and `rank` otherwise.
-inline int configuredStreams(int rank) {
+/// What "auto" opens per peer in a group of `size`: kAutoMaxStreams, fewer when the
+/// sockets to every peer would take more than a quarter of the soft limit on open files.
+inline int autoStreams(int size, uint64_t fileLimit) {
+  const uint64_t peers = static_cast<uint64_t>(std::max(1, size - 1));
+  const uint64_t fit = fileLimit / 4 / peers;
+  return static_cast<int>(std::max<uint64_t>(1, std::min<uint64_t>(kAutoMaxStreams, fit)));
+}
+
+/// The PYCOMM_TCP_STREAMS setting of this process for a group of `size`: the most
+/// streams it opens per peer. "auto" (or unset): autoStreams(size, RLIMIT_NOFILE);
+/// otherwise an integer in [1, kMaxStreams]. InvalidArgument naming the variable and
+/// `rank` otherwise.
+inline int configuredStreams(int rank, int size) {
   std::string v = envStr("PYCOMM_TCP_STREAMS", "auto");
   if (v == "auto") {
-    unsigned cores = std::thread::hardware_concurrency();
-    return std::max(1, std::min<int>(kAutoMaxStreams, cores == 0 ? 1 : static_cast<int>(cores)));
+    rlimit rl{};
+    uint64_t limit = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? rl.rlim_cur : 1 << 20;
+    return autoStreams(size, limit);
   }
   char* end = nullptr;
   long n = std::strtol(v.c_str(), &end, 10);

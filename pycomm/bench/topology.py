@@ -6,12 +6,13 @@ each emulated host put on its link, read from the namespace's interface counters
 hierarchical limit 2(H-1)/H * S.
 
 ``--tcp-streams-compare`` measures TCP streams instead: pycomm with PYCOMM_TCP_STREAMS=auto,
-with one stream, with four, and Gloo, next to the wire time of the limit on the emulated link."""
+with one stream, with two, and Gloo, next to the wire time of the limit on the emulated link."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import resource
 import shlex
 import statistics
 import sys
@@ -25,10 +26,10 @@ from pycomm.bench.output import human
 #: PYCOMM_TCP_STREAMS of the group (None: as the environment says).
 TOPOLOGY_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-flat", "pycomm", "ring", None),
                      ("gloo", "gloo", None, None))
-#: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, four
-#: streams (what "auto" picks on a machine with 4 or more cores), Gloo.
+#: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, two
+#: streams, Gloo.
 STREAMS_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-1stream", "pycomm", None, "1"),
-                    ("pycomm-4streams", "pycomm", None, "4"), ("gloo", "gloo", None, None))
+                    ("pycomm-2streams", "pycomm", None, "2"), ("gloo", "gloo", None, None))
 VARIANTS = TOPOLOGY_VARIANTS
 
 
@@ -115,10 +116,12 @@ def run_topology(args, rank: int, world: int) -> int:
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
                 p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
+                cpu0 = _cpu_s()
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
                     dist.all_reduce(x, group=g)
                 t = (time.perf_counter() - t0) / args.iters
+                cpu = (_cpu_s() - cpu0) / args.iters
                 p1 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 dist.barrier(group=side)
                 c1 = link_bytes(ifname) if local_rank == 0 else None
@@ -131,14 +134,15 @@ def run_topology(args, rank: int, world: int) -> int:
                 v[2 * hosts + host] = (p1 - p0) / args.iters
                 v[-1] = wrong
                 dist.all_reduce(v, group=side)
-                tmax = torch.tensor([t], dtype=torch.float64)
+                tmax = torch.tensor([t, cpu], dtype=torch.float64)
                 dist.all_reduce(tmax, op=dist.ReduceOp.MAX, group=side)
                 algos = {}
                 if backend == "pycomm":
                     after = pycomm.stats(g)
                     algos = {k[len("algo_all_reduce_"):]: after[k] - before_stats.get(k, 0)
                              for k in after if k.startswith("algo_all_reduce_") and after[k] != before_stats.get(k, 0)}
-                rows.append({"size": size, "variant": label, "time_s": float(tmax), "algos": algos,
+                rows.append({"size": size, "variant": label, "time_s": float(tmax[0]), "algos": algos,
+                             "cpu_s": float(tmax[1]),  # user + system CPU of the busiest rank process
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
                              "payload_per_host": [float(v[2 * hosts + h]) for h in range(hosts)] if backend == "pycomm"
@@ -152,6 +156,12 @@ def run_topology(args, rank: int, world: int) -> int:
         return 0 if all(r["wrong"] == 0 for r in rows) else 1
     finally:
         dist.destroy_process_group()
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _limit(size: int, hosts: int) -> float:
@@ -205,6 +215,13 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> N
                 print(f"# {human(size)}B medians over {len(times['pycomm'])} interleaved rounds: " + ", ".join(
                     f"{v} {by[v]['time_s'] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})"
                     for v, ts in times.items()), flush=True)
+                cpu = {}
+                for r in rows:
+                    if r["size"] == size:
+                        cpu.setdefault(r["variant"], []).append(r["cpu_s"])
+                print(f"# {human(size)}B CPU per call (user+sys of the busiest rank process, median): " + ", ".join(
+                    f"{v} {statistics.median(c) * 1e3:.1f} ms = {statistics.median(c) / size * 1e9:.2f} ns/B"
+                    for v, c in cpu.items()), flush=True)
             wire = _wire_s(_limit(size, hosts))
             wire_txt = f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts))}B per host link at {args.link})" \
                 if wire else ""

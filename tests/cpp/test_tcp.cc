@@ -638,13 +638,20 @@ TEST(TcpStreams, StripesCoverTheMessageContiguously) {
 TEST(TcpStreams, SettingIsCheckedAndNamesTheRank) {
   {
     ScopedEnv e("PYCOMM_TCP_STREAMS", nullptr);
-    int n = tcp_streams::configuredStreams(0);
+    int n = tcp_streams::configuredStreams(0, 3);
     EXPECT_GE(n, 1);
     EXPECT_LE(n, tcp_streams::kAutoMaxStreams);
+    ScopedEnv f("PYCOMM_TCP_STREAMS", "auto");
+    EXPECT_EQ(tcp_streams::configuredStreams(0, 3), n);
   }
+  // "auto": 4, unless the sockets to every peer would use over a quarter of the fd limit.
+  EXPECT_EQ(tcp_streams::autoStreams(2, 1024), 4);
+  EXPECT_EQ(tcp_streams::autoStreams(129, 1024), 2);
+  EXPECT_EQ(tcp_streams::autoStreams(1000, 1024), 1);
+  EXPECT_EQ(tcp_streams::autoStreams(1, 0), 1);
   {
     ScopedEnv e("PYCOMM_TCP_STREAMS", "3");
-    EXPECT_EQ(tcp_streams::configuredStreams(0), 3);
+    EXPECT_EQ(tcp_streams::configuredStreams(0, 3), 3);
   }
   for (const char* bad : {"0", "9", "two", "4x", "-1"}) {
     ScopedEnv e("PYCOMM_TCP_STREAMS", bad);
