@@ -130,8 +130,8 @@ Sha256::Digest handshakeMac(const uint8_t* secret, size_t secretLen, bool accept
 /// Environment: PYCOMM_SOCKET_IFNAME (listen on that interface's IPv4 address) or
 /// PYCOMM_SOCKET_ADDR (listen on that address; "0.0.0.0" = every interface); default:
 /// the host name's address if it is local, else 127.0.0.1. PYCOMM_TCP_STREAMS: most
-/// connections per peer ("auto", the default: 4, fewer if the open-file limit is
-/// tight; or 1 to 8).
+/// connections per peer ("auto", the default: 2, 1 if the open-file limit is tight;
+/// or 1 to 8).
 class TcpTransport : public Transport {
  public:
   /// Connects rank `rank` of `size` to every other rank, rendezvousing through

@@ -20,11 +20,13 @@ namespace tcp_streams {
 
 /// Most sockets a pair may open (the handshake carries the count in one byte).
 constexpr int kMaxStreams = 8;
-/// Streams "auto" opens at most (NCCL also defaults to a few sockets per peer): more
-/// only add per-socket overhead once the link is filled. Not tied to the core count: one
-/// thread drives all of a pair's sockets in one poll loop, and the CPU time per byte
-/// measured the same for 1, 2 and 4 streams (benchmarks/results/tcp_streams_10gbit.txt).
-constexpr int kAutoMaxStreams = 4;
+/// Streams "auto" opens at most. Measured on emulated links (benchmarks/results/
+/// tcp_streams_*.txt): 4 streams were the fastest at 10 Gbit/s but 1.2x slower than one
+/// at 1 Gbit/s (four flows contending for the bottleneck), 2 streams faster than one at
+/// 10 Gbit/s and the same at 1 Gbit/s. Not tied to the core count: one thread drives all
+/// of a pair's sockets in one poll loop, and the CPU time per byte measured the same for
+/// 1, 2 and 4 streams. Faster links may want PYCOMM_TCP_STREAMS=4 or more.
+constexpr int kAutoMaxStreams = 2;
 /// Smallest stripe: a message shorter than two of these goes whole over stream 0, so
 /// small-message latency is what it is with one stream.
 constexpr size_t kMinStripe = size_t(256) << 10;

@@ -644,9 +644,11 @@ TEST(TcpStreams, SettingIsCheckedAndNamesTheRank) {
     ScopedEnv f("PYCOMM_TCP_STREAMS", "auto");
     EXPECT_EQ(tcp_streams::configuredStreams(0, 3), n);
   }
-  // "auto": 4, unless the sockets to every peer would use over a quarter of the fd limit.
-  EXPECT_EQ(tcp_streams::autoStreams(2, 1024), 4);
+  // "auto": kAutoMaxStreams (2), unless the sockets to every peer would use over a
+  // quarter of the fd limit.
+  EXPECT_EQ(tcp_streams::autoStreams(2, 1024), tcp_streams::kAutoMaxStreams);
   EXPECT_EQ(tcp_streams::autoStreams(129, 1024), 2);
+  EXPECT_EQ(tcp_streams::autoStreams(200, 1024), 1);
   EXPECT_EQ(tcp_streams::autoStreams(1000, 1024), 1);
   EXPECT_EQ(tcp_streams::autoStreams(1, 0), 1);
   {

@@ -186,6 +186,6 @@ def test_bench_tcp_streams_compare_mode(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(jp.read_text())
     variants = [r["variant"] for r in doc["rows"]]
-    assert variants == ["pycomm", "pycomm-1stream", "pycomm-2streams", "gloo"] * 2, variants
+    assert variants == ["pycomm", "pycomm-1stream", "pycomm-4streams", "gloo"] * 2, variants
     assert all(r["wrong"] == 0 for r in doc["rows"]), doc["rows"]
     assert "medians over 2 interleaved rounds" in p.stdout and "wire-time limit" in p.stdout, p.stdout
