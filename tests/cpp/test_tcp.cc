@@ -816,9 +816,13 @@ TEST(TcpStreams, DestroyedPeerFailsStripedWaitersQuickly) {
       });
       waited = std::max(waited, std::chrono::duration<double>(Clock::now() - start).count());
     } else {
+      // Keeps sending (the socket buffers of four streams may take a whole message)
+      // until the death is noticed.
       auto b = filled(1, bytes);
       sendMsg = messageOf([&] {
-        t[1]->send(2, b.data(), b.size(), makeDesc(CollType::kAllReduce, 7, 2), Deadline::after(kTimeout));
+        for (int i = 0; i < 64; ++i) {
+          t[1]->send(2, b.data(), b.size(), makeDesc(CollType::kAllReduce, 7 + i, 2), Deadline::after(kTimeout));
+        }
       });
     }
   });
