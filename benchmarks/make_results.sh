@@ -26,7 +26,7 @@ want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
-            demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2 conformance; do
+            demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2 tcp_streams conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -87,6 +87,15 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
     # hierarchical (dp) vs the flat ring (dp_flat) vs DDP on Gloo vs OneBit.
     dp_step_2x2) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 2 --ranks-per-host 2 --link 1gbit \
         --steps 3 --warmup 1 --modes dp,dp_flat,ddp_gloo,dp_onebit --json "$OUT/${name}_1gbit.json" ;;
+    # docs/USER_GUIDE.md (TCP streams): 64 MiB all_reduce, 2 hosts x 1 rank, PYCOMM_TCP_STREAMS
+    # auto vs one stream vs Gloo in one run, at 10 and 1 Gbit/s, next to the link's wire-time limit.
+    tcp_streams)
+      for l in 10gbit 1gbit; do
+        run "${name}_$l" "$PY" -m pycomm.bench all_reduce --hosts 2 --ranks-per-host 1 --link $l --tcp-streams-compare \
+          --rounds 5 --thp 1 --threads 1 -b 64M -e 64M -n 3 -w 2 --json "$OUT/${name}_$l.json" --no-progress
+      done
+      # what one plain TCP connection gets through the same emulated 10 Gbit/s link (no pycomm)
+      run "${name}_10gbit_veth" "$PY" -m pycomm.bench.netem measure --link 10gbit --bytes 268435456 ;;
     # README / docs/USER_GUIDE.md (c10d): torch's own distributed tests on Gloo and pycomm, same
     # run (needs torch's test dependency expecttest: pip install expecttest).
     conformance) "$PY" benchmarks/conformance.py ;;

@@ -1,6 +1,6 @@
 // The TCP transport's data path: framed sends and receives over the mesh that
-// tcp_mesh.cc sets up (handshake in tcp_handshake.cc), stall detection by status
-// frames, and abort.
+// tcp_mesh.cc sets up (handshake in tcp_handshake.cc), striped across a pair's streams
+// when large (tcp_streams.h), stall detection by status frames, and abort.
 #include "transport/tcp.h"
 
 #include <poll.h>
@@ -18,6 +18,7 @@
 #include "core/net_util.h"
 #include "transport/tcp_mesh.h"
 #include "transport/tcp_socket.h"
+#include "transport/tcp_streams.h"
 
 namespace pycomm {
 
@@ -25,6 +26,7 @@ using tcp_detail::Clock;
 using tcp_detail::isClosedError;
 using tcp_detail::pollMs;
 using std::chrono::milliseconds;
+using tcp_streams::kMaxStreams;
 
 namespace {
 
@@ -44,21 +46,31 @@ constexpr milliseconds kStatusEvery{1000};
 
 }  // namespace
 
+// One frame going out on one socket: the header, then `bytes` of payload (a whole
+// message, a stripe of one, a status or an ABORT frame).
 struct TcpTransport::SendProgress {
   tcp_wire::FrameHeader hdr;
-  const uint8_t* payload;
-  size_t bytes;
+  const uint8_t* payload = nullptr;
+  size_t bytes = 0;
   size_t done = 0;  // of sizeof(hdr) + bytes
 
-  SendProgress(tcp_wire::FrameKind kind, const OpDesc& desc, const void* buf, size_t n)
-      : payload(static_cast<const uint8_t*>(buf)), bytes(n) {
+  SendProgress() = default;
+  SendProgress(tcp_wire::FrameKind kind, const OpDesc& desc, const void* buf, size_t n) {
+    start(kind, desc, buf, n, n);
+  }
+  // `n` payload bytes at `buf`; the header announces `announced` (the whole message's
+  // size when this is one stripe of it).
+  void start(tcp_wire::FrameKind kind, const OpDesc& desc, const void* buf, size_t n, size_t announced) {
+    payload = static_cast<const uint8_t*>(buf);
+    bytes = n;
+    done = 0;
     // Zero everything first: OpDesc has tail padding, and no stack bytes go on the wire.
     std::memset(static_cast<void*>(&hdr), 0, sizeof(hdr));
     hdr.magic = tcp_wire::kFrameMagic;
     hdr.version = tcp_wire::kVersion;
     hdr.kind = static_cast<uint16_t>(kind);
     hdr.desc = desc;
-    hdr.bytes = n;
+    hdr.bytes = announced;
   }
   bool finished() const { return done == sizeof(hdr) + bytes; }
 
@@ -92,15 +104,15 @@ struct TcpTransport::SendProgress {
 };
 
 struct TcpTransport::Pair {
-  net::Fd fd;
-  std::string addr;  // "A.B.C.D:P" of the peer's end
+  std::vector<net::Fd> fds;  // the pair's streams; [0] carries headers of every kind
+  std::string addr;          // "A.B.C.D:P" of the peer's end of stream 0
   // Held by whoever writes frames (the sending thread, abort()).
   std::mutex sendMu;
   bool sendMidFrame = false;  // guarded by sendMu: an unfinished frame is on the wire
   std::string sendBroken;     // guarded by sendMu: why the send side is unusable
   std::string recvBroken;     // receiving thread only: why the receive side is unusable
-  // guarded by sendMu: a status frame the socket took only part of (sendMidFrame is
-  // set until it is out; the next frame on this socket finishes it first)
+  // guarded by sendMu: a status frame stream 0 took only part of (sendMidFrame is
+  // set until it is out; the next frame on stream 0 finishes it first)
   std::unique_ptr<SendProgress> pendingCtl;
 };
 
@@ -108,7 +120,16 @@ std::string TcpTransport::addressKey(const std::string& keyPrefix, int rank) {
   return strCat(keyPrefix, "addr/", rank);
 }
 
+std::string TcpTransport::streamsKey(const std::string& keyPrefix, int rank) {
+  return strCat(keyPrefix, "streams/", rank);
+}
+
 std::string TcpTransport::secretKey(const std::string& keyPrefix) { return keyPrefix + "secret"; }
+
+int TcpTransport::streams(int peer) const {
+  checkPeer(peer, "streams");
+  return static_cast<int>(pairs_[peer]->fds.size());
+}
 
 TcpTransport::TcpTransport(Store& store, const std::string& keyPrefix, int rank, int size,
                            std::chrono::milliseconds timeout)
@@ -117,20 +138,22 @@ TcpTransport::TcpTransport(Store& store, const std::string& keyPrefix, int rank,
   PYCOMM_CHECK_ARG(rank >= 0 && rank < size, "pycomm: rank ", rank, " out of range for size ",
                    size);
   pairs_.resize(size);
+  const int streams = tcp_streams::configuredStreams(rank, size);  // checked even alone
   if (size == 1) return;
   socketBuffer_ = tcp_detail::socketBufferSize();
-  connectMesh(store, keyPrefix);
+  connectMesh(store, keyPrefix, streams);
 }
 
 TcpTransport::~TcpTransport() = default;  // the Fds close every socket
 
-void TcpTransport::connectMesh(Store& store, const std::string& keyPrefix) {
-  tcp_detail::Mesh mesh = tcp_detail::connectMesh(store, keyPrefix, rank_, size_, timeout_, socketBuffer_);
+void TcpTransport::connectMesh(Store& store, const std::string& keyPrefix, int streams) {
+  tcp_detail::Mesh mesh =
+      tcp_detail::connectMesh(store, keyPrefix, rank_, size_, timeout_, socketBuffer_, streams);
   listenAddress_ = mesh.listenAddress;
   for (int p = 0; p < size_; ++p) {
-    if (!mesh.links[p].fd.valid()) continue;
+    if (mesh.links[p].fds.empty()) continue;
     pairs_[p] = std::make_unique<Pair>();
-    pairs_[p]->fd = std::move(mesh.links[p].fd);
+    pairs_[p]->fds = std::move(mesh.links[p].fds);
     pairs_[p]->addr = std::move(mesh.links[p].addr);
   }
 }
@@ -138,21 +161,28 @@ void TcpTransport::connectMesh(Store& store, const std::string& keyPrefix) {
 // ---------------------------------------------------------------------------------
 // Data path.
 
+// One frame coming in on one socket: a whole message, or one stripe of it.
 struct TcpTransport::RecvProgress {
   enum class Phase { kHeader, kPayload, kAbortReason, kDone };
   Phase phase = Phase::kHeader;
   tcp_wire::FrameHeader hdr;
   size_t hdrHave = 0;
-  uint8_t* buf;
-  size_t bytes;
+  uint8_t* buf = nullptr;
+  size_t bytes = 0;      // payload bytes this socket delivers
+  size_t announced = 0;  // the message size its header must carry
   size_t have = 0;
   OpDesc expected;
   char reason[tcp_wire::kMaxAbortReason];
   size_t reasonLen = 0, reasonHave = 0;
 
-  RecvProgress(void* b, size_t n, const OpDesc& desc)
-      : buf(static_cast<uint8_t*>(b)), bytes(n), expected(desc) {}
+  void start(void* b, size_t n, size_t whole, const OpDesc& desc) {
+    buf = static_cast<uint8_t*>(b);
+    bytes = n;
+    announced = whole;
+    expected = desc;
+  }
   bool started() const { return hdrHave > 0; }
+  bool done() const { return phase == Phase::kDone; }
 };
 
 void TcpTransport::checkPeer(int peer, const char* what) const {
@@ -195,37 +225,43 @@ void TcpTransport::throwIoError(int peer, int err, const OpDesc& desc) const {
                          std::strerror(err), " [seen by rank ", rank_, ", peer at ", addr, "]"));
 }
 
-/// One sendRecv() in flight: drives the send and the receive over their sockets in one
-/// poll loop, and, when a collective stalls, exchanges status frames with every peer
-/// to find a mismatched call early (see kStatusKind).
+/// One sendRecv() in flight: drives the send and the receive, each over one or more
+/// streams (the stripes of a large message), in one poll loop, and, when a collective
+/// stalls, exchanges status frames with every peer to find a mismatched call early
+/// (see kStatusKind). Status and ABORT frames only ever travel on stream 0.
 class TcpTransport::Transfer {
  public:
-  Transfer(TcpTransport& t, int sendPeer, SendProgress* s, int recvPeer, RecvProgress* r, const OpDesc& desc,
-           const Deadline& deadline)
+  Transfer(TcpTransport& t, int sendPeer, SendProgress* s, int ns, int recvPeer, RecvProgress* r, int nr,
+           const OpDesc& desc, const Deadline& deadline)
       : t_(t),
         sendPeer_(sendPeer),
         recvPeer_(recvPeer),
         s_(s),
         r_(r),
+        ns_(ns),
+        nr_(nr),
         desc_(desc),
         deadline_(deadline),
-        sfd_(s ? t.pairs_[sendPeer]->fd.get() : -1),
-        rfd_(r ? t.pairs_[recvPeer]->fd.get() : -1),
-        spair_(s ? t.pairs_[sendPeer].get() : nullptr),
-        sDone_(s == nullptr),
-        rDone_(r == nullptr),
+        spair_(ns > 0 ? t.pairs_[sendPeer].get() : nullptr),
+        sLeft_(ns),
+        rLeft_(nr),
         // Stall handling: collectives only; p2p calls on different pairs are unordered
         // and their sequence numbers are per pair.
         collective_(desc.coll != CollType::kSend),
-        nextStatus_(Clock::now() + kStatusAfter) {}
+        nextStatus_(Clock::now() + kStatusAfter) {
+    for (int i = 0; i < ns; ++i) sfd_[i] = spair_->fds[i].get();
+    for (int i = 0; i < nr; ++i) rfd_[i] = t.pairs_[recvPeer]->fds[i].get();
+  }
 
   void run() {
     while (true) {
       t_.throwIfFailed();
-      if (!sDone_) pumpSend();
-      while (!rDone_ && pumpRecv()) {
+      if (sLeft_ > 0) pumpSend();
+      for (int i = 0; i < nr_; ++i) {
+        while (!r_[i].done() && pumpRecv(i)) {
+        }
       }
-      if (sDone_ && rDone_) return;
+      if (sLeft_ == 0 && rLeft_ == 0) return;
       if (deadline_.expired()) throwTimeout();
       if (collective_ && Clock::now() >= nextStatus_) onStall();
       if (stalled_) inspectWatched();
@@ -234,40 +270,44 @@ class TcpTransport::Transfer {
   }
 
  private:
-  // Writes what the send socket takes: first a status frame left half out, then ours.
+  // Writes what each send socket takes; on stream 0 first a status frame left half out.
   void pumpSend() {
-    int err = 0;
-    if (spair_->pendingCtl && spair_->pendingCtl->step(sfd_, &err)) {
-      spair_->pendingCtl.reset();  // a status frame goes out whole before our data
-      spair_->sendMidFrame = false;
+    for (int i = 0; i < ns_; ++i) {
+      if (s_[i].finished()) continue;
+      int err = 0;
+      if (i == 0 && spair_->pendingCtl && spair_->pendingCtl->step(sfd_[0], &err)) {
+        spair_->pendingCtl.reset();  // a status frame goes out whole before our data
+        spair_->sendMidFrame = false;
+      }
+      if (err == 0 && !(i == 0 && spair_->pendingCtl) && s_[i].step(sfd_[i], &err)) --sLeft_;
+      if (err != 0) t_.throwIoError(sendPeer_, err, desc_);
     }
-    if (err == 0 && !spair_->pendingCtl) sDone_ = s_->step(sfd_, &err);
-    if (err != 0) t_.throwIoError(sendPeer_, err, desc_);
   }
 
-  // Receives into the current phase of the frame. Returns false when the socket has
-  // nothing more for now; true to go on (a phase completed, or a partial read).
-  bool pumpRecv() {
+  // Receives into the current phase of stream i's frame. Returns false when the socket
+  // has nothing more for now; true to go on (a phase completed, or a partial read).
+  bool pumpRecv(int i) {
+    RecvProgress& r = r_[i];
     uint8_t* dst = nullptr;
     size_t want = 0;
-    switch (r_->phase) {
+    switch (r.phase) {
       case RecvProgress::Phase::kHeader:
-        dst = reinterpret_cast<uint8_t*>(&r_->hdr) + r_->hdrHave;
-        want = sizeof(r_->hdr) - r_->hdrHave;
+        dst = reinterpret_cast<uint8_t*>(&r.hdr) + r.hdrHave;
+        want = sizeof(r.hdr) - r.hdrHave;
         break;
       case RecvProgress::Phase::kPayload:
-        dst = r_->buf + r_->have;
-        want = r_->bytes - r_->have;
+        dst = r.buf + r.have;
+        want = r.bytes - r.have;
         break;
       case RecvProgress::Phase::kAbortReason:
-        dst = reinterpret_cast<uint8_t*>(r_->reason) + r_->reasonHave;
-        want = r_->reasonLen - r_->reasonHave;
+        dst = reinterpret_cast<uint8_t*>(r.reason) + r.reasonHave;
+        want = r.reasonLen - r.reasonHave;
         break;
       default:
         break;
     }
     if (want > 0) {
-      ssize_t got = ::recv(rfd_, dst, want, MSG_DONTWAIT);
+      ssize_t got = ::recv(rfd_[i], dst, want, MSG_DONTWAIT);
       if (got == 0) t_.throwIoError(recvPeer_, 0, desc_);
       if (got < 0) {
         if (errno == EINTR) return true;
@@ -275,26 +315,27 @@ class TcpTransport::Transfer {
         t_.throwIoError(recvPeer_, errno, desc_);
       }
       size_t g = static_cast<size_t>(got);
-      if (r_->phase == RecvProgress::Phase::kHeader) r_->hdrHave += g;
-      else if (r_->phase == RecvProgress::Phase::kPayload) r_->have += g;
-      else r_->reasonHave += g;
+      if (r.phase == RecvProgress::Phase::kHeader) r.hdrHave += g;
+      else if (r.phase == RecvProgress::Phase::kPayload) r.have += g;
+      else r.reasonHave += g;
       if (g < want) return true;
     }
-    completePhase();
+    completePhase(i);
     return true;
   }
 
-  // The current receive phase is complete: move to the next one.
-  void completePhase() {
-    switch (r_->phase) {
+  // The current receive phase of stream i is complete: move to the next one.
+  void completePhase(int i) {
+    RecvProgress& r = r_[i];
+    switch (r.phase) {
       case RecvProgress::Phase::kHeader:
-        return onHeader();
+        return onHeader(i);
       case RecvProgress::Phase::kPayload:
-        r_->phase = RecvProgress::Phase::kDone;
-        rDone_ = true;
+        r.phase = RecvProgress::Phase::kDone;
+        --rLeft_;
         return;
       case RecvProgress::Phase::kAbortReason: {
-        std::string why = strCat("pycomm: rank ", recvPeer_, " aborted: ", std::string(r_->reason, r_->reasonLen));
+        std::string why = strCat("pycomm: rank ", recvPeer_, " aborted: ", std::string(r.reason, r.reasonLen));
         t_.failRemote(why);
         throw PeerError(why);
       }
@@ -303,48 +344,63 @@ class TcpTransport::Transfer {
     }
   }
 
-  // A whole header arrived: check it before any payload byte is touched.
-  void onHeader() {
-    const auto& h = r_->hdr;
+  // A whole header arrived on stream i: check it before any payload byte is touched.
+  void onHeader(int i) {
+    RecvProgress& r = r_[i];
+    const auto& h = r.hdr;
     if (h.magic != tcp_wire::kFrameMagic || h.version != tcp_wire::kVersion) {
       throw PeerError(strCat("pycomm: invalid frame from rank ", recvPeer_, " (magic 0x", std::hex, h.magic, std::dec,
-                             ", version ", h.version, ") while rank ", t_.rank_, " expected ", r_->expected.str()));
+                             ", version ", h.version, ") while rank ", t_.rank_, " expected ", r.expected.str()));
     }
-    if (h.kind == kStatusKind) {
+    const auto wantKind = i == 0 ? tcp_wire::FrameKind::kData : tcp_wire::FrameKind::kStripe;
+    if (i == 0 && h.kind == kStatusKind) {
       if (h.bytes != 0) {
         throw PeerError(strCat("pycomm: invalid frame from rank ", recvPeer_, " (status frame with ", h.bytes,
                                " bytes)"));
       }
       checkCall(recvPeer_, h.desc);
-      r_->hdrHave = 0;  // not ours to deliver: read the next header
+      r.hdrHave = 0;  // not ours to deliver: read the next header
       return;
     }
-    if (h.kind == static_cast<uint16_t>(tcp_wire::FrameKind::kAbort)) {
+    if (i == 0 && h.kind == static_cast<uint16_t>(tcp_wire::FrameKind::kAbort)) {
       if (h.bytes > tcp_wire::kMaxAbortReason) {
         throw PeerError(strCat("pycomm: invalid frame from rank ", recvPeer_, " (abort reason of ", h.bytes,
                                " bytes)"));
       }
-      r_->reasonLen = static_cast<size_t>(h.bytes);
-      r_->phase = RecvProgress::Phase::kAbortReason;
+      r.reasonLen = static_cast<size_t>(h.bytes);
+      r.phase = RecvProgress::Phase::kAbortReason;
       return;
     }
-    if (h.kind != static_cast<uint16_t>(tcp_wire::FrameKind::kData)) {
-      throw PeerError(strCat("pycomm: invalid frame from rank ", recvPeer_, " (kind ", h.kind, ")"));
+    if (h.kind != static_cast<uint16_t>(wantKind)) {
+      throw PeerError(strCat("pycomm: invalid frame from rank ", recvPeer_, " (kind ", h.kind, " on stream ", i,
+                             ")"));
     }
     // The length on the wire is only compared, never used to size anything.
-    if (!r_->expected.sameCall(h.desc) || h.bytes != r_->bytes) {
-      throwMismatch(t_.rank_, recvPeer_, r_->expected, r_->bytes, h.desc, static_cast<size_t>(h.bytes));
+    if (!r.expected.sameCall(h.desc) || h.bytes != r.announced) {
+      throwMismatch(t_.rank_, recvPeer_, r.expected, r.announced, h.desc, static_cast<size_t>(h.bytes));
     }
-    r_->phase = RecvProgress::Phase::kPayload;
+    r.phase = RecvProgress::Phase::kPayload;
   }
 
   [[noreturn]] void throwTimeout() const {
-    int peer = rDone_ ? sendPeer_ : recvPeer_;
-    std::string detail =
-        rDone_ ? strCat("rank ", t_.rank_, " sending, ", s_->done, " of ", sizeof(s_->hdr) + s_->bytes,
-                        " frame bytes written")
-               : strCat("rank ", t_.rank_, " receiving ", r_->bytes, " bytes, ",
-                        r_->phase == RecvProgress::Phase::kHeader ? "header not yet received" : "header received");
+    std::string detail;
+    int peer = sendPeer_;
+    for (int i = 0; i < nr_ && detail.empty(); ++i) {
+      if (r_[i].done()) continue;
+      peer = recvPeer_;
+      detail = strCat("rank ", t_.rank_, " receiving ", r_[0].announced, " bytes",
+                      nr_ > 1 ? strCat(" (stripe ", i, " of ", nr_, ")") : std::string(), ", ",
+                      r_[i].phase == RecvProgress::Phase::kHeader ? "header not yet received" : "header received");
+    }
+    if (detail.empty()) {
+      size_t done = 0, total = 0;
+      for (int i = 0; i < ns_; ++i) {
+        done += s_[i].done;
+        total += sizeof(s_[i].hdr) + s_[i].bytes;
+      }
+      detail = strCat("rank ", t_.rank_, " sending, ", done, " of ", total, " frame bytes written",
+                      ns_ > 1 ? strCat(" over ", ns_, " streams") : std::string());
+    }
     throw TimeoutError(strCat("pycomm: timeout after ", t_.timeout_.count(), " ms waiting for rank ", peer, " in ",
                               desc_.str(), " [", detail, "]"));
   }
@@ -364,7 +420,7 @@ class TcpTransport::Transfer {
     if (!stalled_) {
       stalled_ = true;
       for (int p = 0; p < t_.size_; ++p) {
-        if (p != t_.rank_ && !(!rDone_ && p == recvPeer_) && t_.pairs_[p] && t_.pairs_[p]->fd.valid()) {
+        if (p != t_.rank_ && !(rLeft_ > 0 && p == recvPeer_) && t_.pairs_[p] && t_.pairs_[p]->fds[0].valid()) {
           watch_.push_back(p);
         }
       }
@@ -373,22 +429,24 @@ class TcpTransport::Transfer {
     nextStatus_ = Clock::now() + kStatusEvery;
   }
 
-  // Writes a status frame to every peer whose send side is at a frame boundary.
+  // Writes a status frame on stream 0 to every peer whose send side is at a frame
+  // boundary.
   void sendStatus() {
     for (int p = 0; p < t_.size_; ++p) {
       Pair* pair = t_.pairs_[p].get();
-      if (pair == nullptr || !pair->fd.valid()) continue;
+      if (pair == nullptr || !pair->fds[0].valid()) continue;
       std::unique_lock<std::mutex> lk;
       if (pair == spair_) {
-        if (!sDone_) continue;  // our data frame is still going out on this socket (lock held)
+        if (sLeft_ > 0) continue;  // our data frames are still going out to this peer (lock held)
       } else {
         lk = std::unique_lock<std::mutex>(pair->sendMu, std::try_to_lock);
         if (!lk.owns_lock()) continue;
       }
       if (!pair->sendBroken.empty()) continue;
+      const int fd = pair->fds[0].get();
       int err = 0;
       if (pair->pendingCtl) {
-        if (pair->pendingCtl->step(pair->fd.get(), &err)) {
+        if (pair->pendingCtl->step(fd, &err)) {
           pair->pendingCtl.reset();
           pair->sendMidFrame = false;
         }
@@ -396,7 +454,7 @@ class TcpTransport::Transfer {
       }
       if (pair->sendMidFrame) continue;
       SendProgress f(static_cast<tcp_wire::FrameKind>(kStatusKind), desc_, nullptr, 0);
-      if (!f.step(pair->fd.get(), &err) && err == 0 && f.done > 0) {
+      if (!f.step(fd, &err) && err == 0 && f.done > 0) {
         pair->pendingCtl = std::make_unique<SendProgress>(f);
         pair->sendMidFrame = true;
       }
@@ -414,10 +472,10 @@ class TcpTransport::Transfer {
     }
   }
 
-  // Looks at the frames waiting on peer p's socket without disturbing data frames.
+  // Looks at the frames waiting on peer p's stream 0 without disturbing data frames.
   // Returns whether p is worth watching further.
   bool inspect(int p) {
-    const int fd = t_.pairs_[p]->fd.get();
+    const int fd = t_.pairs_[p]->fds[0].get();
     tcp_wire::FrameHeader h;
     while (true) {
       ssize_t got = ::recv(fd, &h, sizeof(h), MSG_PEEK | MSG_DONTWAIT);
@@ -456,22 +514,21 @@ class TcpTransport::Transfer {
   }
 
   // Waits until a socket we drive (or, stalled, one we watch) is ready, for at most
-  // one slice of kPollSlice so the deadline and abort() are noticed.
+  // one slice of kPollSlice so the deadline and abort() are noticed. (When we send to
+  // and receive from the same peer, its sockets appear twice, once per direction.)
   void waitReady() {
-    pollfd fds[2];
+    pollfd fds[2 * kMaxStreams];
     nfds_t n = 0;
-    if (!sDone_) fds[n++] = {sfd_, POLLOUT, 0};
-    if (!rDone_) {
-      if (n == 1 && fds[0].fd == rfd_) {
-        fds[0].events |= POLLIN;
-      } else {
-        fds[n++] = {rfd_, POLLIN, 0};
-      }
+    for (int i = 0; i < ns_; ++i) {
+      if (!s_[i].finished()) fds[n++] = {sfd_[i], POLLOUT, 0};
+    }
+    for (int i = 0; i < nr_; ++i) {
+      if (!r_[i].done()) fds[n++] = {rfd_[i], POLLIN, 0};
     }
     int rc;
     if (stalled_ && !watch_.empty()) {
       std::vector<pollfd> all(fds, fds + n);
-      for (int p : watch_) all.push_back({t_.pairs_[p]->fd.get(), POLLIN, 0});
+      for (int p : watch_) all.push_back({t_.pairs_[p]->fds[0].get(), POLLIN, 0});
       rc = ::poll(all.data(), all.size(), pollMs(deadline_));
     } else {
       rc = ::poll(fds, n, pollMs(deadline_));
@@ -482,24 +539,26 @@ class TcpTransport::Transfer {
   TcpTransport& t_;
   const int sendPeer_;
   const int recvPeer_;
-  SendProgress* const s_;
-  RecvProgress* const r_;
+  SendProgress* const s_;  // ns_ stripes, one per stream
+  RecvProgress* const r_;  // nr_ stripes, one per stream
+  const int ns_;
+  const int nr_;
   const OpDesc& desc_;
   const Deadline& deadline_;
-  const int sfd_;
-  const int rfd_;
+  int sfd_[kMaxStreams] = {};
+  int rfd_[kMaxStreams] = {};
   Pair* const spair_;
-  bool sDone_;
-  bool rDone_;
+  int sLeft_;  // stripes not yet sent
+  int rLeft_;  // stripes not yet received
   const bool collective_;
   Clock::time_point nextStatus_;
   bool stalled_ = false;
   std::vector<int> watch_;  // peers whose incoming frames we peek at (filled once stalled)
 };
 
-void TcpTransport::transfer(int sendPeer, SendProgress* s, int recvPeer, RecvProgress* r, const OpDesc& desc,
-                            const Deadline& deadline) {
-  Transfer(*this, sendPeer, s, recvPeer, r, desc, deadline).run();
+void TcpTransport::transfer(int sendPeer, SendProgress* s, int sendStripes, int recvPeer, RecvProgress* r,
+                            int recvStripes, const OpDesc& desc, const Deadline& deadline) {
+  Transfer(*this, sendPeer, s, sendStripes, recvPeer, r, recvStripes, desc, deadline).run();
 }
 
 void TcpTransport::send(int peer, const void* buf, size_t bytes, const OpDesc& desc,
@@ -525,9 +584,11 @@ void TcpTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes,
   throwIfFailed();
 
   std::unique_lock<std::mutex> sendLock;
-  // On the stack: no allocation per message.
-  std::optional<SendProgress> s;
-  std::optional<RecvProgress> r;
+  // On the stack: no allocation per message. Stripe i of a message travels on stream i
+  // (a small message is its own single stripe, on stream 0).
+  SendProgress s[kMaxStreams];
+  RecvProgress r[kMaxStreams];
+  int ns = 0, nr = 0;
   Pair* sp = nullptr;
   Pair* rp = nullptr;
   if (sendPeer != -1) {
@@ -537,7 +598,13 @@ void TcpTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes,
       throw PeerError(strCat("pycomm: connection to rank ", sendPeer,
                              " is unusable after an earlier error: ", sp->sendBroken));
     }
-    s.emplace(tcp_wire::FrameKind::kData, desc, sendBuf, sendBytes);
+    ns = tcp_streams::stripeCount(sendBytes, static_cast<int>(sp->fds.size()));
+    const auto* base = static_cast<const uint8_t*>(sendBuf);
+    for (int i = 0; i < ns; ++i) {
+      auto st = tcp_streams::stripeOf(sendBytes, ns, i);
+      s[i].start(i == 0 ? tcp_wire::FrameKind::kData : tcp_wire::FrameKind::kStripe, desc,
+                 base == nullptr ? nullptr : base + st.begin, st.length, sendBytes);
+    }
   }
   if (recvPeer != -1) {
     rp = pairs_[recvPeer].get();
@@ -545,25 +612,39 @@ void TcpTransport::sendRecv(int sendPeer, const void* sendBuf, size_t sendBytes,
       throw PeerError(strCat("pycomm: connection from rank ", recvPeer,
                              " is unusable after an earlier error: ", rp->recvBroken));
     }
-    r.emplace(recvBuf, recvBytes, desc);
+    nr = tcp_streams::stripeCount(recvBytes, static_cast<int>(rp->fds.size()));
+    auto* base = static_cast<uint8_t*>(recvBuf);
+    for (int i = 0; i < nr; ++i) {
+      auto st = tcp_streams::stripeOf(recvBytes, nr, i);
+      r[i].start(base == nullptr ? nullptr : base + st.begin, st.length, recvBytes, desc);
+    }
   }
   try {
-    transfer(sendPeer, s ? &*s : nullptr, recvPeer, r ? &*r : nullptr, desc, deadline);
+    transfer(sendPeer, s, ns, recvPeer, r, nr, desc, deadline);
   } catch (const std::exception& e) {
-    // A frame cut in the middle leaves the stream out of step: refuse to reuse it. A
-    // timeout before any byte moved leaves it intact.
-    if (s && s->done > 0 && !s->finished()) {
+    // A message cut in the middle (any stripe) leaves the streams out of step: refuse
+    // to reuse them. A timeout before any byte moved leaves them intact.
+    bool sentSome = false, sentAll = true, gotSome = false, gotAll = true;
+    for (int i = 0; i < ns; ++i) {
+      sentSome = sentSome || s[i].done > 0;
+      sentAll = sentAll && s[i].finished();
+    }
+    for (int i = 0; i < nr; ++i) {
+      gotSome = gotSome || r[i].started();
+      gotAll = gotAll && r[i].done();
+    }
+    if (sentSome && !sentAll) {
       sp->sendMidFrame = true;
       sp->sendBroken = e.what();
     }
-    if (r && r->started() && r->phase != RecvProgress::Phase::kDone) rp->recvBroken = e.what();
+    if (gotSome && !gotAll) rp->recvBroken = e.what();
     throw;
   }
-  if (s) {
+  if (ns > 0) {
     stats_.bytesSent.fetch_add(sendBytes, std::memory_order_relaxed);
     stats_.messagesSent.fetch_add(1, std::memory_order_relaxed);
   }
-  if (r) {
+  if (nr > 0) {
     stats_.bytesRecv.fetch_add(recvBytes, std::memory_order_relaxed);
     stats_.messagesRecv.fetch_add(1, std::memory_order_relaxed);
   }
@@ -574,7 +655,8 @@ Transport::Peek TcpTransport::peekHeader(int peer, OpDesc* desc, size_t* bytes) 
   throwIfFailed();
   Pair* p = pairs_[peer].get();
   if (!p->recvBroken.empty()) return Peek::kBroken;
-  const int fd = p->fd.get();
+  // Every message's first header is on stream 0, carrying the whole message's size.
+  const int fd = p->fds[0].get();
   tcp_wire::FrameHeader h;
   while (true) {
     ssize_t got = ::recv(fd, &h, sizeof(h), MSG_PEEK | MSG_DONTWAIT);
@@ -615,27 +697,28 @@ void TcpTransport::abort(const std::string& why) {
   }
   for (int p = 0; p < size_; ++p) {
     Pair* pair = pairs_[p].get();
-    if (pair == nullptr || !pair->fd.valid()) continue;
+    if (pair == nullptr || !pair->fds[0].valid()) continue;
     // Senders notice the flag within one poll slice and leave the lock; only at a
-    // frame boundary may the ABORT frame go out without corrupting the stream.
-    // (A try_lock() loop rather than timed_mutex::try_lock_for, which TSan of GCC 12
-    // does not model and reports as a bad unlock.)
+    // frame boundary may the ABORT frame go out (on stream 0) without corrupting the
+    // stream. (A try_lock() loop rather than timed_mutex::try_lock_for, which TSan of
+    // GCC 12 does not model and reports as a bad unlock.)
     std::unique_lock<std::mutex> lk(pair->sendMu, std::defer_lock);
     Deadline lockWait = Deadline::after(kAbortLockWait);
     while (!lk.try_lock() && !lockWait.expired()) std::this_thread::sleep_for(milliseconds(1));
+    const int fd0 = pair->fds[0].get();
     if (lk.owns_lock() && !pair->sendMidFrame) {
       SendProgress f(tcp_wire::FrameKind::kAbort, OpDesc{}, reason.data(), reason.size());
       Deadline d = Deadline::after(kAbortSendWait);
       int err = 0;
-      while (!f.step(pair->fd.get(), &err) && err == 0 && !d.expired()) {
-        pollfd pfd{pair->fd.get(), POLLOUT, 0};
+      while (!f.step(fd0, &err) && err == 0 && !d.expired()) {
+        pollfd pfd{fd0, POLLOUT, 0};
         ::poll(&pfd, 1, pollMs(d, milliseconds(10)));
       }
       pair->sendMidFrame = true;
       pair->sendBroken = "the transport was aborted";
     }
-    // Wakes every local wait on this socket; the peer reads the ABORT frame, then EOF.
-    ::shutdown(pair->fd.get(), SHUT_RDWR);
+    // Wakes every local wait on these sockets; the peer reads the ABORT frame, then EOF.
+    for (auto& fd : pair->fds) ::shutdown(fd.get(), SHUT_RDWR);
   }
 }
 

@@ -2,7 +2,8 @@
 // (one socket per pair of ranks, used full duplex), set up through the Store.
 //
 // Setup (constructor): listen on an ephemeral port, publish "host:port" in the store,
-// dial every lower rank and accept every higher one, all in one poll() loop so that a
+// dial every lower rank and accept every higher one (each pair over min of both ranks'
+// PYCOMM_TCP_STREAMS connections, see tcp_streams.h), all in one poll() loop so that a
 // stranger on the port (garbage, silence, connect-then-close) never delays a real
 // peer. Each connection proves knowledge of a per-group secret (HMAC-SHA256 over
 // fresh nonces from both sides, binding both ranks); the listening socket is closed
@@ -10,11 +11,16 @@
 //
 // Data: every message is a FrameHeader (magic, version, OpDesc, byte count) and the
 // payload. The receiver checks the header against what it expects before it touches
-// the payload: it never sizes anything from a length read off the wire.
+// the payload: it never sizes anything from a length read off the wire. A message of
+// at least 2 x 256 KiB on a pair with several streams is cut into contiguous stripes,
+// one per stream, all moving at once in the same poll loop; every stripe has its own
+// header, and stream 0 carries the first stripe and every small message, status and
+// ABORT frame, so ordering, tag matching and peekHeader() work on stream 0 alone.
 //
 // Files: tcp_handshake.{h,cc} (the per-connection state machine and its HMAC),
 // tcp_mesh.{h,cc} (listen, rendezvous, dial/accept loop), tcp.cc (this class: the
-// data path and abort), tcp_socket.h (socket helpers both use).
+// data path and abort), tcp_socket.h (socket helpers both use), tcp_streams.h (the
+// stream setting and the stripe arithmetic).
 #pragma once
 
 #include <atomic>
@@ -58,7 +64,8 @@ constexpr size_t kMaxAbortReason = 1024;
 struct Hello {
   uint32_t magic;               ///< kHelloMagic
   uint16_t version;             ///< kVersion
-  uint16_t reserved;            ///< zero
+  uint16_t stream;              ///< index | (count - 1) << 8 of this connection among
+                                ///< the pair's streams (0: the only one, as in v1)
   int32_t fromRank;             ///< the connecting rank
   int32_t toRank;               ///< the rank it believes it dialed
   int32_t size;                 ///< group size
@@ -84,6 +91,8 @@ static_assert(sizeof(Challenge) == 44, "Challenge is a 44-byte wire message");
 enum class FrameKind : uint16_t {
   kData = 1,   ///< payload of `bytes` bytes follows
   kAbort = 2,  ///< the sender aborted; `bytes` (<= kMaxAbortReason) of reason text follow
+  // 3 is the status frame (tcp.cc)
+  kStripe = 4,  ///< on stream i > 0: stripe i of a message of `bytes` bytes (tcp_streams.h)
 };
 
 /// Header in front of every message after the handshake.
@@ -92,15 +101,27 @@ struct FrameHeader {
   uint16_t version;   ///< kVersion
   uint16_t kind;      ///< a FrameKind
   OpDesc desc;        ///< the sender's descriptor of the call
-  uint64_t bytes;     ///< payload bytes that follow
+  uint64_t bytes;     ///< message bytes (a striped message: the whole message's, in
+                      ///< every stripe's header; only the stripe's share follows)
 };
 static_assert(sizeof(FrameHeader) == 48, "FrameHeader is a 48-byte wire header");
 
+/// Hello::stream of connection `index` of `count`.
+inline uint16_t packStream(int index, int count) {
+  return static_cast<uint16_t>(index | ((count - 1) << 8));
+}
+/// Index and count from a Hello::stream.
+inline int streamIndex(uint16_t packed) { return packed & 0xff; }
+inline int streamCount(uint16_t packed) { return (packed >> 8) + 1; }
+
 /// HMAC-SHA256 under `secret` over a role label, both ranks, the group size and both
-/// nonces. `acceptorSide` selects the label, so one side's MAC never serves as the other's.
+/// nonces, and, on a pair with several streams, this connection's index and the count
+/// (a single-stream pair's MAC is exactly protocol v1's). `acceptorSide` selects the
+/// label, so one side's MAC never serves as the other's.
 Sha256::Digest handshakeMac(const uint8_t* secret, size_t secretLen, bool acceptorSide,
                             int32_t connectRank, int32_t acceptRank, int32_t size,
-                            const uint8_t* connectNonce, const uint8_t* acceptNonce);
+                            const uint8_t* connectNonce, const uint8_t* acceptNonce,
+                            int streamIndex = 0, int streamCount = 1);
 
 }  // namespace tcp_wire
 
@@ -108,7 +129,9 @@ Sha256::Digest handshakeMac(const uint8_t* secret, size_t secretLen, bool accept
 ///
 /// Environment: PYCOMM_SOCKET_IFNAME (listen on that interface's IPv4 address) or
 /// PYCOMM_SOCKET_ADDR (listen on that address; "0.0.0.0" = every interface); default:
-/// the host name's address if it is local, else 127.0.0.1.
+/// the host name's address if it is local, else 127.0.0.1. PYCOMM_TCP_STREAMS: most
+/// connections per peer ("auto", the default: 2, 1 if the open-file limit is tight;
+/// or 1 to 8).
 class TcpTransport : public Transport {
  public:
   /// Connects rank `rank` of `size` to every other rank, rendezvousing through
@@ -165,6 +188,12 @@ class TcpTransport : public Transport {
   /// Store key under which rank `rank` publishes its listen address.
   static std::string addressKey(const std::string& keyPrefix, int rank);
 
+  /// Store key under which rank `rank` publishes its PYCOMM_TCP_STREAMS count.
+  static std::string streamsKey(const std::string& keyPrefix, int rank);
+
+  /// Connections (streams) to `peer` (0 for this rank itself).
+  int streams(int peer) const;
+
   /// Store key of the group secret rank 0 publishes.
   static std::string secretKey(const std::string& keyPrefix);
 
@@ -174,12 +203,12 @@ class TcpTransport : public Transport {
   struct RecvProgress;
   class Transfer;  // one sendRecv() in flight (tcp.cc)
 
-  void connectMesh(Store& store, const std::string& keyPrefix);
+  void connectMesh(Store& store, const std::string& keyPrefix, int streams);
   void checkPeer(int peer, const char* what) const;
   void throwIfFailed() const;
   void failRemote(const std::string& why);
-  void transfer(int sendPeer, SendProgress* s, int recvPeer, RecvProgress* r, const OpDesc& desc,
-                const Deadline& deadline);
+  void transfer(int sendPeer, SendProgress* s, int sendStripes, int recvPeer, RecvProgress* r,
+                int recvStripes, const OpDesc& desc, const Deadline& deadline);
   [[noreturn]] void throwIoError(int peer, int err, const OpDesc& desc) const;
 
   int rank_;

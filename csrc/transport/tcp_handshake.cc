@@ -14,7 +14,8 @@ namespace tcp_wire {
 
 Sha256::Digest handshakeMac(const uint8_t* secret, size_t secretLen, bool acceptorSide,
                             int32_t connectRank, int32_t acceptRank, int32_t size,
-                            const uint8_t* connectNonce, const uint8_t* acceptNonce) {
+                            const uint8_t* connectNonce, const uint8_t* acceptNonce, int streamIndex,
+                            int streamCount) {
   static const char kConnectorLabel[] = "pycomm-tcp-v1 connector proof";
   static const char kAcceptorLabel[] = "pycomm-tcp-v1 acceptor proof";
   HmacSha256 h(secret, secretLen);
@@ -28,6 +29,12 @@ Sha256::Digest handshakeMac(const uint8_t* secret, size_t secretLen, bool accept
   h.update(ints, sizeof(ints));
   h.update(connectNonce, kNonceSize);
   h.update(acceptNonce, kNonceSize);
+  if (streamCount > 1) {
+    // Binds which connection of the pair this is: a proof for one stream is no
+    // proof for another, and a changed count fails authentication.
+    int32_t streams[2] = {streamIndex, streamCount};
+    h.update(streams, sizeof(streams));
+  }
   return h.finish();
 }
 
@@ -67,7 +74,14 @@ void onHello(Handshake& h, const MeshContext& ctx) {
                                  " of ", hello.size, " does not fit rank ", ctx.rank, " of ",
                                  ctx.size)};
   }
+  const int index = tcp_wire::streamIndex(hello.stream), count = tcp_wire::streamCount(hello.stream);
+  if (count > ctx.maxStreams || index >= count) {
+    throw HandshakeFailed{strCat("hello for stream ", index, " of ", count, " from rank ", hello.fromRank,
+                                 " does not fit rank ", ctx.rank, "'s ", ctx.maxStreams, " stream(s)")};
+  }
   h.peer = hello.fromRank;
+  h.stream = index;
+  h.streams = count;
   std::memcpy(h.theirNonce, hello.nonce, sizeof(h.theirNonce));
   tcp_wire::Challenge ch{};
   ch.magic = tcp_wire::kChallengeMagic;
@@ -88,27 +102,29 @@ void onChallenge(Handshake& h, const MeshContext& ctx) {
   }
   std::memcpy(h.theirNonce, ch.nonce, sizeof(h.theirNonce));
   auto mac = tcp_wire::handshakeMac(ctx.secret, tcp_wire::kSecretSize, false, ctx.rank,
-                                    h.peer, ctx.size, h.myNonce, h.theirNonce);
+                                    h.peer, ctx.size, h.myNonce, h.theirNonce,
+                                    h.stream, h.streams);
   queueOut(h, mac.data(), mac.size(), Step::kSendProof);
 }
 
 // Acceptor: the connector's proof is in h.in; verify it, then queue ours.
 void onProof(Handshake& h, const MeshContext& ctx) {
   auto want = tcp_wire::handshakeMac(ctx.secret, tcp_wire::kSecretSize, false, h.peer,
-                                     ctx.rank, ctx.size, h.theirNonce, h.myNonce);
+                                     ctx.rank, ctx.size, h.theirNonce, h.myNonce, h.stream,
+                                     h.streams);
   if (!constantTimeEqual(want.data(), h.in, want.size())) {
     throw HandshakeFailed{strCat(
         "authentication failed (wrong MAC from a client claiming rank ", h.peer, ")")};
   }
   auto mac = tcp_wire::handshakeMac(ctx.secret, tcp_wire::kSecretSize, true, h.peer, ctx.rank,
-                                    ctx.size, h.theirNonce, h.myNonce);
+                                    ctx.size, h.theirNonce, h.myNonce, h.stream, h.streams);
   queueOut(h, mac.data(), mac.size(), Step::kSendAccept);
 }
 
 // Connector: the acceptor's proof is in h.in; verify it.
 void onAccept(Handshake& h, const MeshContext& ctx) {
   auto want = tcp_wire::handshakeMac(ctx.secret, tcp_wire::kSecretSize, true, ctx.rank, h.peer,
-                                     ctx.size, h.myNonce, h.theirNonce);
+                                     ctx.size, h.myNonce, h.theirNonce, h.stream, h.streams);
   if (!constantTimeEqual(want.data(), h.in, want.size())) {
     throw HandshakeFailed{strCat("rank ", h.peer, " at ", h.name,
                                  " failed authentication (wrong secret?)")};
@@ -136,6 +152,7 @@ void startConnector(Handshake& h, const MeshContext& ctx) {
   hello.fromRank = ctx.rank;
   hello.toRank = h.peer;
   hello.size = ctx.size;
+  hello.stream = tcp_wire::packStream(h.stream, h.streams);
   net::randomBytes(h.myNonce, sizeof(h.myNonce));
   std::memcpy(hello.nonce, h.myNonce, sizeof(hello.nonce));
   queueOut(h, &hello, sizeof(hello), Step::kSendHello);

@@ -39,6 +39,8 @@ struct Handshake {
   net::Fd fd;
   bool acceptor = false;
   int peer = -1;     ///< acceptor: unknown until the Hello names it
+  int stream = 0;    ///< which of the pair's connections (acceptor: from the Hello)
+  int streams = 1;   ///< how many the pair has (acceptor: from the Hello)
   std::string name;  ///< "A.B.C.D:P" of the other end
   Step step = Step::kConnecting;
   Deadline deadline;
@@ -55,6 +57,7 @@ struct MeshContext {
   int rank;
   int size;
   const uint8_t* secret;  ///< tcp_wire::kSecretSize bytes
+  int maxStreams;         ///< most streams this rank accepts per peer (PYCOMM_TCP_STREAMS)
 };
 
 /// Connector, once connected: queues the Hello.

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -13,6 +14,7 @@
 #include "transport/tcp.h"
 #include "transport/tcp_handshake.h"
 #include "transport/tcp_socket.h"
+#include "transport/tcp_streams.h"
 
 namespace pycomm {
 namespace tcp_detail {
@@ -27,19 +29,28 @@ constexpr size_t kMaxPendingInbound = 64;
 
 /// One rank's mesh set-up: the steps of connectMesh() and the state they share.
 class MeshBuilder {
+  // One connection this rank dials: stream `stream` of `streams` to lower rank `peer`.
+  struct Dial {
+    int peer;
+    int stream;
+    int streams;
+    bool dialing = false;
+    Clock::time_point nextDial = Clock::now();
+    int attempts = 0;
+  };
+
  public:
   MeshBuilder(Store& store, const std::string& keyPrefix, int rank, int size, milliseconds timeout,
-              int socketBuffer)
+              int socketBuffer, int maxStreams)
       : store_(store),
         keyPrefix_(keyPrefix),
         rank_(rank),
         size_(size),
         timeout_(timeout),
         socketBuffer_(socketBuffer),
+        maxStreams_(maxStreams),
         setup_(Deadline::after(timeout)),
-        dialing_(rank, false),
-        nextDial_(rank, Clock::now()),
-        dialAttempts_(rank, 0),
+        firstDial_(rank, 0),
         lastError_(size),
         missing_(size - 1),
         acceptsLeft_(size - 1 - rank) {
@@ -124,23 +135,34 @@ class MeshBuilder {
     std::memcpy(secret_, s.data(), sizeof(secret_));
   }
 
-  // 3. Publish our address, read the addresses of the ranks we dial (the lower ones).
+  // 3. Publish our stream count, then our address; read the addresses and stream
+  //    counts of the ranks we dial (the lower ones). A pair opens the smaller count.
   void readAddresses() {
+    store_.setString(TcpTransport::streamsKey(keyPrefix_, rank_), std::to_string(maxStreams_));
     store_.setString(TcpTransport::addressKey(keyPrefix_, rank_), mesh_.listenAddress);
     dialAddr_.resize(rank_);
     for (int p = 0; p < rank_; ++p) {
       auto v = storeGet(TcpTransport::addressKey(keyPrefix_, p));
       dialAddr_[p] = net::parseHostPort(std::string(v.begin(), v.end()));
+      auto c = storeGet(TcpTransport::streamsKey(keyPrefix_, p));
+      const int theirs = std::atoi(std::string(c.begin(), c.end()).c_str());
+      if (theirs < 1 || theirs > tcp_streams::kMaxStreams) {
+        throw PeerError(strCat("pycomm: tcp setup: rank ", p, " published ", theirs, " streams, expected 1 to ",
+                               tcp_streams::kMaxStreams));
+      }
+      firstDial_[p] = static_cast<int>(dials_.size());
+      const int streams = std::min(theirs, maxStreams_);
+      for (int i = 0; i < streams; ++i) dials_.push_back(Dial{p, i, streams});
     }
   }
 
-  MeshContext ctx() const { return MeshContext{rank_, size_, secret_}; }
+  MeshContext ctx() const { return MeshContext{rank_, size_, secret_, maxStreams_}; }
 
   void throwIfExpired() const {
     if (!setup_.expired()) return;
     std::string who;
     for (int p = 0; p < size_; ++p) {
-      if (p == rank_ || mesh_.links[p].fd.valid()) continue;
+      if (p == rank_ || connected(p)) continue;
       who += strCat(who.empty() ? "" : ", ", p);
       if (!lastError_[p].empty()) who += strCat(" (", lastError_[p], ")");
     }
@@ -149,31 +171,45 @@ class MeshBuilder {
                               who));
   }
 
-  bool connected(int p) const { return mesh_.links[p].fd.valid(); }
+  // Every stream to peer p is authenticated.
+  bool connected(int p) const {
+    const auto& fds = mesh_.links[p].fds;
+    return !fds.empty() && std::all_of(fds.begin(), fds.end(), [](const net::Fd& f) { return f.valid(); });
+  }
 
-  // Dials every lower rank that has no connection, none in progress, and whose
-  // back-off has passed.
+  bool dialConnected(const Dial& d) const {
+    const auto& fds = mesh_.links[d.peer].fds;
+    return static_cast<int>(fds.size()) > d.stream && fds[d.stream].valid();
+  }
+
+  // Dials every stream to a lower rank that has no connection, none in progress, and
+  // whose back-off has passed.
   void dialDue() {
     auto now = Clock::now();
-    for (int p = 0; p < rank_; ++p) {
-      if (!connected(p) && !dialing_[p] && now >= nextDial_[p]) startDial(p);
+    for (size_t i = 0; i < dials_.size(); ++i) {
+      const Dial& d = dials_[i];
+      if (!dialConnected(d) && !d.dialing && now >= d.nextDial) startDial(i);
     }
   }
 
-  void startDial(int p) {
+  void startDial(size_t slot) {
+    Dial& d = dials_[slot];
+    const int p = d.peer;
     auto h = std::make_unique<Handshake>();
     h->peer = p;
+    h->stream = d.stream;
+    h->streams = d.streams;
     h->acceptor = false;
     h->name = net::formatAddr(dialAddr_[p]);
     h->deadline = setup_;
     h->fd.reset(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (!h->fd.valid()) throw Error(strCat("pycomm: socket() failed: ", std::strerror(errno)));
     tuneSocket(h->fd.get(), socketBuffer_);
-    dialing_[p] = true;
+    d.dialing = true;
     if (::connect(h->fd.get(), reinterpret_cast<const sockaddr*>(&dialAddr_[p]), sizeof(dialAddr_[p])) == 0) {
       startConnector(*h, ctx());
     } else if (errno != EINPROGRESS && errno != EINTR) {
-      redial(p, strCat("connect to ", h->name, " failed: ", std::strerror(errno)));
+      redial(*h, strCat("connect to ", h->name, " failed: ", std::strerror(errno)));
       return;
     }
     pending_.push_back(std::move(h));
@@ -191,9 +227,9 @@ class MeshBuilder {
     }
     int timeoutMs = pollMs(wake);
     const auto now = Clock::now();
-    for (int p = 0; p < rank_; ++p) {
-      if (connected(p) || dialing_[p]) continue;
-      auto ms = std::chrono::duration_cast<milliseconds>(nextDial_[p] - now).count() + 1;
+    for (const Dial& d : dials_) {
+      if (dialConnected(d) || d.dialing) continue;
+      auto ms = std::chrono::duration_cast<milliseconds>(d.nextDial - now).count() + 1;
       timeoutMs = std::max(1, std::min<int>(timeoutMs, static_cast<int>(ms)));
     }
     int n = ::poll(fds.data(), fds.size(), timeoutMs);
@@ -268,7 +304,7 @@ class MeshBuilder {
     if (h.acceptor) {
       reject(h, reason);
     } else {
-      redial(h.peer, strCat(h.name, ": ", reason));
+      redial(h, strCat(h.name, ": ", reason));
     }
   }
 
@@ -276,24 +312,35 @@ class MeshBuilder {
     net::logLine(strCat("pycomm: rejected connection from ", h.name, ": ", reason, " (rank ", rank_, " setup)"));
   }
 
-  void redial(int p, const std::string& reason) {
-    lastError_[p] = reason;
-    dialing_[p] = false;
-    int shift = std::min(dialAttempts_[p]++, 6);
-    nextDial_[p] = Clock::now() + milliseconds(10 << shift);
+  // Our dial of h's stream failed: try again after a back-off.
+  void redial(const Handshake& h, const std::string& reason) {
+    Dial& d = dials_[static_cast<size_t>(firstDial_[h.peer] + h.stream)];
+    lastError_[h.peer] = reason;
+    d.dialing = false;
+    int shift = std::min(d.attempts++, 6);
+    d.nextDial = Clock::now() + milliseconds(10 << shift);
   }
 
   void finish(Handshake& h) {
     Link& link = mesh_.links[h.peer];
-    if (!link.fd.valid()) {
+    if (link.fds.empty()) link.fds.resize(static_cast<size_t>(h.streams));
+    if (static_cast<int>(link.fds.size()) != h.streams) {
+      // Only an acceptor can meet this (a connector dials its own count): every
+      // stream of a pair must carry the count its first one did.
+      reject(h, strCat("stream ", h.stream, " of ", h.streams, " from rank ", h.peer, ", whose earlier streams said ",
+                       link.fds.size()));
+      return;
+    }
+    const bool was = connected(h.peer);
+    // A newer authenticated connection for the same stream replaces an older one: the
+    // peer only redials when its side of the old one failed.
+    link.fds[static_cast<size_t>(h.stream)] = std::move(h.fd);
+    if (h.stream == 0) link.addr = h.name;
+    if (!was && connected(h.peer)) {
       --missing_;
       if (h.acceptor) --acceptsLeft_;
     }
-    // A newer authenticated connection from the same rank replaces an older one: the
-    // peer only redials when its side of the old one failed.
-    link.fd = std::move(h.fd);
-    link.addr = h.name;
-    if (!h.acceptor) dialing_[h.peer] = false;
+    if (!h.acceptor) dials_[static_cast<size_t>(firstDial_[h.peer] + h.stream)].dialing = false;
   }
 
   Store& store_;
@@ -302,15 +349,15 @@ class MeshBuilder {
   const int size_;
   const milliseconds timeout_;
   const int socketBuffer_;
+  const int maxStreams_;
   const Deadline setup_;
   uint8_t secret_[tcp_wire::kSecretSize] = {};
   Mesh mesh_;
   net::Fd listener_;
   std::vector<sockaddr_in> dialAddr_;
   std::vector<std::unique_ptr<Handshake>> pending_;
-  std::vector<bool> dialing_;
-  std::vector<Clock::time_point> nextDial_;
-  std::vector<int> dialAttempts_;
+  std::vector<Dial> dials_;
+  std::vector<int> firstDial_;  // per lower rank: index of its stream 0 in dials_
   std::vector<std::string> lastError_;
   int missing_;
   int acceptsLeft_;
@@ -319,8 +366,8 @@ class MeshBuilder {
 }  // namespace
 
 Mesh connectMesh(Store& store, const std::string& keyPrefix, int rank, int size, milliseconds timeout,
-                 int socketBuffer) {
-  return MeshBuilder(store, keyPrefix, rank, size, timeout, socketBuffer).run();
+                 int socketBuffer, int maxStreams) {
+  return MeshBuilder(store, keyPrefix, rank, size, timeout, socketBuffer, maxStreams).run();
 }
 
 }  // namespace tcp_detail

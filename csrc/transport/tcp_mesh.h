@@ -15,10 +15,10 @@
 namespace pycomm {
 namespace tcp_detail {
 
-/// One authenticated connection to a peer.
+/// The authenticated connections (streams) to one peer.
 struct Link {
-  net::Fd fd;        ///< connected, nonblocking
-  std::string addr;  ///< "A.B.C.D:P" of the peer's end
+  std::vector<net::Fd> fds;  ///< connected, nonblocking; [0] carries every frame header
+  std::string addr;          ///< "A.B.C.D:P" of the peer's end of stream 0
 };
 
 /// A complete mesh for one rank.
@@ -28,11 +28,13 @@ struct Mesh {
 };
 
 /// Connects rank `rank` of `size` (> 1) to every other rank through `store` under
-/// `keyPrefix` (keys TcpTransport::secretKey / addressKey), asking for socket buffers
-/// of `socketBuffer` bytes (0: kernel autotuning). TimeoutError after `timeout`
-/// naming the ranks still missing; InvalidArgument for a bad listen-address setting.
+/// `keyPrefix` (keys TcpTransport::secretKey / addressKey / streamsKey), asking for
+/// socket buffers of `socketBuffer` bytes (0: kernel autotuning). Each pair opens
+/// min(both ranks' `maxStreams`) connections, every one authenticated. TimeoutError
+/// after `timeout` naming the ranks still missing; InvalidArgument for a bad
+/// listen-address setting.
 Mesh connectMesh(Store& store, const std::string& keyPrefix, int rank, int size, std::chrono::milliseconds timeout,
-                 int socketBuffer);
+                 int socketBuffer, int maxStreams);
 
 }  // namespace tcp_detail
 }  // namespace pycomm

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks on each host (sets --ranks to H*L) and measure all_reduce three ways: pycomm as it "
                         "chooses (hierarchical), pycomm flat (ring) and Gloo, with each host link's bytes")
     c.add_argument("--link", default="1gbit", help="per-host link rate (tc syntax)")
+    c.add_argument("--tcp-streams-compare", action="store_true",
+                   help="with --ranks-per-host: pycomm with PYCOMM_TCP_STREAMS=auto vs 1 vs 4 streams vs Gloo")
+    c.add_argument("--rounds", type=int, default=1,
+                   help="with --ranks-per-host: measure the variants this many times, interleaved (medians reported)")
     c.add_argument("--latency", default="100us", help="one-way delay per host link")
     return ap
 

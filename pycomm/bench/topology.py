@@ -3,13 +3,18 @@ measured three ways in one run - pycomm as it chooses (hierarchical on such layo
 pycomm flat (a ring over every rank, ``PYCOMM_ALGO=ring``) and Gloo - with the bytes
 each emulated host put on its link, read from the namespace's interface counters
 (``/proc/self/net/dev`` of the host's first rank) and printed next to the
-hierarchical limit 2(H-1)/H * S."""
+hierarchical limit 2(H-1)/H * S.
+
+``--tcp-streams-compare`` measures TCP streams instead: pycomm with PYCOMM_TCP_STREAMS=auto,
+with one stream, with four, and Gloo, next to the wire time of the limit on the emulated link."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import resource
 import shlex
+import statistics
 import sys
 import time
 from typing import Dict, List
@@ -17,8 +22,19 @@ from typing import Dict, List
 from pycomm.bench.machine import machine
 from pycomm.bench.output import human
 
-#: The variants measured, in order: label, backend, PYCOMM_ALGO of the group (None: auto).
-VARIANTS = (("pycomm", "pycomm", None), ("pycomm-flat", "pycomm", "ring"), ("gloo", "gloo", None))
+#: The variants measured, in order: label, backend, PYCOMM_ALGO of the group (None: auto),
+#: PYCOMM_TCP_STREAMS of the group (None: as the environment says).
+TOPOLOGY_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-flat", "pycomm", "ring", None),
+                     ("gloo", "gloo", None, None))
+#: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, four
+#: streams, Gloo.
+STREAMS_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-1stream", "pycomm", None, "1"),
+                    ("pycomm-4streams", "pycomm", None, "4"), ("gloo", "gloo", None, None))
+VARIANTS = TOPOLOGY_VARIANTS
+
+
+def _variants(args):
+    return STREAMS_VARIANTS if getattr(args, "tcp_streams_compare", False) else TOPOLOGY_VARIANTS
 
 
 def link_bytes(ifname: str) -> Dict[str, int]:
@@ -55,20 +71,30 @@ def run_topology(args, rank: int, world: int) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ.pop("PYCOMM_ALGO", None)
+    variants = _variants(args)
+    if variants is STREAMS_VARIANTS:
+        os.environ.pop("PYCOMM_TCP_STREAMS", None)  # the default group: "auto"
     dist.init_process_group("pycomm", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     try:
         side = dist.new_group(backend="gloo", timeout=timeout)
         groups = {}
-        for label, backend, algo in VARIANTS:
+        for label, backend, algo, streams in variants:
             if label == "pycomm":
                 groups[label] = None
                 continue
             if algo:
                 os.environ["PYCOMM_ALGO"] = algo
+            saved = os.environ.get("PYCOMM_TCP_STREAMS")
+            if streams:
+                os.environ["PYCOMM_TCP_STREAMS"] = streams
             groups[label] = dist.new_group(backend=backend, timeout=timeout)
             warm = torch.ones(1)
-            dist.all_reduce(warm, group=groups[label])  # the backend reads PYCOMM_ALGO when it is built
+            dist.all_reduce(warm, group=groups[label])  # the backend reads the settings when it is built
             os.environ.pop("PYCOMM_ALGO", None)
+            if saved is None:
+                os.environ.pop("PYCOMM_TCP_STREAMS", None)
+            else:
+                os.environ["PYCOMM_TCP_STREAMS"] = saved
         rows = []
         for size in _sizes(args.minbytes, args.maxbytes, args.stepfactor):
             count = max(1, size // 4)
@@ -76,7 +102,9 @@ def run_topology(args, rank: int, world: int) -> int:
             ref = torch.zeros(count, dtype=torch.float64)
             for r in range(world):
                 ref += (torch.arange(count, dtype=torch.float64) % 13) * 0.5 + r
-            for label, backend, algo in VARIANTS:
+            # Several rounds, the variants interleaved in each, so that a load change on a
+            # shared machine hits every variant alike; the summary takes medians.
+            for label, backend, algo, _streams in [v for _ in range(max(1, args.rounds)) for v in variants]:
                 g = groups[label]
                 x = ((torch.arange(count, dtype=torch.float64) % 13) * 0.5 + rank).float()
                 before_stats = pycomm.stats(g) if backend == "pycomm" else {}
@@ -88,10 +116,12 @@ def run_topology(args, rank: int, world: int) -> int:
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
                 p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
+                cpu0 = _cpu_s()
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
                     dist.all_reduce(x, group=g)
                 t = (time.perf_counter() - t0) / args.iters
+                cpu = (_cpu_s() - cpu0) / args.iters
                 p1 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 dist.barrier(group=side)
                 c1 = link_bytes(ifname) if local_rank == 0 else None
@@ -104,38 +134,52 @@ def run_topology(args, rank: int, world: int) -> int:
                 v[2 * hosts + host] = (p1 - p0) / args.iters
                 v[-1] = wrong
                 dist.all_reduce(v, group=side)
-                tmax = torch.tensor([t], dtype=torch.float64)
+                tmax = torch.tensor([t, cpu], dtype=torch.float64)
                 dist.all_reduce(tmax, op=dist.ReduceOp.MAX, group=side)
                 algos = {}
                 if backend == "pycomm":
                     after = pycomm.stats(g)
                     algos = {k[len("algo_all_reduce_"):]: after[k] - before_stats.get(k, 0)
                              for k in after if k.startswith("algo_all_reduce_") and after[k] != before_stats.get(k, 0)}
-                rows.append({"size": size, "variant": label, "time_s": float(tmax), "algos": algos,
+                rows.append({"size": size, "variant": label, "time_s": float(tmax[0]), "algos": algos,
+                             "cpu_s": float(tmax[1]),  # user + system CPU of the busiest rank process
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
                              "payload_per_host": [float(v[2 * hosts + h]) for h in range(hosts)] if backend == "pycomm"
                              else None,
                              "wrong": int(v[-1])})
                 if rank == 0:
-                    _print_row(rows[-1], hosts, rows)
+                    _print_row(rows[-1], hosts, rows, variants)
         if rank == 0:
-            _finish(args, rows, world, hosts, per_host)
+            _finish(args, rows, world, hosts, per_host, variants)
         dist.barrier(group=side)
         return 0 if all(r["wrong"] == 0 for r in rows) else 1
     finally:
         dist.destroy_process_group()
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _limit(size: int, hosts: int) -> float:
     return 2 * (hosts - 1) / hosts * size
 
 
-def _print_row(row, hosts, rows) -> None:
-    if row["variant"] == VARIANTS[0][0]:
+def _wire_s(nbytes: float):
+    """Seconds `nbytes` take on the emulated link at its rate (None without netem)."""
+    netem = json.loads(os.environ.get("PYCOMM_BENCH_NETEM") or "{}")
+    rate = netem.get("rate_bits")
+    return nbytes * 8 / rate if rate else None
+
+
+def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS) -> None:
+    if row["variant"] == variants[0][0]:
         print(f"# {'size':>10} {'variant':>12} {'time ms':>9} {'algbw GB/s':>10} {'tx/host MB (max)':>16} "
               f"{'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} {'vs pycomm':>9} {'#wrong':>6} algorithm")
-    base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == VARIANTS[0][0])
+    base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == variants[0][0])
     lim = _limit(row["size"], hosts)
     tx = max(row["tx_per_host"])
     payload = f"{max(row['payload_per_host']) / lim:.3f}" if row["payload_per_host"] and lim else "-"
@@ -144,10 +188,11 @@ def _print_row(row, hosts, rows) -> None:
           f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}", flush=True)
 
 
-def _finish(args, rows, world, hosts, per_host) -> None:
+def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> None:
     import torch
 
-    meta = {"hosts": hosts, "ranks_per_host": per_host, "nranks": world, "link": args.link,
+    meta = {"variants": [v[0] for v in variants], "rounds": max(1, args.rounds), "tcp_streams": os.environ.get("PYCOMM_TCP_STREAMS", "auto"),
+            "hosts": hosts, "ranks_per_host": per_host, "nranks": world, "link": args.link,
             "latency": args.latency, "iters": args.iters, "warmup": args.warmup, "dtype": "float32", "op": "sum",
             "torch": torch.__version__, "machine": machine(), "load": os.getloadavg(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -158,11 +203,29 @@ def _finish(args, rows, world, hosts, per_host) -> None:
           f"all_reduce (interface counters: Ethernet/IP/TCP headers and ACKs included); payload = TCP payload "
           f"pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); limit = 2(H-1)/H * S", flush=True)
     for size in sorted({r["size"] for r in rows}):
-        by = {r["variant"]: r for r in rows if r["size"] == size}
+        times = {}
+        for r in rows:
+            if r["size"] == size:
+                times.setdefault(r["variant"], []).append(r["time_s"])
+        by = {v: {"time_s": statistics.median(ts)} for v, ts in times.items()}
         if "pycomm" in by:
             t = by["pycomm"]["time_s"]
-            print(f"# {human(size)}B: pycomm {t * 1e3:.1f} ms; speed-up vs pycomm-flat "
-                  f"{by['pycomm-flat']['time_s'] / t:.2f}x, vs gloo {by['gloo']['time_s'] / t:.2f}x", flush=True)
+            others = ", ".join(f"vs {v[0]} {by[v[0]]['time_s'] / t:.2f}x" for v in variants[1:] if v[0] in by)
+            if max(len(ts) for ts in times.values()) > 1:
+                print(f"# {human(size)}B medians over {len(times['pycomm'])} interleaved rounds: " + ", ".join(
+                    f"{v} {by[v]['time_s'] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})"
+                    for v, ts in times.items()), flush=True)
+                cpu = {}
+                for r in rows:
+                    if r["size"] == size:
+                        cpu.setdefault(r["variant"], []).append(r["cpu_s"])
+                print(f"# {human(size)}B CPU per call (user+sys of the busiest rank process, median): " + ", ".join(
+                    f"{v} {statistics.median(c) * 1e3:.1f} ms = {statistics.median(c) / size * 1e9:.2f} ns/B"
+                    for v, c in cpu.items()), flush=True)
+            wire = _wire_s(_limit(size, hosts))
+            wire_txt = f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts))}B per host link at {args.link})" \
+                if wire else ""
+            print(f"# {human(size)}B: pycomm {t * 1e3:.1f} ms; speed-up {others}{wire_txt}", flush=True)
     print(f"# {json.dumps(meta)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -19,6 +19,7 @@
 #include "core/net_util.h"
 #include "test_util.h"
 #include "transport/tcp.h"
+#include "transport/tcp_streams.h"
 
 namespace pycomm {
 namespace {
@@ -599,6 +600,235 @@ TEST(TcpAddress, ExplicitAddress) {
   mesh[0]->send(1, &v, 1, d, Deadline::after(kTimeout));
   mesh[1]->recv(0, &got, 1, d, Deadline::after(kTimeout));
   EXPECT_EQ(got, 7);
+}
+
+// ---------------------------------------------------------------------------------
+// Several streams per pair (PYCOMM_TCP_STREAMS) and striping.
+
+TEST(TcpStreams, StripesCoverTheMessageContiguously) {
+  using tcp_streams::kMinStripe;
+  using tcp_streams::stripeCount;
+  using tcp_streams::stripeOf;
+  // Below two minimum stripes, or with one stream: one stripe (stream 0 only).
+  EXPECT_EQ(stripeCount(0, 4), 1);
+  EXPECT_EQ(stripeCount(2 * kMinStripe - 1, 8), 1);
+  EXPECT_EQ(stripeCount(size_t(64) << 20, 1), 1);
+  // Above: one stripe per kMinStripe, at most the pair's streams.
+  EXPECT_EQ(stripeCount(2 * kMinStripe, 4), 2);
+  EXPECT_EQ(stripeCount(3 * kMinStripe + 5, 4), 3);
+  EXPECT_EQ(stripeCount(size_t(64) << 20, 4), 4);
+  EXPECT_EQ(stripeCount(size_t(64) << 20, 3), 3);
+  const size_t sizes[] = {0, 1, 2, 3, 7, 1021, 2 * kMinStripe, 2 * kMinStripe + 1, 786433 * 4 + 3, size_t(64) << 20};
+  for (size_t bytes : sizes) {
+    for (int count = 1; count <= tcp_streams::kMaxStreams; ++count) {
+      size_t next = 0, shortest = bytes, longest = 0;
+      for (int i = 0; i < count; ++i) {
+        auto st = stripeOf(bytes, count, i);
+        EXPECT_EQ(st.begin, next) << bytes << " bytes, stripe " << i << " of " << count;
+        next = st.begin + st.length;
+        shortest = std::min(shortest, st.length);
+        longest = std::max(longest, st.length);
+      }
+      EXPECT_EQ(next, bytes) << bytes << " bytes in " << count;
+      EXPECT_LE(longest - shortest, 1u) << bytes << " bytes in " << count;
+    }
+  }
+}
+
+TEST(TcpStreams, SettingIsCheckedAndNamesTheRank) {
+  {
+    ScopedEnv e("PYCOMM_TCP_STREAMS", nullptr);
+    int n = tcp_streams::configuredStreams(0, 3);
+    EXPECT_GE(n, 1);
+    EXPECT_LE(n, tcp_streams::kAutoMaxStreams);
+    ScopedEnv f("PYCOMM_TCP_STREAMS", "auto");
+    EXPECT_EQ(tcp_streams::configuredStreams(0, 3), n);
+  }
+  // "auto": kAutoMaxStreams (2), unless the sockets to every peer would use over a
+  // quarter of the fd limit.
+  EXPECT_EQ(tcp_streams::autoStreams(2, 1024), tcp_streams::kAutoMaxStreams);
+  EXPECT_EQ(tcp_streams::autoStreams(129, 1024), 2);
+  EXPECT_EQ(tcp_streams::autoStreams(200, 1024), 1);
+  EXPECT_EQ(tcp_streams::autoStreams(1000, 1024), 1);
+  EXPECT_EQ(tcp_streams::autoStreams(1, 0), 1);
+  {
+    ScopedEnv e("PYCOMM_TCP_STREAMS", "3");
+    EXPECT_EQ(tcp_streams::configuredStreams(0, 3), 3);
+  }
+  for (const char* bad : {"0", "9", "two", "4x", "-1"}) {
+    ScopedEnv e("PYCOMM_TCP_STREAMS", bad);
+    MemStore store;
+    std::string msg = messageOf([&] { TcpTransport t(store, kPrefix, 1, 2, kTimeout); });
+    EXPECT_NE(msg.find("PYCOMM_TCP_STREAMS"), std::string::npos) << bad << ": " << msg;
+    EXPECT_NE(msg.find("rank 1"), std::string::npos) << bad << ": " << msg;
+    EXPECT_THROW(TcpTransport(store, kPrefix, 0, 1, kTimeout), InvalidArgument) << bad;
+  }
+}
+
+class TcpStriped : public ::testing::TestWithParam<int> {};
+
+// Every size around the striping thresholds, odd byte counts (stripes of unequal
+// length), over a 3-rank ring in both directions at once, then as plain send/recv.
+TEST_P(TcpStriped, RingOfAwkwardSizesKeepsContentAndOrder) {
+  const int streams = GetParam();
+  ScopedEnv e("PYCOMM_TCP_STREAMS", std::to_string(streams).c_str());
+  const int n = 3;
+  MemStore store;
+  auto t = makeMesh(store, n);
+  for (int r = 0; r < n; ++r) {
+    for (int p = 0; p < n; ++p) {
+      if (p != r) {
+        EXPECT_EQ(t[r]->streams(p), streams);
+      }
+    }
+  }
+  using tcp_streams::kMinStripe;
+  uint64_t seq = 0;
+  for (size_t bytes : {size_t(0), size_t(1), 2 * kMinStripe - 1, 2 * kMinStripe, 3 * kMinStripe + 7,
+                       size_t(4000037), size_t(24) << 20}) {
+    OpDesc d = makeDesc(CollType::kAllGather, ++seq, bytes);
+    runRanks(n, [&](int r) {
+      int next = (r + 1) % n, prev = (r + n - 1) % n;
+      auto out = filled(r, bytes);
+      std::vector<uint8_t> in(bytes, 0);
+      t[r]->sendRecv(next, out.data(), out.size(), prev, in.data(), in.size(), d, Deadline::after(kTimeout));
+      EXPECT_TRUE(matches(in, prev)) << "rank " << r << ", " << bytes << " bytes, " << streams << " streams";
+    });
+  }
+  // Back-to-back messages of alternating size on one pair arrive whole and in order.
+  runRanks(2, [&](int r) {
+    for (int i = 0; i < 12; ++i) {
+      size_t bytes = i % 2 ? size_t(1000003) : size_t(17 + i);
+      OpDesc d = makeDesc(CollType::kSend, 100 + i, bytes);
+      auto dl = Deadline::after(kTimeout);
+      if (r == 0) {
+        auto buf = filled(i, bytes);
+        t[0]->send(1, buf.data(), buf.size(), d, dl);
+      } else {
+        std::vector<uint8_t> buf(bytes);
+        t[1]->recv(0, buf.data(), buf.size(), d, dl);
+        EXPECT_TRUE(matches(buf, i)) << "message " << i;
+      }
+    }
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Tcp, TcpStriped, ::testing::Values(1, 2, 4));
+
+TEST(TcpStreams, PeekSeesTheWholeStripedMessage) {
+  ScopedEnv e("PYCOMM_TCP_STREAMS", "4");
+  MemStore store;
+  auto t = makeMesh(store, 2);
+  const size_t bytes = 3000017;
+  OpDesc d = makeDesc(CollType::kSend, 1, bytes);
+  runRanks(2, [&](int r) {
+    if (r == 0) {
+      auto buf = filled(0, bytes);
+      t[0]->send(1, buf.data(), buf.size(), d, Deadline::after(kTimeout));
+      return;
+    }
+    OpDesc got{};
+    size_t gotBytes = 0;
+    auto until = Clock::now() + kTimeout;
+    while (t[1]->peekHeader(0, &got, &gotBytes) == Transport::Peek::kNothing && Clock::now() < until) {
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+    EXPECT_EQ(gotBytes, bytes);
+    EXPECT_TRUE(got.sameCall(d));
+    std::vector<uint8_t> buf(gotBytes);
+    t[1]->recv(0, buf.data(), buf.size(), got, Deadline::after(kTimeout));
+    EXPECT_TRUE(matches(buf, 0));
+  });
+}
+
+TEST(TcpStreams, StripedSizeMismatchNamesBothSizes) {
+  ScopedEnv e("PYCOMM_TCP_STREAMS", "4");
+  MemStore store;
+  auto t = makeMesh(store, 2);
+  OpDesc d = makeDesc(CollType::kSend, 1, 0);
+  std::string msg;
+  runRanks(2, [&](int r) {
+    auto dl = Deadline::after(milliseconds(5000));
+    if (r == 0) {
+      auto big = filled(0, 4 << 20);
+      try {
+        t[0]->send(1, big.data(), big.size(), d, dl);
+      } catch (const Error&) {
+      }
+    } else {
+      std::vector<uint8_t> buf(2 << 20, 0x5a);
+      msg = messageOf([&] { t[1]->recv(0, buf.data(), buf.size(), d, dl); });
+      EXPECT_THROW(t[1]->recv(0, buf.data(), buf.size(), d, dl), PeerError);
+      t[1].reset();
+    }
+  });
+  EXPECT_NE(msg.find("4194304"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("2097152"), std::string::npos) << msg;
+}
+
+TEST(TcpStreams, PairOpensTheSmallerCount) {
+  // Rank 0 allows 4 streams, rank 1 only 2: the pair has 2. (Rank 0 reads the setting
+  // before it publishes its count; rank 1 starts after that.)
+  MemStore store;
+  std::vector<std::unique_ptr<TcpTransport>> t(2);
+  {
+    ScopedEnv e("PYCOMM_TCP_STREAMS", "4");
+    std::thread r0([&] { t[0] = std::make_unique<TcpTransport>(store, kPrefix, 0, 2, kTimeout); });
+    EXPECT_EQ(store.getString(TcpTransport::streamsKey(kPrefix, 0), kTimeout), "4");
+    {
+      ScopedEnv f("PYCOMM_TCP_STREAMS", "2");
+      t[1] = std::make_unique<TcpTransport>(store, kPrefix, 1, 2, kTimeout);
+    }
+    r0.join();
+  }
+  EXPECT_EQ(t[0]->streams(1), 2);
+  EXPECT_EQ(t[1]->streams(0), 2);
+  const size_t bytes = size_t(8) << 20;
+  OpDesc d = makeDesc(CollType::kSend, 1, bytes);
+  runRanks(2, [&](int r) {
+    if (r == 0) {
+      auto buf = filled(0, bytes);
+      t[0]->send(1, buf.data(), buf.size(), d, Deadline::after(kTimeout));
+    } else {
+      std::vector<uint8_t> buf(bytes);
+      t[1]->recv(0, buf.data(), buf.size(), d, Deadline::after(kTimeout));
+      EXPECT_TRUE(matches(buf, 0));
+    }
+  });
+}
+
+TEST(TcpStreams, DestroyedPeerFailsStripedWaitersQuickly) {
+  ScopedEnv e("PYCOMM_TCP_STREAMS", "4");
+  MemStore store;
+  auto t = makeMesh(store, 3);
+  std::string recvMsg, sendMsg;
+  double waited = 0;
+  const size_t bytes = size_t(32) << 20;  // far beyond the socket buffers: mid-stripe
+  runRanks(3, [&](int w) {
+    auto start = Clock::now();
+    if (w == 0) {
+      std::this_thread::sleep_for(milliseconds(300));
+      t[2].reset();  // rank 2 "dies" while both others wait on all four of its streams
+    } else if (w == 1) {
+      std::vector<uint8_t> b(bytes);
+      recvMsg = messageOf([&] {
+        t[0]->recv(2, b.data(), b.size(), makeDesc(CollType::kAllReduce, 7, 2), Deadline::after(kTimeout));
+      });
+      waited = std::max(waited, std::chrono::duration<double>(Clock::now() - start).count());
+    } else {
+      // Keeps sending (the socket buffers of four streams may take a whole message)
+      // until the death is noticed.
+      auto b = filled(1, bytes);
+      sendMsg = messageOf([&] {
+        for (int i = 0; i < 64; ++i) {
+          t[1]->send(2, b.data(), b.size(), makeDesc(CollType::kAllReduce, 7 + i, 2), Deadline::after(kTimeout));
+        }
+      });
+    }
+  });
+  EXPECT_NE(recvMsg.find("rank 2 closed the connection"), std::string::npos) << recvMsg;
+  EXPECT_NE(sendMsg.find("rank 2"), std::string::npos) << sendMsg;
+  EXPECT_LT(waited, 3.0);
 }
 
 }  // namespace
