@@ -215,6 +215,79 @@ class PycommBackend : public c10d::Backend {
     });
   }
 
+  /// Compression on the cross-host hop only (algorithms/hier_compressed.cc): what a call
+  /// of `n` float32 elements with `codecName` needs on this rank. Keys: hierarchical,
+  /// hosts, worker / server (residual floats), cross_bytes (codec payload bytes this rank
+  /// sends across hosts).
+  std::map<std::string, int64_t> hierCompressedPlan(int64_t n, const std::string& codecName, int64_t bits) {
+    TORCH_CHECK_VALUE(n >= 0, "pycomm rank ", rank_, ": negative element count ", n);
+    bool ef = false;
+    std::unique_ptr<PieceCodec> codec;
+    try {
+      codec = makeCodec(codecName, static_cast<int>(bits), &ef, 0, 0);
+    } catch (const InvalidArgument& e) {
+      TORCH_CHECK_VALUE(false, "pycomm rank ", rank_, ": ", e.what());
+    }
+    auto p = group_->algorithms().hierCompressedPlan(static_cast<size_t>(n), codec.get());
+    return {{"hierarchical", p.hierarchical ? 1 : 0},
+            {"hosts", p.hosts},
+            {"worker", static_cast<int64_t>(p.workerElems)},
+            {"server", static_cast<int64_t>(p.serverElems)},
+            {"cross_bytes", static_cast<int64_t>(p.crossBytes)}};
+  }
+
+  /// The hierarchical compressed all-reduce of a contiguous CPU float32 tensor, in place:
+  /// exact in-host steps, `codecName` across hosts on this rank's shard (residuals sized
+  /// by hierCompressedPlan, or None for codecs that keep none).
+  c10::intrusive_ptr<c10d::Work> hierCompressedAllReduce(at::Tensor t, const std::string& codecName, int64_t bits,
+                                                         bool errorFeedback, int64_t divisor,
+                                                         std::optional<at::Tensor> worker,
+                                                         std::optional<at::Tensor> server, int64_t workerSeed,
+                                                         int64_t serverSeed, bool asyncOp) {
+    auto isFlatF32 = [](const at::Tensor& x) {
+      return x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous();
+    };
+    TORCH_CHECK_VALUE(t.defined() && isFlatF32(t), "pycomm rank ", rank_,
+                      ": hierarchical compressed all_reduce needs a contiguous CPU float32 tensor, got ",
+                      t.defined() ? c10::str(t.scalar_type(), " on ", t.device()) : std::string("undefined"));
+    TORCH_CHECK_VALUE(divisor >= 1, "pycomm rank ", rank_, ": compressed all_reduce divisor must be >= 1");
+    std::unique_ptr<PieceCodec> codec;
+    try {
+      codec = makeCodec(codecName, static_cast<int>(bits), &errorFeedback, static_cast<uint32_t>(workerSeed),
+                        static_cast<uint32_t>(serverSeed));
+    } catch (const InvalidArgument& e) {
+      TORCH_CHECK_VALUE(false, "pycomm rank ", rank_, ": ", e.what());
+    }
+    const size_t n = static_cast<size_t>(t.numel());
+    const auto plan = group_->algorithms().hierCompressedPlan(n, nullptr);
+    TORCH_CHECK_VALUE(plan.hierarchical, "pycomm rank ", rank_,
+                      ": compression on the cross-host hop only needs a group on several hosts with several ranks "
+                      "on some; this group has ", plan.hosts, " host(s)");
+    Collectives::HierCompressedArgs args;
+    args.data = t.data_ptr<float>();
+    args.n = n;
+    args.divisor = static_cast<int>(divisor);
+    std::vector<at::Tensor> keep{t};
+    if (errorFeedback) {
+      TORCH_CHECK_VALUE(worker && server && isFlatF32(*worker) && isFlatF32(*server) &&
+                            static_cast<size_t>(worker->numel()) == plan.workerElems &&
+                            static_cast<size_t>(server->numel()) == plan.serverElems,
+                        "pycomm rank ", rank_, ": ", codecName, " with error feedback across hosts needs CPU float32 "
+                        "residuals of ", plan.workerElems, " (worker) and ", plan.serverElems, " (server) elements");
+      args.workerResidual = worker->data_ptr<float>();
+      args.serverResidual = server->data_ptr<float>();
+      keep.push_back(*worker);
+      keep.push_back(*server);
+    }
+    std::shared_ptr<PieceCodec> shared(std::move(codec));
+    Call call{c10d::OpType::ALLREDUCE, "pycomm:compressed_all_reduce", CollType::kCompressed, {t}, {Staged{t, t, false}}};
+    call.op = divisor == 1 ? ReduceOp::kSum : ReduceOp::kAvg;
+    call.tag = shared->id() | 0x10000u;  // a rank on the flat path fails with a mismatch, not garbage
+    return submit(std::move(call), asyncOp, [shared, args, keep](Collectives& c, const OpDesc& d, const Deadline& dl) {
+      c.hierCompressedAllReduce(*shared, args, d, dl);
+    });
+  }
+
   /// One all-reduce over the tensors laid end to end (all of one dtype), written back
   /// into each: one collective, one Work.
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
@@ -863,7 +936,14 @@ void initBackendBindings(pybind11::module_& m) {
            py::arg("bits"), py::arg("error_feedback"), py::arg("chunk"), py::arg("divisor"), py::arg("worker"),
            py::arg("server"), py::arg("worker_seed"), py::arg("server_seed"), py::arg("async_op"),
            py::call_guard<py::gil_scoped_release>(),
-           "Pipelined compressed all-reduce in place (native path of pycomm.compression); returns a Work");
+           "Pipelined compressed all-reduce in place (native path of pycomm.compression); returns a Work")
+      .def("hier_compressed_plan", &PycommBackend::hierCompressedPlan, py::arg("n"), py::arg("codec"), py::arg("bits"),
+           "What a compressed all-reduce on the cross-host hop only needs and sends on this rank")
+      .def("hier_compressed_all_reduce", &PycommBackend::hierCompressedAllReduce, py::arg("tensor"), py::arg("codec"),
+           py::arg("bits"), py::arg("error_feedback"), py::arg("divisor"), py::arg("worker"), py::arg("server"),
+           py::arg("worker_seed"), py::arg("server_seed"), py::arg("async_op"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Compressed all-reduce with exact in-host steps and the codec on the cross-host hop; returns a Work");
   m.def("process_stats", &processStats,
         "Counters summed over every pycomm group of this process (live and destroyed)");
   m.def(

@@ -3,7 +3,11 @@ measured three ways in one run - pycomm as it chooses (hierarchical on such layo
 pycomm flat (a ring over every rank, ``PYCOMM_ALGO=ring``) and Gloo - with the bytes
 each emulated host put on its link, read from the namespace's interface counters
 (``/proc/self/net/dev`` of the host's first rank) and printed next to the
-hierarchical limit 2(H-1)/H * S."""
+hierarchical limit 2(H-1)/H * S. With ``--compression onebit`` (or fp16, bf16, qsgd) a
+fourth variant, ``pycomm-<codec>``, runs the compressor with ``scope="cross_host"``:
+exact in-host steps, the codec on the host links only; its limit is the codec payload
+the host's ranks must send (pycomm's own plan of the call). Every variant's wire-time
+limit (its limit bytes at the link rate) is printed next to its time."""
 from __future__ import annotations
 
 import datetime
@@ -15,10 +19,25 @@ import time
 from typing import Dict, List
 
 from pycomm.bench.machine import machine
+from pycomm.bench.netem import parse_rate
 from pycomm.bench.output import human
 
 #: The variants measured, in order: label, backend, PYCOMM_ALGO of the group (None: auto).
 VARIANTS = (("pycomm", "pycomm", None), ("pycomm-flat", "pycomm", "ring"), ("gloo", "gloo", None))
+
+
+def _variants(args):
+    """VARIANTS, plus the cross-host compressed one (on the default group) with --compression."""
+    if not getattr(args, "compression", None):
+        return VARIANTS
+    return VARIANTS[:1] + ((f"pycomm-{args.compression}", "pycomm", None),) + VARIANTS[1:]
+
+
+def _compressor(args):
+    """The cross-host-only compressor of the compressed variant."""
+    from pycomm.bench.rank import load_compressor
+
+    return load_compressor(args.compression)(scope="cross_host")
 
 
 def link_bytes(ifname: str) -> Dict[str, int]:
@@ -59,8 +78,10 @@ def run_topology(args, rank: int, world: int) -> int:
     try:
         side = dist.new_group(backend="gloo", timeout=timeout)
         groups = {}
-        for label, backend, algo in VARIANTS:
-            if label == "pycomm":
+        variants = _variants(args)
+        comp = _compressor(args) if args.compression else None
+        for label, backend, algo in variants:
+            if label == "pycomm" or label.startswith("pycomm-") and label != "pycomm-flat":
                 groups[label] = None
                 continue
             if algo:
@@ -76,28 +97,40 @@ def run_topology(args, rank: int, world: int) -> int:
             ref = torch.zeros(count, dtype=torch.float64)
             for r in range(world):
                 ref += (torch.arange(count, dtype=torch.float64) % 13) * 0.5 + r
-            for label, backend, algo in VARIANTS:
+            for label, backend, algo in variants:
                 g = groups[label]
+                compressed = comp is not None and label == f"pycomm-{args.compression}"
                 x = ((torch.arange(count, dtype=torch.float64) % 13) * 0.5 + rank).float()
                 before_stats = pycomm.stats(g) if backend == "pycomm" else {}
                 y = x.clone()
-                dist.all_reduce(y, group=g)
-                wrong = int((y.double() - ref).abs().gt(1e-6 * ref.abs().max().clamp(min=1)).sum())
+                err = None
+                if compressed:
+                    # Lossy: no #wrong; the relative error of the first (fresh-state) call instead.
+                    comp.all_reduce(y, key="bench", op="sum")
+                    wrong = 0 if bool(torch.isfinite(y).all()) else count
+                    err = float((y.double() - ref).norm() / ref.norm())
+                    reduce = lambda t: comp.all_reduce(t, key="bench", op="avg")  # noqa: E731 - bounded values
+                else:
+                    dist.all_reduce(y, group=g)
+                    wrong = int((y.double() - ref).abs().gt(1e-6 * ref.abs().max().clamp(min=1)).sum())
+                    reduce = lambda t, g=g: dist.all_reduce(t, group=g)  # noqa: E731
                 for _ in range(args.warmup):
-                    dist.all_reduce(x, group=g)
+                    reduce(x)
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
                 p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
-                    dist.all_reduce(x, group=g)
+                    reduce(x)
                 t = (time.perf_counter() - t0) / args.iters
                 p1 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 dist.barrier(group=side)
                 c1 = link_bytes(ifname) if local_rank == 0 else None
                 # Per host: tx and rx bytes per call on its link, and the TCP payload its
                 # ranks sent (pycomm's counters); per rank: #wrong.
-                v = torch.zeros(3 * hosts + 1, dtype=torch.float64)
+                v = torch.zeros(4 * hosts + 1, dtype=torch.float64)
+                if compressed:  # the codec payload this rank must send across hosts (pycomm's plan)
+                    v[3 * hosts + host] = comp.wire_bytes_on(count)["cross_host"]
                 if c0 is not None:
                     v[2 * host] = (c1["tx"] - c0["tx"]) / args.iters
                     v[2 * host + 1] = (c1["rx"] - c0["rx"]) / args.iters
@@ -111,16 +144,20 @@ def run_topology(args, rank: int, world: int) -> int:
                     after = pycomm.stats(g)
                     algos = {k[len("algo_all_reduce_"):]: after[k] - before_stats.get(k, 0)
                              for k in after if k.startswith("algo_all_reduce_") and after[k] != before_stats.get(k, 0)}
+                if compressed:
+                    algos = {"hier_compressed": 1}
+                lim_bytes = [float(v[3 * hosts + h]) for h in range(hosts)] if compressed else None
                 rows.append({"size": size, "variant": label, "time_s": float(tmax), "algos": algos,
+                             "rel_err": err, "limit_per_host": lim_bytes,
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
                              "payload_per_host": [float(v[2 * hosts + h]) for h in range(hosts)] if backend == "pycomm"
                              else None,
                              "wrong": int(v[-1])})
                 if rank == 0:
-                    _print_row(rows[-1], hosts, rows)
+                    _print_row(rows[-1], hosts, rows, parse_rate(args.link))
         if rank == 0:
-            _finish(args, rows, world, hosts, per_host)
+            _finish(args, rows, world, hosts, per_host, variants)
         dist.barrier(group=side)
         return 0 if all(r["wrong"] == 0 for r in rows) else 1
     finally:
@@ -131,20 +168,33 @@ def _limit(size: int, hosts: int) -> float:
     return 2 * (hosts - 1) / hosts * size
 
 
-def _print_row(row, hosts, rows) -> None:
+def _row_limit(row, hosts: int) -> float:
+    """Bytes the busiest host link must carry for this row's variant: 2(H-1)/H * S, or for
+    the compressed variant the codec payload the host's ranks send (pycomm's plan)."""
+    if row.get("limit_per_host"):
+        return max(row["limit_per_host"])
+    return _limit(row["size"], hosts)
+
+
+def _print_row(row, hosts, rows, rate_bits: float) -> None:
     if row["variant"] == VARIANTS[0][0]:
-        print(f"# {'size':>10} {'variant':>12} {'time ms':>9} {'algbw GB/s':>10} {'tx/host MB (max)':>16} "
-              f"{'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} {'vs pycomm':>9} {'#wrong':>6} algorithm")
+        print(f"# {'size':>10} {'variant':>14} {'time ms':>9} {'wire ms':>8} {'algbw GB/s':>10} "
+              f"{'tx/host MB (max)':>16} {'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} {'vs pycomm':>9} "
+              f"{'#wrong':>6} algorithm", flush=True)
     base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == VARIANTS[0][0])
-    lim = _limit(row["size"], hosts)
+    lim = _row_limit(row, hosts)
     tx = max(row["tx_per_host"])
     payload = f"{max(row['payload_per_host']) / lim:.3f}" if row["payload_per_host"] and lim else "-"
-    print(f"  {row['size']:>10} {row['variant']:>12} {row['time_s'] * 1e3:9.1f} {row['size'] / row['time_s'] / 1e9:10.3f} "
+    wire_ms = lim * 8 / rate_bits * 1e3
+    extra = f" rel_err={row['rel_err']:.3g}" if row.get("rel_err") is not None else ""
+    print(f"  {row['size']:>10} {row['variant']:>14} {row['time_s'] * 1e3:9.1f} {wire_ms:8.1f} "
+          f"{row['size'] / row['time_s'] / 1e9:10.3f} "
           f"{tx / 1e6:16.2f} {lim / 1e6:9.2f} {tx / lim if lim else float('nan'):8.3f} {payload:>13} "
-          f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}", flush=True)
+          f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}{extra}",
+          flush=True)
 
 
-def _finish(args, rows, world, hosts, per_host) -> None:
+def _finish(args, rows, world, hosts, per_host, variants=VARIANTS) -> None:
     import torch
 
     meta = {"hosts": hosts, "ranks_per_host": per_host, "nranks": world, "link": args.link,
@@ -154,7 +204,10 @@ def _finish(args, rows, world, hosts, per_host) -> None:
             "command": os.environ.get("PYCOMM_BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv)}
     if os.environ.get("PYCOMM_BENCH_NETEM"):
         meta["netem"] = json.loads(os.environ["PYCOMM_BENCH_NETEM"])
-    print(f"# {hosts} hosts x {per_host} ranks, link {args.link}; tx/host = bytes each host's link sent per "
+    if args.compression:
+        meta["compression"] = f"{args.compression} scope=cross_host"
+    print(f"# {hosts} hosts x {per_host} ranks, link {args.link}; wire ms = limit at the link rate; "
+          f"tx/host = bytes each host's link sent per "
           f"all_reduce (interface counters: Ethernet/IP/TCP headers and ACKs included); payload = TCP payload "
           f"pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); limit = 2(H-1)/H * S", flush=True)
     for size in sorted({r["size"] for r in rows}):
@@ -163,6 +216,13 @@ def _finish(args, rows, world, hosts, per_host) -> None:
             t = by["pycomm"]["time_s"]
             print(f"# {human(size)}B: pycomm {t * 1e3:.1f} ms; speed-up vs pycomm-flat "
                   f"{by['pycomm-flat']['time_s'] / t:.2f}x, vs gloo {by['gloo']['time_s'] / t:.2f}x", flush=True)
+        for label, _, _ in variants:
+            if label in by and label not in ("pycomm", "pycomm-flat", "gloo"):
+                tc = by[label]["time_s"]
+                print(f"# {human(size)}B: {label} (cross-host only) {tc * 1e3:.1f} ms; vs gloo "
+                      f"{by['gloo']['time_s'] / tc:.2f}x, vs pycomm {t / tc:.2f}x; wire-time limit "
+                      f"{_row_limit(by[label], hosts) * 8 / parse_rate(args.link) * 1e3:.1f} ms; "
+                      f"relative error of one call {by[label]['rel_err']:.3g}", flush=True)
     print(f"# {json.dumps(meta)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
