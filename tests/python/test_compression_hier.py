@@ -91,7 +91,31 @@ def _body(rank: int, ws: int, store, layout: List[int]) -> dict:
         out["topk_error"] = str(e)
     dist.barrier()
     dist.destroy_process_group()
-    return out
+    return _plain(out)
+
+
+def _plain(x):
+    """Tensors as numpy arrays (pickled by value: torch would share them through file
+    descriptors that close when the rank exits)."""
+    if isinstance(x, torch.Tensor):
+        return x.numpy().copy()
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    return x
+
+
+def _torch(x):
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, dict):
+        return {k: _torch(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_torch(v) for v in x)
+    return x
 
 
 def _cut(count: int, n: int, c: int) -> int:
@@ -195,7 +219,7 @@ def test_cross_host_only_compression(layout):
     results = rc.launch(ws, _body, layout, init=False, env=ENV, timeout=300)
     for r in results:
         assert r["status"] == "ok", rc.describe(results)
-    outs = [r["payload"] for r in sorted(results, key=lambda r: r["rank"])]
+    outs = [_torch(r["payload"]) for r in sorted(results, key=lambda r: r["rank"])]
     payload = {"onebit": _C.one_bit_payload_bytes, "fp16_ef": lambda e: 2 * e, "none": lambda e: 4 * e,
                "qsgd8": lambda e: _C.qsgd_payload_bytes(e, 8)}
     for name in CODECS:
