@@ -16,9 +16,12 @@ output (default 6 x 2048: ~27M parameters, ~108 MB of float32 gradients), batch
 Both DataParallel and torch DDP run with ``gradient_as_bucket_view=True`` (gradients are
 views into the buckets: no copy back after the all-reduce).
 The modes run one after the other; compute-only is re-measured right before each.
-Each mode's warm-up is at least ``--warmup``, 2 steps, and its compressor's warm-up
-(DataParallel runs OneBit / TopK / PowerSGD exact for their first 10 steps): the timed
-steps are compressed ones.
+Each mode's warm-up is at least ``--warmup`` and 2 steps; with a compressor whose first
+steps are exact (DataParallel runs OneBit / TopK / PowerSGD exact for their first 10
+steps) it is those steps plus ``--warmup`` (at least 1) compressed ones: the timed steps
+are compressed, and the first compressed step's one-time costs (error-feedback buffers
+allocated and first touched, codec threads started) are not timed. The CPU time each of
+rank 0's threads used per timed step is printed under each mode.
 
 Columns: ``step`` = median over the timed steps of the slowest rank's step time
 (forward + backward + gradient averaging + optimizer step); ``compute`` = the same
@@ -291,9 +294,12 @@ def worker(args: argparse.Namespace) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up. So
         # do DataParallel's sign / sparse / low-rank compressors: their first
-        # `warmup_steps` steps (10) are exact all-reduces (pycomm.compression.for_training);
-        # the timed steps are compressed ones.
-        warm = max(args.warmup, 2, int(getattr(getattr(model, "compression", None), "warmup_steps", 0)))
+        # `warmup_steps` steps (10) are exact all-reduces (pycomm.compression.for_training),
+        # and the warm-up goes on past them (--warmup more, at least 1), so the first
+        # compressed step's one-time costs (residual buffers of the size of the gradients
+        # allocated and first touched, codec threads started) are not timed.
+        exact = int(getattr(getattr(model, "compression", None), "warmup_steps", 0))
+        warm = max(args.warmup, 2) if not exact else exact + max(args.warmup, 1)
         a0 = _algo_counts()
         step_cpu: Dict[str, float] = {}
         step_t = _time_steps(train_step(model, opt), warm, args.steps, gloo, cuda, cpu=step_cpu)
