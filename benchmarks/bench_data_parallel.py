@@ -16,9 +16,12 @@ output (default 6 x 2048: ~27M parameters, ~108 MB of float32 gradients), batch
 Both DataParallel and torch DDP run with ``gradient_as_bucket_view=True`` (gradients are
 views into the buckets: no copy back after the all-reduce).
 The modes run one after the other; compute-only is re-measured right before each.
-Each mode's warm-up is at least ``--warmup``, 2 steps, and its compressor's warm-up
-(DataParallel runs OneBit / TopK / PowerSGD exact for their first 10 steps): the timed
-steps are compressed ones.
+Each mode's warm-up is at least ``--warmup`` and 2 steps; with a compressor whose first
+steps are exact (DataParallel runs OneBit / TopK / PowerSGD exact for their first 10
+steps) it is those steps plus ``--warmup`` (at least 1) compressed ones: the timed steps
+are compressed, and the first compressed step's one-time costs (error-feedback buffers
+allocated and first touched, codec threads started) are not timed. The CPU time each of
+rank 0's threads used per timed step is printed under each mode.
 
 Columns: ``step`` = median over the timed steps of the slowest rank's step time
 (forward + backward + gradient averaging + optimizer step); ``compute`` = the same
@@ -60,8 +63,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 DP_COMPRESSORS = {
-    "dp": None, "dp_flat": None, "dp_fp16": "FP16", "dp_bf16": "BF16", "dp_onebit": "OneBit", "dp_topk": "TopK",
-    "dp_qsgd": "QSGD", "dp_powersgd": "PowerSGD",
+    "dp": None, "dp_flat": None, "dp_fp16": "FP16", "dp_bf16": "BF16", "dp_onebit": "OneBit",
+    "dp_onebit_all": "OneBitAll", "dp_topk": "TopK", "dp_qsgd": "QSGD", "dp_powersgd": "PowerSGD",
 }
 DDP_MODES = ["ddp_gloo", "ddp_gloo_fp16", "ddp_gloo_powersgd", "ddp_gloo_pycomm_onebit", "ddp_pycomm"]
 ALL_MODES = ["ddp_gloo"] + list(DP_COMPRESSORS) + DDP_MODES[1:]
@@ -96,7 +99,8 @@ def make_compressor(name: Optional[str]) -> Any:
 
     if name is None:
         return None
-    return {"FP16": C.FP16, "BF16": C.BF16, "OneBit": C.OneBit, "TopK": lambda: C.TopK(ratio=0.01),
+    return {"FP16": C.FP16, "BF16": C.BF16, "OneBit": C.OneBit, "OneBitAll": lambda: C.OneBit(scope="all"),
+            "TopK": lambda: C.TopK(ratio=0.01),
             "QSGD": lambda: C.QSGD(bits=8), "PowerSGD": lambda: C.PowerSGD(rank=4)}[name]()
 
 
@@ -115,14 +119,39 @@ def build_model(width: int, depth: int) -> Any:
 # ----------------------------------------------------------------------------- worker
 
 
-def _time_steps(step: Callable[[], None], warmup: int, steps: int, barrier_group: Any, cuda: bool = False) -> float:
+def thread_cpu() -> Dict[str, float]:
+    """CPU seconds (user + system) this process's live threads have used, summed per
+    thread name (pycomm's threads are named: pycomm-codec encodes/decodes compressed
+    payloads, pycomm-crecv receives them, pycomm-hier runs cross-host steps, ...; the
+    Python thread that runs forward/backward is named after the process)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _time_steps(step: Callable[[], None], warmup: int, steps: int, barrier_group: Any, cuda: bool = False,
+                cpu: Optional[Dict[str, float]] = None) -> float:
     """Median over steps of the slowest rank's time for step() (with `cuda`: until the
-    device has finished it)."""
+    device has finished it). `cpu`, if given, receives the CPU ms per timed step of each
+    of this process's threads (thread_cpu)."""
     import torch
     import torch.distributed as dist
 
     times = []
+    c0: Dict[str, float] = {}
     for i in range(warmup + steps):
+        if i == warmup and cpu is not None:
+            c0 = thread_cpu()
         if cuda:
             torch.cuda.synchronize()
         dist.barrier(group=barrier_group)
@@ -134,6 +163,9 @@ def _time_steps(step: Callable[[], None], warmup: int, steps: int, barrier_group
         dist.all_reduce(dt, op=dist.ReduceOp.MAX, group=barrier_group)
         if i >= warmup:
             times.append(dt.item())
+    if cpu is not None:
+        c1 = thread_cpu()
+        cpu.update({k: (v - c0.get(k, 0.0)) * 1e3 / steps for k, v in c1.items() if v - c0.get(k, 0.0) > 0})
     return statistics.median(times)
 
 
@@ -190,7 +222,8 @@ def worker(args: argparse.Namespace) -> None:
     net = build_model(args.width, args.depth).to(dev)
     nparams = sum(p.numel() for p in net.parameters())
     opt = torch.optim.SGD(net.parameters(), lr=1e-4)
-    compute = _time_steps(train_step(net, opt), args.warmup, args.steps, gloo, cuda)
+    compute_cpu: Dict[str, float] = {}
+    compute = _time_steps(train_step(net, opt), args.warmup, args.steps, gloo, cuda, cpu=compute_cpu)
     del net, opt
     gc.collect()
     if rank == 0:
@@ -261,22 +294,37 @@ def worker(args: argparse.Namespace) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         # PowerSGD's hooks compress from their start_iter on: keep them in the warm-up. So
         # do DataParallel's sign / sparse / low-rank compressors: their first
-        # `warmup_steps` steps (10) are exact all-reduces (pycomm.compression.for_training);
-        # the timed steps are compressed ones.
-        warm = max(args.warmup, 2, int(getattr(getattr(model, "compression", None), "warmup_steps", 0)))
+        # `warmup_steps` steps (10) are exact all-reduces (pycomm.compression.for_training),
+        # and the warm-up goes on past them (--warmup more, at least 1), so the first
+        # compressed step's one-time costs (residual buffers of the size of the gradients
+        # allocated and first touched, codec threads started) are not timed.
+        exact = int(getattr(getattr(model, "compression", None), "warmup_steps", 0))
+        warm = max(args.warmup, 2) if not exact else exact + max(args.warmup, 1)
         a0 = _algo_counts()
-        step_t = _time_steps(train_step(model, opt), warm, args.steps, gloo, cuda)
+        step_cpu: Dict[str, float] = {}
+        step_t = _time_steps(train_step(model, opt), warm, args.steps, gloo, cuda, cpu=step_cpu)
         a1 = _algo_counts()
         algos = {k: v - a0.get(k, 0) for k, v in a1.items() if v != a0.get(k, 0)}
         comm_t = _time_steps(comm_fn, 1, args.steps, gloo, cuda) if comm_fn is not None else float("nan")
+        # CPU ms per step on this rank: every thread's, and pycomm's threads apart (the
+        # work that competes with forward/backward for the cores).
+        cpu_total = sum(step_cpu.values())
+        cpu_pycomm = {k: v for k, v in step_cpu.items() if k.startswith("pycomm")}
         results[mode] = {"step_ms": step_t * 1e3, "compute_ms": compute_here * 1e3, "comm_ms": comm_t * 1e3,
-                         "algos": algos}
+                         "algos": algos, "cpu_ms_per_step": step_cpu, "cpu_total_ms": cpu_total,
+                         "cpu_pycomm_ms": sum(cpu_pycomm.values()),
+                         "cpu_compute_only_ms": sum(compute_cpu.values())}
         if rank == 0:
             r = results[mode]
             ov = r["step_ms"] / max(r["compute_ms"], r["comm_ms"]) if comm_fn is not None else float("nan")
             names = ",".join(f"{k}:{v}" for k, v in sorted(algos.items())) or "-"
             print(f"{mode:24s} step {r['step_ms']:9.1f} ms   compute-only {r['compute_ms']:8.1f} ms   "
                   f"comm-only {r['comm_ms']:9.1f} ms   overlap {ov:5.2f}   pycomm all_reduce: {names}", flush=True)
+            busy = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["cpu_ms_per_step"].items(), key=lambda kv: -kv[1])
+                             if v >= 1.0)
+            print(f"{'':24s} rank 0 CPU per step: {r['cpu_total_ms']:.1f} ms (compute-only run "
+                  f"{r['cpu_compute_only_ms']:.1f} ms), pycomm threads {r['cpu_pycomm_ms']:.1f} ms [{busy}]",
+                  flush=True)
         if hasattr(model, "remove_hooks"):
             model.remove_hooks()
         del model, opt, net
@@ -285,13 +333,15 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         base = results.get("ddp_gloo", {}).get("step_ms")
         lines = ["", "| mode | step (ms) | vs DDP Gloo | compute only (ms) | comm only (ms) | "
-                 "step / max(compute, comm) |", "|---|---|---|---|---|---|"]
+                 "step / max(compute, comm) | rank 0 CPU/step (ms) | of which pycomm threads |",
+                 "|---|---|---|---|---|---|---|---|"]
         for mode, r in results.items():
             speed = f"{base / r['step_ms']:.2f}x" if base else "-"
             comm = r["comm_ms"]
             ov = r["step_ms"] / max(r["compute_ms"], comm) if comm == comm else float("nan")
             lines.append(f"| {mode} | {r['step_ms']:.1f} | {speed} | {r['compute_ms']:.1f} | "
-                         f"{'-' if comm != comm else f'{comm:.1f}'} | {'-' if ov != ov else f'{ov:.2f}'} |")
+                         f"{'-' if comm != comm else f'{comm:.1f}'} | {'-' if ov != ov else f'{ov:.2f}'} | "
+                         f"{r['cpu_total_ms']:.1f} | {r['cpu_pycomm_ms']:.1f} |")
         print("\n".join(lines), flush=True)
         if "dp" in results and "dp_flat" in results:
             print(f"# dp vs dp_flat (PYCOMM_ALGO=ring): {results['dp_flat']['step_ms'] / results['dp']['step_ms']:.2f}x"

@@ -26,7 +26,8 @@ want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
-            demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2 tcp_streams conformance; do
+            demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2 tcp_streams topology_onebit \
+            dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -96,6 +97,18 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
       done
       # what one plain TCP connection gets through the same emulated 10 Gbit/s link (no pycomm)
       run "${name}_10gbit_veth" "$PY" -m pycomm.bench.netem measure --link 10gbit --bytes 268435456 ;;
+    # docs/COMPRESSION.md / USER_GUIDE.md (cross-host-only compression): 64 MiB all_reduce on
+    # 2 hosts x 2 ranks at 1 Gbit/s, OneBit on the host links only (exact in-host steps) next
+    # to pycomm hierarchical uncompressed, the flat ring and Gloo, in the same run.
+    topology_onebit) run topology_2x2_1gbit_onebit "$PY" -m pycomm.bench all_reduce --hosts 2 --ranks-per-host 2 \
+        --link 1gbit --compression onebit --thp 1 --threads 1 -b 64M -e 64M -n 5 -w 1 \
+        --json "$OUT/topology_2x2_1gbit_onebit.json" --no-progress ;;
+    # The DataParallel step on that layout: cross-host OneBit (dp_onebit, the default scope
+    # there) vs OneBit on every hop (dp_onebit_all) vs uncompressed hierarchical (dp) vs DDP
+    # on Gloo, with each rank's CPU time per step (rank 0's threads).
+    dp_step_2x2_onebit) run dp_step_2x2_1gbit_onebit "$PY" benchmarks/bench_data_parallel.py --hosts 2 \
+        --ranks-per-host 2 --link 1gbit --steps 3 --warmup 1 --modes dp,ddp_gloo,dp_onebit,dp_onebit_all \
+        --json "$OUT/dp_step_2x2_1gbit_onebit.json" ;;
     # README / docs/USER_GUIDE.md (c10d): torch's own distributed tests on Gloo and pycomm, same
     # run (needs torch's test dependency expecttest: pip install expecttest).
     conformance) "$PY" benchmarks/conformance.py ;;

@@ -100,6 +100,10 @@ class DataParallel(torch.nn.Module):
             own compressor (the state is keyed by bucket index). OneBit, TopK and
             PowerSGD are wrapped in :class:`pycomm.compression.MomentumCorrection`
             (:func:`pycomm.compression.for_training`; pass a MomentumCorrection to choose).
+            Where it compresses is the compressor's ``scope``: by default, on a pycomm
+            group spanning several hosts with several ranks on some, FP16/BF16/OneBit/QSGD
+            compress the cross-host hop only (exact float32 inside each host); pass e.g.
+            ``OneBit(scope="all")`` to compress every hop (docs/COMPRESSION.md).
         broadcast_buffers: broadcast the module's buffers (BatchNorm statistics) from
             the group's first rank at every forward, as DDP does.
         find_unused_parameters: parameters that got no gradient contribute zeros

@@ -33,7 +33,10 @@ class DDPHookState:
 
     Args:
         compression: a :mod:`pycomm.compression` compressor (its error-feedback state
-            lives in it, keyed by DDP bucket index); None for an exact all-reduce.
+            lives in it, keyed by DDP bucket index); None for an exact all-reduce. Its
+            ``scope`` says where it compresses on a pycomm group spanning several hosts
+            (default: the cross-host hop only where that applies, see
+            :meth:`pycomm.compression.Compressor.route`).
         group: the process group DDP runs on (None = the world).
         params: the DDP model's parameters; lets ``momentum="auto"`` pick the optimizer
             that steps them (default: the first torch optimizer that steps).

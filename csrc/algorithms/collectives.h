@@ -124,6 +124,35 @@ class Collectives {
   void compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
                            const Deadline& deadline);
 
+  // ---- hierarchical compressed all-reduce (hier_compressed.cc) -------------------------
+  // Compression on the cross-host hop only: exact float32 reduce-scatter inside each
+  // host, the compressed all-reduce of this rank's shard among the ranks that own it on
+  // every host (error feedback on that shard), exact all-gather inside the host.
+
+  /// What one hierarchical compressed all-reduce of `count` float32 elements needs and
+  /// sends on this rank (the same cuts the call itself makes).
+  struct HierCompressedPlan {
+    bool hierarchical = false;   ///< the group spans several hosts with several ranks on some
+    int hosts = 1;               ///< hosts of the group
+    size_t workerElems = 0;      ///< worker residual floats (this rank's shards, all chunks)
+    size_t serverElems = 0;      ///< server residual floats (its cross-host chunks)
+    uint64_t crossBytes = 0;     ///< codec payload bytes this rank sends across hosts (with `codec`)
+  };
+  HierCompressedPlan hierCompressedPlan(size_t count, const PieceCodec* codec) const;
+
+  /// Parameters of one hierarchical compressed all-reduce (residual sizes: the plan's).
+  struct HierCompressedArgs {
+    float* data = nullptr;            ///< the tensor (n float32), reduced in place
+    size_t n = 0;
+    int divisor = 1;                  ///< 1 for SUM, the group size for AVG
+    float* workerResidual = nullptr;  ///< plan.workerElems floats, or null (codec keeps none)
+    float* serverResidual = nullptr;  ///< plan.serverElems floats, or null
+  };
+  /// Runs it; InvalidArgument unless the plan says hierarchical. Ranks end bitwise identical.
+  void hierCompressedAllReduce(PieceCodec& codec, const HierCompressedArgs& args, const OpDesc& desc,
+                               const Deadline& deadline);
+  // ---- end hierarchical compressed all-reduce -------------------------------------------
+
   /// The transport collectives run over.
   Transport& transport() { return transport_; }
 
@@ -160,6 +189,15 @@ class Collectives {
   void hierReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
                          const OpDesc& desc, const Deadline& deadline);
   void hierAllGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc, const Deadline& deadline);
+  // Hierarchical compressed all-reduce: one chunk of the call and this rank's part of it
+  // (hier_compressed.cc).
+  struct HierPart {
+    size_t lo, n;              // the chunk: elements [lo, lo + n) of the tensor
+    size_t shardLo, shardLen;  // this rank's shard of it (chunk-relative)
+    size_t crossChunk;         // elements per cross-host rank's chunk of the shard (0: no step)
+    size_t workerOff, serverOff;  // its residuals' offsets
+  };
+  std::vector<HierPart> hierCompressedParts(size_t count) const;
   // Sets up the in-host and cross-host sub-collectives (hierarchical.cc).
   void initHierarchy(Transport* local);
   char* scratch(size_t bytes);

@@ -311,7 +311,14 @@ void initBackendBindings(pybind11::module_& m) {
            py::arg("bits"), py::arg("error_feedback"), py::arg("chunk"), py::arg("divisor"), py::arg("worker"),
            py::arg("server"), py::arg("worker_seed"), py::arg("server_seed"), py::arg("async_op"),
            py::call_guard<py::gil_scoped_release>(),
-           "Pipelined compressed all-reduce in place (native path of pycomm.compression); returns a Work");
+           "Pipelined compressed all-reduce in place (native path of pycomm.compression); returns a Work")
+      .def("hier_compressed_plan", &PycommBackend::hierCompressedPlan, py::arg("n"), py::arg("codec"), py::arg("bits"),
+           "What a compressed all-reduce on the cross-host hop only needs and sends on this rank")
+      .def("hier_compressed_all_reduce", &PycommBackend::hierCompressedAllReduce, py::arg("tensor"), py::arg("codec"),
+           py::arg("bits"), py::arg("error_feedback"), py::arg("divisor"), py::arg("worker"), py::arg("server"),
+           py::arg("worker_seed"), py::arg("server_seed"), py::arg("async_op"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Compressed all-reduce with exact in-host steps and the codec on the cross-host hop; returns a Work");
   m.def("process_stats", &processStats,
         "Counters summed over every pycomm group of this process (live and destroyed)");
   m.def(

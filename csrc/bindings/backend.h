@@ -95,6 +95,21 @@ class PycommBackend : public c10d::Backend {
                                                      std::optional<at::Tensor> server, int64_t workerSeed,
                                                      int64_t serverSeed, bool asyncOp);
 
+  /// Compression on the cross-host hop only (algorithms/hier_compressed.cc): what a call
+  /// of `n` float32 elements with `codecName` needs on this rank. Keys: hierarchical,
+  /// hosts, worker / server (residual floats), cross_bytes (codec payload bytes this rank
+  /// sends across hosts).
+  std::map<std::string, int64_t> hierCompressedPlan(int64_t n, const std::string& codecName, int64_t bits);
+
+  /// The hierarchical compressed all-reduce of a contiguous CPU float32 tensor, in place:
+  /// exact in-host steps, `codecName` across hosts on this rank's shard (residuals sized
+  /// by hierCompressedPlan, or None for codecs that keep none).
+  c10::intrusive_ptr<c10d::Work> hierCompressedAllReduce(at::Tensor t, const std::string& codecName, int64_t bits,
+                                                         bool errorFeedback, int64_t divisor,
+                                                         std::optional<at::Tensor> worker,
+                                                         std::optional<at::Tensor> server, int64_t workerSeed,
+                                                         int64_t serverSeed, bool asyncOp);
+
   /// One all-reduce over the tensors laid end to end (all of one dtype), written back
   /// into each: one collective, one Work.
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,

@@ -77,6 +77,9 @@ class Group {
   int size() const { return size_; }
   /// Which ranks share a host.
   const Topology& topology() const { return topology_; }
+  /// The group's host algorithms, for read-only planning queries from any thread (their
+  /// configuration and hierarchy are fixed once the group exists).
+  const Collectives& algorithms() const { return *algos_; }
   /// Per-operation timeout.
   std::chrono::milliseconds timeout() const { return timeout_; }
   /// Name of the transport in use ("shm", "tcp", or "shm+tcp" for a group with

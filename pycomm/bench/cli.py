@@ -122,8 +122,11 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.ranks_per_host is not None:
         if not args.hosts or args.ranks_per_host < 1:
             ap.error("--ranks-per-host needs --hosts and must be >= 1")
-        if args.collective != "all_reduce" or args.compression:
-            ap.error("--ranks-per-host measures all_reduce without compression")
+        if args.collective != "all_reduce":
+            ap.error("--ranks-per-host measures all_reduce")
+        if args.compression not in (None, "onebit", "fp16", "bf16", "qsgd"):
+            ap.error("--ranks-per-host --compression: onebit, fp16, bf16 or qsgd (the codecs that compress the "
+                     "cross-host hop only)")
         if args.ranks is not None and args.ranks != args.hosts * args.ranks_per_host:
             ap.error(f"--ranks {args.ranks} contradicts --hosts {args.hosts} x --ranks-per-host {args.ranks_per_host}")
         args.ranks = args.hosts * args.ranks_per_host

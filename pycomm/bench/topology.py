@@ -3,7 +3,11 @@ measured three ways in one run - pycomm as it chooses (hierarchical on such layo
 pycomm flat (a ring over every rank, ``PYCOMM_ALGO=ring``) and Gloo - with the bytes
 each emulated host put on its link, read from the namespace's interface counters
 (``/proc/self/net/dev`` of the host's first rank) and printed next to the
-hierarchical limit 2(H-1)/H * S.
+hierarchical limit 2(H-1)/H * S. With ``--compression onebit`` (or fp16, bf16, qsgd) a
+fourth variant, ``pycomm-<codec>``, runs the compressor with ``scope="cross_host"``:
+exact in-host steps, the codec on the host links only; its limit is the codec payload
+the host's ranks must send (pycomm's own plan of the call). Every variant's wire-time
+limit (its limit bytes at the link rate) is printed next to its time.
 
 ``--tcp-streams-compare`` measures TCP streams instead: pycomm with PYCOMM_TCP_STREAMS=auto,
 with one stream, with four, and Gloo, next to the wire time of the limit on the emulated link."""
@@ -34,7 +38,19 @@ VARIANTS = TOPOLOGY_VARIANTS
 
 
 def _variants(args):
-    return STREAMS_VARIANTS if getattr(args, "tcp_streams_compare", False) else TOPOLOGY_VARIANTS
+    """The variants of this run: the topology or the TCP-streams comparison, plus with
+    --compression the cross-host compressed one (on the default group) second."""
+    base = STREAMS_VARIANTS if getattr(args, "tcp_streams_compare", False) else TOPOLOGY_VARIANTS
+    if not getattr(args, "compression", None):
+        return base
+    return base[:1] + ((f"pycomm-{args.compression}", "pycomm", None, None),) + base[1:]
+
+
+def _compressor(args):
+    """The cross-host-only compressor of the compressed variant."""
+    from pycomm.bench.rank import load_compressor
+
+    return load_compressor(args.compression)(scope="cross_host")
 
 
 def link_bytes(ifname: str) -> Dict[str, int]:
@@ -72,14 +88,15 @@ def run_topology(args, rank: int, world: int) -> int:
         torch.set_num_threads(args.threads)
     os.environ.pop("PYCOMM_ALGO", None)
     variants = _variants(args)
-    if variants is STREAMS_VARIANTS:
+    if getattr(args, "tcp_streams_compare", False):
         os.environ.pop("PYCOMM_TCP_STREAMS", None)  # the default group: "auto"
     dist.init_process_group("pycomm", init_method="env://", rank=rank, world_size=world, timeout=timeout)
     try:
         side = dist.new_group(backend="gloo", timeout=timeout)
         groups = {}
+        comp = _compressor(args) if args.compression else None
         for label, backend, algo, streams in variants:
-            if label == "pycomm":
+            if label == "pycomm" or label == f"pycomm-{args.compression}":
                 groups[label] = None
                 continue
             if algo:
@@ -106,20 +123,30 @@ def run_topology(args, rank: int, world: int) -> int:
             # shared machine hits every variant alike; the summary takes medians.
             for label, backend, algo, _streams in [v for _ in range(max(1, args.rounds)) for v in variants]:
                 g = groups[label]
+                compressed = comp is not None and label == f"pycomm-{args.compression}"
                 x = ((torch.arange(count, dtype=torch.float64) % 13) * 0.5 + rank).float()
                 before_stats = pycomm.stats(g) if backend == "pycomm" else {}
                 y = x.clone()
-                dist.all_reduce(y, group=g)
-                wrong = int((y.double() - ref).abs().gt(1e-6 * ref.abs().max().clamp(min=1)).sum())
+                err = None
+                if compressed:
+                    # Lossy: no #wrong; the relative error of the first (fresh-state) call instead.
+                    comp.all_reduce(y, key="bench", op="sum")
+                    wrong = 0 if bool(torch.isfinite(y).all()) else count
+                    err = float((y.double() - ref).norm() / ref.norm())
+                    reduce = lambda t: comp.all_reduce(t, key="bench", op="avg")  # noqa: E731 - bounded values
+                else:
+                    dist.all_reduce(y, group=g)
+                    wrong = int((y.double() - ref).abs().gt(1e-6 * ref.abs().max().clamp(min=1)).sum())
+                    reduce = lambda t, g=g: dist.all_reduce(t, group=g)  # noqa: E731
                 for _ in range(args.warmup):
-                    dist.all_reduce(x, group=g)
+                    reduce(x)
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
                 p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 cpu0 = _cpu_s()
                 t0 = time.perf_counter()
                 for _ in range(args.iters):
-                    dist.all_reduce(x, group=g)
+                    reduce(x)
                 t = (time.perf_counter() - t0) / args.iters
                 cpu = (_cpu_s() - cpu0) / args.iters
                 p1 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
@@ -127,7 +154,9 @@ def run_topology(args, rank: int, world: int) -> int:
                 c1 = link_bytes(ifname) if local_rank == 0 else None
                 # Per host: tx and rx bytes per call on its link, and the TCP payload its
                 # ranks sent (pycomm's counters); per rank: #wrong.
-                v = torch.zeros(3 * hosts + 1, dtype=torch.float64)
+                v = torch.zeros(4 * hosts + 1, dtype=torch.float64)
+                if compressed:  # the codec payload this rank must send across hosts (pycomm's plan)
+                    v[3 * hosts + host] = comp.wire_bytes_on(count)["cross_host"]
                 if c0 is not None:
                     v[2 * host] = (c1["tx"] - c0["tx"]) / args.iters
                     v[2 * host + 1] = (c1["rx"] - c0["rx"]) / args.iters
@@ -141,8 +170,12 @@ def run_topology(args, rank: int, world: int) -> int:
                     after = pycomm.stats(g)
                     algos = {k[len("algo_all_reduce_"):]: after[k] - before_stats.get(k, 0)
                              for k in after if k.startswith("algo_all_reduce_") and after[k] != before_stats.get(k, 0)}
+                if compressed:
+                    algos = {"hier_compressed": 1}
+                lim_bytes = [float(v[3 * hosts + h]) for h in range(hosts)] if compressed else None
                 rows.append({"size": size, "variant": label, "time_s": float(tmax[0]), "algos": algos,
                              "cpu_s": float(tmax[1]),  # user + system CPU of the busiest rank process
+                             "rel_err": err, "limit_per_host": lim_bytes,
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
                              "payload_per_host": [float(v[2 * hosts + h]) for h in range(hosts)] if backend == "pycomm"
@@ -175,17 +208,31 @@ def _wire_s(nbytes: float):
     return nbytes * 8 / rate if rate else None
 
 
+def _row_limit(row, hosts: int) -> float:
+    """Bytes the busiest host link must carry for this row's variant: 2(H-1)/H * S, or for
+    the compressed variant the codec payload the host's ranks send (pycomm's plan)."""
+    if row.get("limit_per_host"):
+        return max(row["limit_per_host"])
+    return _limit(row["size"], hosts)
+
+
 def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS) -> None:
     if row["variant"] == variants[0][0]:
-        print(f"# {'size':>10} {'variant':>12} {'time ms':>9} {'algbw GB/s':>10} {'tx/host MB (max)':>16} "
-              f"{'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} {'vs pycomm':>9} {'#wrong':>6} algorithm")
+        print(f"# {'size':>10} {'variant':>15} {'time ms':>9} {'wire ms':>8} {'algbw GB/s':>10} "
+              f"{'tx/host MB (max)':>16} {'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} {'vs pycomm':>9} "
+              f"{'#wrong':>6} algorithm", flush=True)
     base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == variants[0][0])
-    lim = _limit(row["size"], hosts)
+    lim = _row_limit(row, hosts)
     tx = max(row["tx_per_host"])
     payload = f"{max(row['payload_per_host']) / lim:.3f}" if row["payload_per_host"] and lim else "-"
-    print(f"  {row['size']:>10} {row['variant']:>12} {row['time_s'] * 1e3:9.1f} {row['size'] / row['time_s'] / 1e9:10.3f} "
+    wire = _wire_s(lim)
+    wire_ms = f"{wire * 1e3:8.1f}" if wire else f"{'-':>8}"
+    extra = f" rel_err={row['rel_err']:.3g}" if row.get("rel_err") is not None else ""
+    print(f"  {row['size']:>10} {row['variant']:>15} {row['time_s'] * 1e3:9.1f} {wire_ms} "
+          f"{row['size'] / row['time_s'] / 1e9:10.3f} "
           f"{tx / 1e6:16.2f} {lim / 1e6:9.2f} {tx / lim if lim else float('nan'):8.3f} {payload:>13} "
-          f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}", flush=True)
+          f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}{extra}",
+          flush=True)
 
 
 def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> None:
@@ -199,7 +246,10 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> N
             "command": os.environ.get("PYCOMM_BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv)}
     if os.environ.get("PYCOMM_BENCH_NETEM"):
         meta["netem"] = json.loads(os.environ["PYCOMM_BENCH_NETEM"])
-    print(f"# {hosts} hosts x {per_host} ranks, link {args.link}; tx/host = bytes each host's link sent per "
+    if args.compression:
+        meta["compression"] = f"{args.compression} scope=cross_host"
+    print(f"# {hosts} hosts x {per_host} ranks, link {args.link}; wire ms = limit at the link rate; "
+          f"tx/host = bytes each host's link sent per "
           f"all_reduce (interface counters: Ethernet/IP/TCP headers and ACKs included); payload = TCP payload "
           f"pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); limit = 2(H-1)/H * S", flush=True)
     for size in sorted({r["size"] for r in rows}):
@@ -226,6 +276,15 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> N
             wire_txt = f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts))}B per host link at {args.link})" \
                 if wire else ""
             print(f"# {human(size)}B: pycomm {t * 1e3:.1f} ms; speed-up {others}{wire_txt}", flush=True)
+        for label in by:
+            if label.startswith("pycomm-") and label.endswith(str(args.compression)) and args.compression:
+                tc = by[label]["time_s"]
+                r0 = next(r for r in rows if r["size"] == size and r["variant"] == label)
+                wire = _wire_s(_row_limit(r0, hosts))
+                print(f"# {human(size)}B: {label} (cross-host only) {tc * 1e3:.1f} ms; vs gloo "
+                      f"{by['gloo']['time_s'] / tc:.2f}x, vs pycomm {t / tc:.2f}x"
+                      + (f"; wire-time limit {wire * 1e3:.1f} ms" if wire else "")
+                      + f"; relative error of one call {r0['rel_err']:.3g}", flush=True)
     print(f"# {json.dumps(meta)}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -16,15 +16,25 @@ from pycomm.compression.engine import (_ALIGN, Compressor, _chunk, _flat_float, 
                                        _out_buffer, _owned, _write_back, ring_all_reduce_bytes)
 
 
+def _scope_repr(comp: Compressor) -> str:
+    return "" if comp.scope == "auto" else f", scope={comp.scope!r}"
+
+
 class _HalfBase(Compressor):
     _bf16 = False
 
-    def __init__(self, error_feedback: bool = False) -> None:
-        super().__init__()
+    def __init__(self, error_feedback: bool = False, scope: str = "auto") -> None:
+        super().__init__(scope)
         self.error_feedback = error_feedback
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(error_feedback={self.error_feedback})"
+        return f"{type(self).__name__}(error_feedback={self.error_feedback}{_scope_repr(self)})"
+
+    def _codec_name(self):
+        return ("bf16" if self._bf16 else "fp16", 0)
+
+    def _codec(self, state, rank):
+        return dict(codec=self._codec_name()[0], bits=0, error_feedback=self.error_feedback)
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         if world_size <= 1 or numel == 0:
@@ -65,6 +75,8 @@ class FP16(_HalfBase):
     Args:
         error_feedback: keep the rounding errors (worker and server side) and add them
             back next step.
+        scope: where to compress on a group spanning several hosts: "auto" (default),
+            "cross_host" or "all" (see :meth:`Compressor.route`).
     """
 
     _bf16 = False
@@ -76,6 +88,8 @@ class BF16(_HalfBase):
     Args:
         error_feedback: keep the rounding errors (worker and server side) and add them
             back next step.
+        scope: where to compress on a group spanning several hosts: "auto" (default),
+            "cross_host" or "all" (see :meth:`Compressor.route`).
     """
 
     _bf16 = True
@@ -83,10 +97,25 @@ class BF16(_HalfBase):
 
 class OneBit(Compressor):
     """Sign compression with a mean-|x| scale per chunk and error feedback on both sides,
-    as in 1-bit Adam: worker error before sending, server error after the reduce step."""
+    as in 1-bit Adam: worker error before sending, server error after the reduce step.
+
+    Args:
+        scope: where to compress on a group spanning several hosts: "auto" (default:
+            the cross-host hop only where the group has several hosts with several ranks
+            on some), "cross_host" or "all" (see :meth:`Compressor.route`).
+    """
+
+    def __init__(self, scope: str = "auto") -> None:
+        super().__init__(scope)
 
     def __repr__(self) -> str:
-        return "OneBit()"
+        return f"OneBit({_scope_repr(self)[2:]})"
+
+    def _codec_name(self):
+        return ("onebit", 0)
+
+    def _codec(self, state, rank):
+        return dict(codec="onebit", bits=0, error_feedback=True)
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         if world_size <= 1 or numel == 0:
@@ -122,10 +151,12 @@ class QSGD(Compressor):
         error_feedback: keep the quantisation errors (worker and server) for next step;
             without it the compressor is unbiased.
         seed: base seed of the rounding stream.
+        scope: where to compress on a group spanning several hosts: "auto" (default),
+            "cross_host" or "all" (see :meth:`Compressor.route`).
     """
 
-    def __init__(self, bits: int = 8, error_feedback: bool = False, seed: int = 0) -> None:
-        super().__init__()
+    def __init__(self, bits: int = 8, error_feedback: bool = False, seed: int = 0, scope: str = "auto") -> None:
+        super().__init__(scope)
         if bits not in (8, 4):
             raise ValueError(f"QSGD bits must be 8 or 4, got {bits}")
         self.bits = bits
@@ -133,7 +164,16 @@ class QSGD(Compressor):
         self.seed = seed
 
     def __repr__(self) -> str:
-        return f"QSGD(bits={self.bits}, error_feedback={self.error_feedback})"
+        return f"QSGD(bits={self.bits}, error_feedback={self.error_feedback}{_scope_repr(self)})"
+
+    def _codec_name(self):
+        return ("qsgd", self.bits)
+
+    def _codec(self, state, rank):
+        step = int(state.get("step", 0))
+        state["step"] = step + 1
+        return dict(codec="qsgd", bits=self.bits, error_feedback=self.error_feedback,
+                    worker_seed=_mix_seed(self.seed, step, rank, 0), server_seed=_mix_seed(self.seed, step, rank, 1))
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         if world_size <= 1 or numel == 0:

@@ -172,6 +172,30 @@ def _run_native(backend: Any, tensor: torch.Tensor, args: Dict[str, Any], diviso
     return work.get_future().then(done)
 
 
+#: Where a compressor compresses (its ``scope``): "auto", "cross_host" or "all".
+SCOPES = ("auto", "cross_host", "all")
+
+
+def _run_native_hier(backend: Any, tensor: torch.Tensor, args: Dict[str, Any], divisor: int,
+                     async_op: bool) -> Union[torch.Tensor, torch.futures.Future]:
+    """The cross-host-only compressed all-reduce (algorithms/hier_compressed.cc)."""
+    flat = _flat_float(tensor)
+    work = backend.hier_compressed_all_reduce(flat, args["codec"], args["bits"], args["error_feedback"], divisor,
+                                              args["worker"], args["server"], args.get("worker_seed", 0),
+                                              args.get("server_seed", 0), async_op)
+    if not async_op:
+        work.wait()
+        _write_back(tensor, flat)
+        return tensor
+
+    def done(f: torch.futures.Future) -> torch.Tensor:
+        f.value()
+        _write_back(tensor, flat)
+        return tensor
+
+    return work.get_future().then(done)
+
+
 # --------------------------------------------------------------------------- async scheduling
 
 
@@ -323,7 +347,15 @@ class Compressor:
     needs and writes the result into the tensor), :meth:`_stages` and :meth:`wire_bytes`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, scope: str = "auto") -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"compression scope must be one of {SCOPES}, got {scope!r}")
+        #: Where to compress on a pycomm group whose ranks span several hosts (see
+        #: :meth:`route`): "cross_host" compresses only the hop between hosts (exact
+        #: float32 inside each host), "all" every hop, "auto" (default) cross-host only
+        #: where the group spans several hosts with several ranks on some and the
+        #: compressor has a native codec, else "all".
+        self.scope = scope
         self._states: Dict[Hashable, Dict[str, Any]] = {}
         # Per key: the (shape, offset) of every parameter in the flat tensor (set_layout).
         self._layouts: Dict[Hashable, List[Tuple[Tuple[int, ...], int]]] = {}
@@ -359,6 +391,19 @@ class Compressor:
         if key is None:
             key = "shape=" + "x".join(str(d) for d in tensor.shape)
         backend = _native_backend(group, tensor)
+        route, plan = self._route(backend, tensor, group, tensor.numel())
+        if route == "exact":  # cross-host only on a one-host group: nothing to compress
+            return _run_native(backend, tensor, _NONE._native(tensor, {}, world_size, rank, divisor), divisor,
+                               async_op)
+        if route == "cross_host":
+            state = self._state(key)
+            args = self._codec(state, rank)
+            if args["error_feedback"]:
+                args["worker"] = self._buffer(state, "worker", plan["worker"], tensor)
+                args["server"] = self._buffer(state, "server", plan["server"], tensor)
+            else:
+                args["worker"] = args["server"] = None
+            return _run_native_hier(backend, tensor, args, divisor, async_op)
         if backend is not None:
             args = self._native(tensor, self._state(key), world_size, rank, divisor)
             if args is not None:
@@ -374,6 +419,70 @@ class Compressor:
         except StopIteration:
             pass
         return tensor
+
+    def route(self, group: Optional[dist.ProcessGroup] = None, numel: int = 1 << 20,
+              tensor: Optional[torch.Tensor] = None) -> str:
+        """How an all_reduce of ``numel`` elements (of ``tensor``'s kind, default: a CPU
+        float32 tensor) on ``group`` runs with this compressor's :attr:`scope`:
+
+        * ``"cross_host"``: exact float32 reduce-scatter inside each host over shared
+          memory, the compressed all-reduce of this rank's shard across hosts (error
+          feedback on it), exact all-gather inside the host;
+        * ``"exact"``: ``scope="cross_host"`` on a group that is all on one host: no hop
+          crosses a host, nothing is compressed (a deterministic float32 all-reduce, no
+          error-feedback state);
+        * ``"all"``: every hop compressed (the flat exchange).
+
+        ``scope="cross_host"`` needs the native path (a pycomm group, a CPU tensor, a
+        compressor with a codec: FP16, BF16, OneBit, QSGD) and raises ValueError otherwise.
+        """
+        probe = tensor if tensor is not None else torch.empty(0)
+        return self._route(_native_backend(group, probe), probe, group, numel)[0]
+
+    def wire_bytes_on(self, numel: int, group: Optional[dist.ProcessGroup] = None) -> Dict[str, int]:
+        """Payload bytes this rank sends for one all_reduce of ``numel`` float32 CPU
+        elements on ``group``, per kind of hop, as :meth:`route` runs it: ``{"cross_host":
+        ..., "in_host": ...}`` for the cross-host route (``in_host``: the float32
+        reduce-scatter + all-gather over shared memory, ``None`` as it depends on the
+        in-host algorithm), ``{"all": wire_bytes(...)}`` for the others."""
+        world_size = dist.get_world_size(group)
+        backend = _native_backend(group, torch.empty(0))
+        route, plan = self._route(backend, torch.empty(0), group, numel)
+        if route == "cross_host":
+            return {"cross_host": int(plan["cross_bytes"]), "in_host": None}
+        if route == "exact":
+            return {"all": ring_all_reduce_bytes(numel, world_size)}
+        return {"all": self.wire_bytes(numel, world_size)}
+
+    def _route(self, backend: Any, tensor: torch.Tensor, group: Optional[dist.ProcessGroup],
+               numel: int) -> Tuple[str, Optional[Dict[str, int]]]:
+        scope = getattr(self, "scope", "auto")
+        if scope == "all":
+            return "all", None
+        codec = self._codec_name()
+        if backend is None or codec is None:
+            if scope == "cross_host":
+                why = ("it has no native codec (FP16, BF16, OneBit, QSGD have one)" if codec is None else
+                       "that needs a pycomm group, a CPU tensor and pycomm.compression.NATIVE")
+                rank = dist.get_rank(group) if dist.is_initialized() else 0
+                raise ValueError(f"pycomm rank {rank}: {type(self).__name__}(scope='cross_host') cannot compress the "
+                                 f"cross-host hop only: {why}")
+            return "all", None
+        plan = backend.hier_compressed_plan(numel, codec[0], codec[1])
+        if plan["hierarchical"]:
+            return "cross_host", plan
+        if scope == "cross_host" and plan["hosts"] == 1:
+            return "exact", None
+        return "all", None  # several hosts with one rank each: every hop crosses a host
+
+    def _codec_name(self) -> Optional[Tuple[str, int]]:
+        """(codec, bits) of the C++ exchange, or None when this compressor has none."""
+        return None
+
+    def _codec(self, state: Dict[str, Any], rank: int) -> Dict[str, Any]:
+        """The codec arguments of one native call (codec, bits, error_feedback, seeds),
+        advancing any per-call state (QSGD's step) as :meth:`_native` does."""
+        raise NotImplementedError
 
     def set_layout(self, key: Hashable, params: Any) -> None:
         """Which parameters make up ``key``'s flat tensor: ``(param or shape, offset)`` pairs
@@ -459,6 +568,12 @@ class _Uncompressed(Compressor):
 
     def wire_bytes(self, numel: int, world_size: int) -> int:
         return ring_all_reduce_bytes(numel, world_size)
+
+    def _codec_name(self):
+        return ("none", 0)
+
+    def _codec(self, state, rank):
+        return dict(codec="none", bits=0, error_feedback=False)
 
     def _native(self, tensor, state, world_size, rank, divisor):
         return dict(codec="none", bits=0, error_feedback=False, chunk=_chunk(tensor.numel(), world_size, _ALIGN),

@@ -519,6 +519,33 @@ def test_bench_ranks_per_host_compares_hierarchical_flat_and_gloo(tmp_path):
     assert max(rows["pycomm"]["tx_per_host"]) < 1.1 * limit < 1.1 * max(rows["pycomm-flat"]["tx_per_host"]), rows
 
 
+@pytest.mark.skipif(bool(_NETNS_WHY), reason=_NETNS_WHY or "ok")
+@needs_pycomm
+def test_bench_ranks_per_host_cross_host_onebit(tmp_path):
+    """--compression onebit adds the cross-host-only variant: its host links carry the
+    codec payload pycomm planned (about 1/32 of the hierarchical limit), and its result
+    is finite with a bounded error."""
+    jp = tmp_path / "t.json"
+    p = run_bench("all_reduce", "--hosts", "2", "--ranks-per-host", "2", "--link", "1gbit", "-b", "4M", "-e", "4M",
+                  "-n", "2", "-w", "1", "--compression", "onebit", "--json", str(jp), timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {r["variant"]: r for r in json.loads(jp.read_text())["rows"]}
+    assert set(rows) == {"pycomm", "pycomm-onebit", "pycomm-flat", "gloo"}, rows
+    r = rows["pycomm-onebit"]
+    assert r["wrong"] == 0 and 0 < r["rel_err"] < 1.0, r
+    size = r["size"]
+    for pay, lim in zip(r["payload_per_host"], r["limit_per_host"]):
+        assert lim <= pay < 1.02 * lim + 4096, r
+        assert lim < size / 25, r  # ~1/32 of the 2(H-1)/H * S = S uncompressed limit
+    assert max(r["tx_per_host"]) < 0.1 * size, r
+    assert "pycomm-onebit (cross-host only)" in p.stdout
+
+
+def test_bench_ranks_per_host_rejects_codecs_without_cross_host_path():
+    p = run_bench("all_reduce", "--hosts", "2", "--ranks-per-host", "2", "--compression", "topk", timeout=60)
+    assert p.returncode == 2 and "onebit, fp16, bf16 or qsgd" in p.stderr, p.stdout + p.stderr
+
+
 # ---- benchmarks/bench_data_parallel.py flags (no ranks started) -------------------------
 
 
