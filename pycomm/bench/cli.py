@@ -85,9 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = ap.add_argument_group("emulated cluster (pycomm.bench.netem; needs root)")
     c.add_argument("--hosts", type=int, default=None, help="network namespaces to spread the ranks over")
     c.add_argument("--ranks-per-host", type=int, default=None,
-                   help="ranks on each host (sets --ranks to H*L) and measure all_reduce three ways: pycomm as it "
+                   help="ranks on each host (sets --ranks to H*L) and measure all_reduce, broadcast or reduce three ways: pycomm as it "
                         "chooses (hierarchical), pycomm flat (ring) and Gloo, with each host link's bytes")
     c.add_argument("--link", default="1gbit", help="per-host link rate (tc syntax)")
+    c.add_argument("--flat-algo", choices=("ring", "rd"), default="ring",
+                   help="--ranks-per-host: PYCOMM_ALGO of the 'pycomm-flat' variant (ring: bandwidth, "
+                        "rd: recursive doubling over every rank, the flat latency algorithm)")
     c.add_argument("--latency", default="100us", help="one-way delay per host link")
     return ap
 
@@ -118,8 +121,8 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.ranks_per_host is not None:
         if not args.hosts or args.ranks_per_host < 1:
             ap.error("--ranks-per-host needs --hosts and must be >= 1")
-        if args.collective != "all_reduce" or args.compression:
-            ap.error("--ranks-per-host measures all_reduce without compression")
+        if args.collective not in ("all_reduce", "broadcast", "reduce") or args.compression:
+            ap.error("--ranks-per-host measures all_reduce, broadcast or reduce, without compression")
         if args.ranks is not None and args.ranks != args.hosts * args.ranks_per_host:
             ap.error(f"--ranks {args.ranks} contradicts --hosts {args.hosts} x --ranks-per-host {args.ranks_per_host}")
         args.ranks = args.hosts * args.ranks_per_host

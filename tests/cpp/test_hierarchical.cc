@@ -197,7 +197,99 @@ TEST_P(Layouts, AutoPicksHierarchicalForLargeCallsOnly) {
     }
     const auto s = c.stats();
     EXPECT_EQ(s.at("algo_all_reduce_hier"), 1u);
-    EXPECT_EQ(s.at("algo_all_reduce_rd"), 1u);
+    EXPECT_EQ(s.at("algo_all_reduce_hier_rd"), 1u);
+    EXPECT_EQ(s.at("algo_all_reduce_rd"), 0u);
+  });
+}
+
+// Broadcast and reduce from every root, pipelined (small chunks) and whole, and the
+// small-message all-reduce (recursive doubling among host leaders), against float64
+// references; the counters show the hierarchical algorithms ran.
+TEST_P(Layouts, HierarchicalBroadcastReduceAndSmallAllReduce) {
+  const Topology topo{GetParam()};
+  const int n = static_cast<int>(topo.hostOf.size());
+  MemStore store;
+  const std::vector<size_t> counts = {0, 1, 3, 13, 1009, 40009};
+  runRanks(n, [&](int r) {
+    RankTransport rt = makeMixed(store, topo, r);
+    Collectives piped(*rt.t, config("auto"), topo, rt.local);
+    Collectives whole(*rt.t, config("hier", size_t{1} << 30), topo, rt.local);
+    uint64_t seq = 0;
+    auto dl = [] { return Deadline::after(kTimeout); };
+    size_t rooted = 0;
+    for (size_t count : counts) for (Collectives* cp : {&piped, &whole}) {
+      Collectives& c = *cp;
+      for (int root = 0; root < n; ++root) {
+        std::vector<uint8_t> b = r == root ? testing::filled(root, count * 3) : std::vector<uint8_t>(count * 3, 0);
+        OpDesc bd = testing::makeDesc(CollType::kBroadcast, ++seq, count * 3);
+        bd.root = root;
+        c.broadcast(b.data(), count * 3, root, bd, dl());
+        ASSERT_TRUE(testing::matches(b, root)) << "rank " << r << " root " << root << " bytes " << count * 3;
+        for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax}) {
+          std::vector<double> y(count);
+          for (size_t i = 0; i < count; ++i) y[i] = value(r, i) / 3.0;
+          OpDesc rd = testing::makeDesc(CollType::kReduce, ++seq, count, DType::kFloat64);
+          rd.root = root;
+          rd.op = op;
+          c.reduce(y.data(), count, DType::kFloat64, op, root, rd, dl());
+          for (size_t i = 0; i < count; ++i) {
+            double ref = op == ReduceOp::kMax ? -1e300 : 0.0;
+            for (int p = 0; p < n; ++p) ref = op == ReduceOp::kMax ? std::max(ref, value(p, i) / 3.0) : ref + value(p, i) / 3.0;
+            if (op == ReduceOp::kAvg) ref /= n;
+            ASSERT_NEAR(y[i], r == root ? ref : value(r, i) / 3.0, 1e-12 * (1 + std::fabs(ref)))
+                << "rank " << r << " root " << root << " count " << count << " op " << reduceOpName(op);
+          }
+        }
+        ++rooted;
+      }
+      if (count * 4 > 64 * 1024) continue;
+      // Small all-reduce (auto: below the small-message threshold).
+      for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin}) {
+        std::vector<float> x(count);
+        for (size_t i = 0; i < count; ++i) x[i] = static_cast<float>(value(r, i));
+        OpDesc d = testing::makeDesc(CollType::kAllReduce, ++seq, count, DType::kFloat32);
+        d.op = op;
+        c.allReduce(x.data(), count, DType::kFloat32, op, d, dl());
+        for (size_t i = 0; i < count; ++i) {
+          double ref = op == ReduceOp::kMin ? 1e300 : 0.0;
+          for (int p = 0; p < n; ++p) ref = op == ReduceOp::kMin ? std::min(ref, value(p, i)) : ref + value(p, i);
+          if (op == ReduceOp::kAvg) ref /= n;
+          ASSERT_NEAR(x[i], ref, 1e-5 * (1 + std::fabs(ref))) << "rank " << r << " count " << count;
+        }
+      }
+    }
+    const auto a = piped.stats();
+    const auto w = whole.stats();
+    EXPECT_EQ(a.at("algo_broadcast_hier") + w.at("algo_broadcast_hier"), rooted);
+    EXPECT_EQ(a.at("algo_reduce_hier") + w.at("algo_reduce_hier"), rooted * 3);
+    EXPECT_EQ(a.at("algo_broadcast_chain") + a.at("algo_reduce_chain") + a.at("algo_reduce_all_reduce"), 0u);
+    EXPECT_EQ(a.at("algo_all_reduce_hier_rd"), (counts.size() - 1) * 3);  // auto: small calls
+    EXPECT_EQ(a.at("algo_all_reduce_rd"), 0u);
+    EXPECT_EQ(w.at("algo_all_reduce_hier"), (counts.size() - 1) * 3);  // PYCOMM_ALGO=hier: the bandwidth scheme
+  });
+}
+
+// PYCOMM_ALGO=hier_rd forces the leaders' recursive doubling at any size.
+TEST_P(Layouts, ForcedHierRd) {
+  const Topology topo{GetParam()};
+  const int n = static_cast<int>(topo.hostOf.size());
+  MemStore store;
+  runRanks(n, [&](int r) {
+    RankTransport rt = makeMixed(store, topo, r);
+    Collectives c(*rt.t, config("hier_rd"), topo, rt.local);
+    uint64_t seq = 0;
+    for (size_t count : {size_t{2}, size_t{40009}}) {
+      std::vector<double> x(count);
+      for (size_t i = 0; i < count; ++i) x[i] = value(r, i);
+      c.allReduce(x.data(), count, DType::kFloat64, ReduceOp::kSum,
+                  testing::makeDesc(CollType::kAllReduce, ++seq, count, DType::kFloat64), Deadline::after(kTimeout));
+      for (size_t i = 0; i < count; ++i) {
+        double ref = 0;
+        for (int p = 0; p < n; ++p) ref += value(p, i);
+        ASSERT_NEAR(x[i], ref, 1e-9);
+      }
+    }
+    EXPECT_EQ(c.stats().at("algo_all_reduce_hier_rd"), 2u);
   });
 }
 

@@ -16,6 +16,8 @@ def _join(rank: int, ws: int, store, layout: List[int], pg_timeout: float = 60.0
     import torch.distributed as dist
 
     os.environ["PYCOMM_HOST_KEY"] = f"host{layout[rank]}"
+    # Chunks small enough that the largest test calls pipeline their hierarchical steps.
+    os.environ["PYCOMM_HIER_CHUNK_BYTES"] = "65536"
     dist.init_process_group("pycomm", store=store, rank=rank, world_size=ws,
                             timeout=datetime.timedelta(seconds=pg_timeout))
 
@@ -52,17 +54,21 @@ def every_collective(rank: int, ws: int, store, layout: List[int]) -> dict:
         gathered = torch.empty(n * ws, dtype=torch.float64)
         dist.all_gather_into_tensor(gathered, _inputs(rank, n))
         torch.testing.assert_close(gathered, torch.cat([_inputs(r, n) for r in range(ws)]))
-        for root in sorted({0, ws - 1}):  # a root on the first host and one on the last
+        for root in range(ws):  # every root: a host's first rank or not, every host
             b = _inputs(rank, n)
             dist.broadcast(b, src=root)
-            torch.testing.assert_close(b, _inputs(root, n))
+            torch.testing.assert_close(b, _inputs(root, n), rtol=0, atol=0)
             r_ = _inputs(rank, n)
             dist.reduce(r_, dst=root)
-            torch.testing.assert_close(r_, ref if rank == root else _inputs(rank, n))
+            torch.testing.assert_close(r_, ref if rank == root else _inputs(rank, n), rtol=1e-12, atol=1e-12)
+            m = _inputs(rank, n).float()
+            dist.reduce(m, dst=root, op=dist.ReduceOp.MAX)
+            mref = torch.stack([_inputs(r, n) for r in range(ws)]).amax(0)
+            torch.testing.assert_close(m.double(), mref if rank == root else _inputs(rank, n))
         dist.barrier()
     after = pycomm.stats()
     out["algos"] = {k: after[k] - before.get(k, 0) for k in after
-                    if k.startswith("algo_all_reduce_") and after[k] != before.get(k, 0)}
+                    if k.startswith("algo_") and after[k] != before.get(k, 0)}
     # Receive from any source: rank 0 takes every other rank's message, over shm or TCP.
     if rank == 0:
         seen = {}
