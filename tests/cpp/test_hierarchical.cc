@@ -389,6 +389,45 @@ TEST_P(Layouts, AbortOnOneHostFailsEveryRankFast) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
 }
 
+// A rank on the last host dies before a hierarchical broadcast / reduce (pipelined) or a
+// small all-reduce: every other rank fails within the timeout, none hangs.
+TEST_P(Layouts, DeadRankFailsRootedAndSmallCollectivesFast) {
+  const Topology topo{GetParam()};
+  const int n = static_cast<int>(topo.hostOf.size());
+  const int victim = n - 1;
+  for (int kind = 0; kind < 3; ++kind) {
+    MemStore store;
+    const auto start = std::chrono::steady_clock::now();
+    runRanks(n, [&](int r) {
+      RankTransport rt = makeMixed(store, topo, r, milliseconds(60000));
+      Collectives c(*rt.t, config("auto"), topo, rt.local);
+      std::vector<float> x(kind == 2 ? 3 : 50000, 1.0f);
+      if (r == victim) {
+        rt.t->abort("pycomm test: rank " + std::to_string(r) + " died");
+        return;
+      }
+      const Deadline dl = Deadline::after(milliseconds(60000));
+      try {
+        if (kind == 0) {
+          OpDesc d = testing::makeDesc(CollType::kBroadcast, 1, x.size() * 4);
+          c.broadcast(x.data(), x.size() * 4, 0, d, dl);
+        } else if (kind == 1) {
+          OpDesc d = testing::makeDesc(CollType::kReduce, 1, x.size(), DType::kFloat32);
+          c.reduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum, 0, d, dl);
+        } else {
+          OpDesc d = testing::makeDesc(CollType::kAllReduce, 1, x.size(), DType::kFloat32);
+          c.allReduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum, d, dl);
+        }
+        // A rank whose part never touches the victim (a broadcast leaf on another host)
+        // may finish; it must not hang either.
+      } catch (const Error& e) {
+        rt.t->abort(e.what());
+      }
+    });
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20)) << "kind " << kind;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Hier, Layouts,
                          ::testing::Values(std::vector<int>{0, 0, 1, 1}, std::vector<int>{0, 0, 1, 2},
                                            std::vector<int>{0, 0, 0, 1, 1}, std::vector<int>{0, 1, 1},
