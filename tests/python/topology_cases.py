@@ -97,3 +97,38 @@ def every_collective(rank: int, ws: int, store, layout: List[int]) -> dict:
 def kill_on_other_host(rank: int, ws: int, store, layout: List[int], victim: int, stamp: str) -> dict:
     _join(rank, ws, store, layout)
     return rc.kill_mid_allreduce(rank, ws, victim, 16 << 20, stamp)
+
+
+def forced_algorithms(rank: int, ws: int, store, layout: List[int], algos: List[str]) -> dict:
+    """For each PYCOMM_ALGO in `algos`, a group built with it runs all_reduce, broadcast
+    and reduce (checked against float64 references); returns the algorithm counters each
+    group's calls moved."""
+    import torch
+    import torch.distributed as dist
+
+    import pycomm
+
+    _join(rank, ws, store, layout)
+    out = {}
+    for algo in algos:
+        os.environ["PYCOMM_ALGO"] = algo
+        g = dist.new_group(list(range(ws)))
+        dist.all_reduce(torch.ones(1), group=g)  # the backend reads PYCOMM_ALGO when it is built
+        os.environ.pop("PYCOMM_ALGO")
+        before = pycomm.stats(g)
+        for n in (7, 1021, 65537):
+            ref = sum(_inputs(r, n) for r in range(ws))
+            x = _inputs(rank, n)
+            dist.all_reduce(x, group=g)
+            torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12)
+            b = _inputs(rank, n)
+            dist.broadcast(b, src=ws - 1, group=g)
+            torch.testing.assert_close(b, _inputs(ws - 1, n), rtol=0, atol=0)
+            r_ = _inputs(rank, n)
+            dist.reduce(r_, dst=1, group=g)
+            torch.testing.assert_close(r_, ref if rank == 1 else _inputs(rank, n), rtol=1e-12, atol=1e-12)
+        after = pycomm.stats(g)
+        out[algo] = {k: after[k] - before.get(k, 0) for k in after
+                     if k.startswith("algo_") and after[k] != before.get(k, 0)}
+    dist.destroy_process_group()
+    return out
