@@ -94,9 +94,10 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
       done ;;
     # docs/USER_GUIDE.md (topology): 8-byte all_reduce latency (p50/p99 of 300 calls),
     # pycomm (recursive doubling among host leaders) vs flat recursive doubling vs Gloo;
-    # 2 hosts x 2 ranks and the 4 x 1 control (no host holds two ranks: flat there too).
+    # 2 hosts x 2 ranks, the 4 x 1 control (no host holds two ranks: flat there too) and
+    # 2 x 3 (6 ranks: flat recursive doubling folds two ranks in across the host link).
     topology_latency)
-      for lay in "2 2" "4 1"; do
+      for lay in "2 2" "4 1" "2 3"; do
         set -- $lay
         run "topology_${1}x${2}_latency" "$PY" -m pycomm.bench all_reduce --hosts "$1" --ranks-per-host "$2" \
           --link 10gbit --flat-algo rd --threads 1 -b 8 -e 8 -n 300 -w 30 \
