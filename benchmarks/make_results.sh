@@ -26,8 +26,8 @@ want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
-            demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2 tcp_streams topology_onebit \
-            dp_step_2x2_onebit conformance; do
+            demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
+            topology_bcast_reduce dp_step_2x2 tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -84,6 +84,31 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
         run "topology_${1}x${2}_1gbit" "$PY" -m pycomm.bench all_reduce --hosts "$1" --ranks-per-host "$2" --link 1gbit \
           --thp 1 --threads 1 -b 16M -e 64M -f 4 -n 5 -w 1 --json "$OUT/topology_${1}x${2}_1gbit.json" --no-progress
       done ;;
+    # docs/USER_GUIDE.md (topology): the same at 10 Gbit/s (where the 2-core VM's CPU, not the
+    # link, may be the limit).
+    topology_10gbit)
+      for lay in "2 2" "4 1"; do
+        set -- $lay
+        run "topology_${1}x${2}_10gbit" "$PY" -m pycomm.bench all_reduce --hosts "$1" --ranks-per-host "$2" --link 10gbit \
+          --thp 1 --threads 1 -b 16M -e 64M -f 2 -n 5 -w 1 --json "$OUT/topology_${1}x${2}_10gbit.json" --no-progress
+      done ;;
+    # docs/USER_GUIDE.md (topology): 8-byte all_reduce latency (p50/p99 of 300 calls),
+    # pycomm (recursive doubling among host leaders) vs flat recursive doubling vs Gloo;
+    # 2 hosts x 2 ranks, the 4 x 1 control (no host holds two ranks: flat there too) and
+    # 2 x 3 (6 ranks: flat recursive doubling folds two ranks in across the host link).
+    topology_latency)
+      for lay in "2 2" "4 1" "2 3"; do
+        set -- $lay
+        run "topology_${1}x${2}_latency" "$PY" -m pycomm.bench all_reduce --hosts "$1" --ranks-per-host "$2" \
+          --link 10gbit --flat-algo rd --threads 1 -b 8 -e 8 -n 300 -w 30 \
+          --json "$OUT/topology_${1}x${2}_latency.json" --no-progress
+      done ;;
+    # docs/USER_GUIDE.md (topology): broadcast and reduce (root 0), 2 hosts x 2 ranks at
+    # 1 Gbit/s, hierarchical vs the flat chain vs Gloo; one raw file, a json per collective.
+    topology_bcast_reduce)
+      f=topology_2x2_1gbit_bcast_reduce
+      run "$f" bash -c "for c in broadcast reduce; do \"$PY\" -m pycomm.bench \$c --hosts 2 --ranks-per-host 2 \
+        --link 1gbit --thp 1 --threads 1 -b 16M -e 64M -f 4 -n 5 -w 1 --json $OUT/${f}_\$c.json --no-progress; done" ;;
     # docs/USER_GUIDE.md (topology): DataParallel step, 2 hosts x 2 ranks at 1 Gbit/s,
     # hierarchical (dp) vs the flat ring (dp_flat) vs DDP on Gloo vs OneBit.
     dp_step_2x2) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 2 --ranks-per-host 2 --link 1gbit \

@@ -44,6 +44,11 @@ const char* algoKey(Algo a) {
     case Algo::kAllReduceHier: return "algo_all_reduce_hier";
     case Algo::kReduceScatterHier: return "algo_reduce_scatter_hier";
     case Algo::kAllGatherHier: return "algo_all_gather_hier";
+    // ---- hierarchical rooted collectives and small all-reduces (hierarchical_rooted.cc) ----
+    case Algo::kAllReduceHierRd: return "algo_all_reduce_hier_rd";
+    case Algo::kBroadcastHier: return "algo_broadcast_hier";
+    case Algo::kReduceHier: return "algo_reduce_hier";
+    // ---- end of hierarchical rooted block ----
     case Algo::kCount: break;
   }
   return "algo_unknown";
@@ -66,8 +71,8 @@ AlgoConfig AlgoConfig::fromEnv() {
   c.compressPieceBytes = static_cast<size_t>(std::max<int64_t>(
       4, envInt("PYCOMM_COMPRESS_PIECE_BYTES", static_cast<int64_t>(c.compressPieceBytes))));
   PYCOMM_CHECK_ARG(c.algo == "auto" || c.algo == "ring" || c.algo == "direct" || c.algo == "oneshot" ||
-                       c.algo == "rd" || c.algo == "hier",
-                   "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd, hier (got '", c.algo, "')");
+                       c.algo == "rd" || c.algo == "hier" || c.algo == "hier_rd",
+                   "PYCOMM_ALGO must be one of auto, ring, direct, oneshot, rd, hier, hier_rd (got '", c.algo, "')");
   return c;
 }
 
@@ -126,8 +131,14 @@ Algo Collectives::runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op
   }
   const size_t bytes = count * dtypeSize(dtype);
   const std::string& a = config_.algo;
-  // Hierarchical when the group spans hosts with several ranks on some (large calls;
-  // small ones are latency-bound and go to recursive doubling below).
+  // Hierarchical when the group spans hosts with several ranks on some: small calls are
+  // latency-bound and go to recursive doubling among the host leaders (log2 of the
+  // hosts rounds over the network instead of log2 of the ranks), large ones to the
+  // bandwidth scheme.
+  if (shards_ > 0 && (a == "hier_rd" || (a == "auto" && bytes <= config_.smallBytes))) {
+    hierSmallAllReduce(buf, count, dtype, op, desc, deadline);
+    return Algo::kAllReduceHierRd;
+  }
   if (shards_ > 0 && (a == "hier" || (a == "auto" && bytes > config_.smallBytes && count >= static_cast<size_t>(size_)))) {
     hierAllReduce(buf, count, dtype, op, desc, deadline);
     return Algo::kAllReduceHier;
@@ -409,6 +420,11 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
   PYCOMM_CHECK_ARG(root >= 0 && root < n, "broadcast root ", root, " is out of range for group size ", n);
   if (n == 1) return;
   char* b = static_cast<char*>(buf);
+  if (hierRooted()) {
+    hierBroadcast(buf, bytes, root, desc, deadline);
+    ran(Algo::kBroadcastHier);
+    return;
+  }
   if (direct_ && config_.algo != "ring") {
     const uint64_t d = direct_->post(desc, buf, bytes, 0);
     if (rank_ != root) {
@@ -451,6 +467,11 @@ void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int 
   char* b = static_cast<char*>(buf);
   if (n == 1) {
     if (op == ReduceOp::kAvg) finalizeAvg(b, count, dtype, 1);
+    return;
+  }
+  if (hierRooted()) {
+    hierReduce(buf, count, dtype, op, root, desc, deadline);
+    ran(Algo::kReduceHier);
     return;
   }
   if (direct_ && config_.algo != "ring") {

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -26,8 +27,10 @@ struct AlgoConfig {
   size_t smallBytes = 64 * 1024;
   /// Ring segment size in bytes (pipelining granularity). PYCOMM_RING_SEGMENT_BYTES.
   size_t segmentBytes = 1 << 20;
-  /// "auto", "ring", "direct" (shm only), "oneshot" (shm), "rd" (recursive doubling)
-  /// or "hier" (hierarchical: groups whose ranks span several hosts). PYCOMM_ALGO.
+  /// "auto", "ring", "direct" (shm only), "oneshot" (shm), "rd" (recursive doubling),
+  /// "hier" (hierarchical: groups whose ranks span several hosts) or "hier_rd" (the
+  /// hierarchical small-message all-reduce: recursive doubling among host leaders).
+  /// PYCOMM_ALGO.
   std::string algo = "auto";
   /// Float32 bytes of each chunk piece a compressed all-reduce pipelines (rounded to
   /// whole 2048-element blocks). PYCOMM_COMPRESS_PIECE_BYTES.
@@ -60,6 +63,11 @@ enum class Algo : uint8_t {
   kAllReduceHier,       ///< hierarchical: in-host reduce-scatter, cross-host all-reduce per shard, in-host all-gather (hier)
   kReduceScatterHier,   ///< hierarchical: in-host reduce-scatter of permuted blocks, then across hosts
   kAllGatherHier,       ///< hierarchical: across hosts, then in-host all-gather, then unpermute
+  // ---- hierarchical rooted collectives and small all-reduces (hierarchical_rooted.cc) ----
+  kAllReduceHierRd,     ///< small, several hosts: in-host reduce to a leader, recursive doubling among leaders, in-host broadcast (hier_rd)
+  kBroadcastHier,       ///< root's data once to one rank per host (pipelined chain across hosts), then in-host
+  kReduceHier,          ///< in-host reduce to one rank per host, then across hosts to the root
+  // ---- end of hierarchical rooted block ----
   kCount
 };
 
@@ -200,6 +208,32 @@ class Collectives {
   std::vector<HierPart> hierCompressedParts(size_t count) const;
   // Sets up the in-host and cross-host sub-collectives (hierarchical.cc).
   void initHierarchy(Transport* local);
+  // ---- hierarchical rooted collectives and small all-reduces (hierarchical_rooted.cc) ----
+  // True if broadcast / reduce go hierarchical (several hosts, several ranks on some;
+  // PYCOMM_ALGO auto, hier or hier_rd).
+  bool hierRooted() const;
+  void hierSmallAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                          const Deadline& deadline);
+  void hierBroadcast(void* buf, size_t bytes, int root, const OpDesc& desc, const Deadline& deadline);
+  void hierReduce(void* buf, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
+                  const Deadline& deadline);
+  // The rank that carries a rooted collective across hosts on `host`: the root on its
+  // own host, the host's first rank elsewhere.
+  int rootedPathRank(int host, int root) const;
+  // Sub-collectives over rootedPathRank(h, root) of every host h (in host order), for
+  // the ranks on that path; created on first use.
+  Collectives& rootedCross(int root);
+  // Broadcast from `root` of a buffer that fits the shm inline record (one post, every
+  // rank reads every record: no cross-memory read); the flat broadcast otherwise. Run on
+  // the in-host sub-collectives.
+  void smallLocalBroadcast(void* buf, size_t bytes, int root, const OpDesc& desc, const Deadline& deadline);
+  // Runs `chunks` steps of a rooted collective: for every chunk c, `local(c)` on this
+  // thread and, if `cross` is set, `cross(c)` on crossThread_ (when the in-host steps
+  // have their own transport; one after the other otherwise). crossFirst: chunk c's
+  // cross-host step comes before its in-host step (broadcast), else after (reduce).
+  void hierPipeline(size_t chunks, bool crossFirst, bool waitCross, const std::function<void(size_t)>& local,
+                    const std::function<void(size_t)>& cross);
+  // ---- end of hierarchical rooted block ----
   char* scratch(size_t bytes);
 
   Transport& transport_;
@@ -229,6 +263,9 @@ class Collectives {
   std::vector<int> permBlocks_;                 // group rank of block j = l * hosts + h (rank l of host h)
   std::unique_ptr<WorkQueue> crossThread_;      // runs cross-host steps while in-host ones go on
   std::vector<char> hierScratch_;
+  // ---- hierarchical rooted block: rootedCross() views, by root ----
+  std::map<int, std::pair<std::unique_ptr<Transport>, std::unique_ptr<Collectives>>> rootedCross_;
+  std::vector<char> rootedScratch_;  // a non-root path rank's reduce partials
 };
 
 }  // namespace pycomm

@@ -85,13 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = ap.add_argument_group("emulated cluster (pycomm.bench.netem; needs root)")
     c.add_argument("--hosts", type=int, default=None, help="network namespaces to spread the ranks over")
     c.add_argument("--ranks-per-host", type=int, default=None,
-                   help="ranks on each host (sets --ranks to H*L) and measure all_reduce three ways: pycomm as it "
+                   help="ranks on each host (sets --ranks to H*L) and measure all_reduce, broadcast or reduce three ways: pycomm as it "
                         "chooses (hierarchical), pycomm flat (ring) and Gloo, with each host link's bytes")
     c.add_argument("--link", default="1gbit", help="per-host link rate (tc syntax)")
     c.add_argument("--tcp-streams-compare", action="store_true",
                    help="with --ranks-per-host: pycomm with PYCOMM_TCP_STREAMS=auto vs 1 vs 4 streams vs Gloo")
     c.add_argument("--rounds", type=int, default=1,
                    help="with --ranks-per-host: measure the variants this many times, interleaved (medians reported)")
+    c.add_argument("--flat-algo", choices=("ring", "rd"), default="ring",
+                   help="--ranks-per-host: PYCOMM_ALGO of the 'pycomm-flat' variant (ring: bandwidth, "
+                        "rd: recursive doubling over every rank, the flat latency algorithm)")
     c.add_argument("--latency", default="100us", help="one-way delay per host link")
     return ap
 
@@ -122,11 +125,13 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.ranks_per_host is not None:
         if not args.hosts or args.ranks_per_host < 1:
             ap.error("--ranks-per-host needs --hosts and must be >= 1")
-        if args.collective != "all_reduce":
-            ap.error("--ranks-per-host measures all_reduce")
-        if args.compression not in (None, "onebit", "fp16", "bf16", "qsgd"):
-            ap.error("--ranks-per-host --compression: onebit, fp16, bf16 or qsgd (the codecs that compress the "
-                     "cross-host hop only)")
+        if args.collective not in ("all_reduce", "broadcast", "reduce"):
+            ap.error("--ranks-per-host measures all_reduce, broadcast or reduce")
+        if args.compression not in (None, "onebit", "fp16", "bf16", "qsgd") or (args.compression and args.collective != "all_reduce"):
+            ap.error("--ranks-per-host --compression: all_reduce with onebit, fp16, bf16 or qsgd (the codecs that compress "
+                     "the cross-host hop only)")
+        if args.tcp_streams_compare and args.collective != "all_reduce":
+            ap.error("--tcp-streams-compare measures all_reduce")
         if args.ranks is not None and args.ranks != args.hosts * args.ranks_per_host:
             ap.error(f"--ranks {args.ranks} contradicts --hosts {args.hosts} x --ranks-per-host {args.ranks_per_host}")
         args.ranks = args.hosts * args.ranks_per_host

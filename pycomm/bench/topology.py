@@ -1,13 +1,17 @@
-"""``pycomm-bench --hosts H --ranks-per-host L``: all_reduce on a multi-host layout,
-measured three ways in one run - pycomm as it chooses (hierarchical on such layouts),
-pycomm flat (a ring over every rank, ``PYCOMM_ALGO=ring``) and Gloo - with the bytes
-each emulated host put on its link, read from the namespace's interface counters
-(``/proc/self/net/dev`` of the host's first rank) and printed next to the
-hierarchical limit 2(H-1)/H * S. With ``--compression onebit`` (or fp16, bf16, qsgd) a
-fourth variant, ``pycomm-<codec>``, runs the compressor with ``scope="cross_host"``:
-exact in-host steps, the codec on the host links only; its limit is the codec payload
-the host's ranks must send (pycomm's own plan of the call). Every variant's wire-time
-limit (its limit bytes at the link rate) is printed next to its time.
+"""``pycomm-bench [all_reduce|broadcast|reduce] --hosts H --ranks-per-host L``: a
+collective on a multi-host layout, measured three ways in one run - pycomm as it
+chooses (hierarchical on such layouts), pycomm flat (``PYCOMM_ALGO=ring`` or, with
+``--flat-algo rd``, recursive doubling over every rank) and Gloo - with the bytes each
+emulated host put on its link, read from the namespace's interface counters
+(``/proc/self/net/dev`` of the host's first rank) and printed next to the hierarchical
+limit (all_reduce 2(H-1)/H * S; broadcast and reduce S), the median and 99th percentile
+of the per-call times (each call's slowest rank), and each variant's wire-time limit
+(its limit bytes at the link rate).
+
+With ``--compression onebit`` (or fp16, bf16, qsgd; all_reduce) a fourth variant,
+``pycomm-<codec>``, runs the compressor with ``scope="cross_host"``: exact in-host steps,
+the codec on the host links only; its limit is the codec payload the host's ranks must
+send (pycomm's own plan of the call).
 
 ``--tcp-streams-compare`` measures TCP streams instead: pycomm with PYCOMM_TCP_STREAMS=auto,
 with one stream, with four, and Gloo, next to the wire time of the limit on the emulated link."""
@@ -26,9 +30,9 @@ from typing import Dict, List
 from pycomm.bench.machine import machine
 from pycomm.bench.output import human
 
-#: The variants measured, in order: label, backend, PYCOMM_ALGO of the group (None: auto),
-#: PYCOMM_TCP_STREAMS of the group (None: as the environment says).
-TOPOLOGY_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-flat", "pycomm", "ring", None),
+#: The variants measured, in order: label, backend, PYCOMM_ALGO of the group (None: auto;
+#: "flat": the run's --flat-algo), PYCOMM_TCP_STREAMS of the group (None: as the environment says).
+TOPOLOGY_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-flat", "pycomm", "flat", None),
                      ("gloo", "gloo", None, None))
 #: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, four
 #: streams, Gloo.
@@ -51,6 +55,17 @@ def _compressor(args):
     from pycomm.bench.rank import load_compressor
 
     return load_compressor(args.compression)(scope="cross_host")
+
+
+def _run(collective: str, t, group, root: int) -> None:
+    import torch.distributed as dist
+
+    if collective == "all_reduce":
+        dist.all_reduce(t, group=group)
+    elif collective == "broadcast":
+        dist.broadcast(t, src=root, group=group)
+    else:
+        dist.reduce(t, dst=root, group=group)
 
 
 def link_bytes(ifname: str) -> Dict[str, int]:
@@ -80,6 +95,9 @@ def run_topology(args, rank: int, world: int) -> int:
     import pycomm
 
     hosts, per_host = args.hosts, args.ranks_per_host
+    coll = getattr(args, "collective", "all_reduce")
+    root = getattr(args, "root", 0)
+    flat = getattr(args, "flat_algo", "ring")
     host = int(os.environ.get("GROUP_RANK", rank // per_host))
     local_rank = int(os.environ.get("LOCAL_RANK", rank % per_host))
     ifname = os.environ.get("PYCOMM_SOCKET_IFNAME", "eth0")
@@ -100,7 +118,7 @@ def run_topology(args, rank: int, world: int) -> int:
                 groups[label] = None
                 continue
             if algo:
-                os.environ["PYCOMM_ALGO"] = algo
+                os.environ["PYCOMM_ALGO"] = flat if algo == "flat" else algo
             saved = os.environ.get("PYCOMM_TCP_STREAMS")
             if streams:
                 os.environ["PYCOMM_TCP_STREAMS"] = streams
@@ -116,15 +134,17 @@ def run_topology(args, rank: int, world: int) -> int:
         for size in _sizes(args.minbytes, args.maxbytes, args.stepfactor):
             count = max(1, size // 4)
             size = count * 4
-            ref = torch.zeros(count, dtype=torch.float64)
-            for r in range(world):
-                ref += (torch.arange(count, dtype=torch.float64) % 13) * 0.5 + r
+            def inp(r):
+                return (torch.arange(count, dtype=torch.float64) % 13) * 0.5 + r
+
+            # reduce: only the root's result is defined (Gloo overwrites other ranks' buffers).
+            ref = inp(root) if coll == "broadcast" else sum(inp(r) for r in range(world))
             # Several rounds, the variants interleaved in each, so that a load change on a
             # shared machine hits every variant alike; the summary takes medians.
             for label, backend, algo, _streams in [v for _ in range(max(1, args.rounds)) for v in variants]:
                 g = groups[label]
                 compressed = comp is not None and label == f"pycomm-{args.compression}"
-                x = ((torch.arange(count, dtype=torch.float64) % 13) * 0.5 + rank).float()
+                x = inp(rank).float()
                 before_stats = pycomm.stats(g) if backend == "pycomm" else {}
                 y = x.clone()
                 err = None
@@ -133,20 +153,25 @@ def run_topology(args, rank: int, world: int) -> int:
                     comp.all_reduce(y, key="bench", op="sum")
                     wrong = 0 if bool(torch.isfinite(y).all()) else count
                     err = float((y.double() - ref).norm() / ref.norm())
-                    reduce = lambda t: comp.all_reduce(t, key="bench", op="avg")  # noqa: E731 - bounded values
+                    call = lambda t: comp.all_reduce(t, key="bench", op="avg")  # noqa: E731 - bounded values
                 else:
-                    dist.all_reduce(y, group=g)
+                    _run(coll, y, g, root)
                     wrong = int((y.double() - ref).abs().gt(1e-6 * ref.abs().max().clamp(min=1)).sum())
-                    reduce = lambda t, g=g: dist.all_reduce(t, group=g)  # noqa: E731
+                    if coll == "reduce" and rank != root:
+                        wrong = 0
+                    call = lambda t, g=g: _run(coll, t, g, root)  # noqa: E731
                 for _ in range(args.warmup):
-                    reduce(x)
+                    call(x)
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
                 p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
+                each = torch.zeros(args.iters, dtype=torch.float64)
                 cpu0 = _cpu_s()
                 t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    reduce(x)
+                for i in range(args.iters):
+                    ti = time.perf_counter()
+                    call(x)
+                    each[i] = time.perf_counter() - ti
                 t = (time.perf_counter() - t0) / args.iters
                 cpu = (_cpu_s() - cpu0) / args.iters
                 p1 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
@@ -165,16 +190,19 @@ def run_topology(args, rank: int, world: int) -> int:
                 dist.all_reduce(v, group=side)
                 tmax = torch.tensor([t, cpu], dtype=torch.float64)
                 dist.all_reduce(tmax, op=dist.ReduceOp.MAX, group=side)
+                dist.all_reduce(each, op=dist.ReduceOp.MAX, group=side)  # each call's slowest rank
                 algos = {}
                 if backend == "pycomm":
                     after = pycomm.stats(g)
-                    algos = {k[len("algo_all_reduce_"):]: after[k] - before_stats.get(k, 0)
-                             for k in after if k.startswith("algo_all_reduce_") and after[k] != before_stats.get(k, 0)}
+                    pre = f"algo_{coll}_"
+                    algos = {k[len(pre):]: after[k] - before_stats.get(k, 0)
+                             for k in after if k.startswith(pre) and after[k] != before_stats.get(k, 0)}
                 if compressed:
                     algos = {"hier_compressed": 1}
                 lim_bytes = [float(v[3 * hosts + h]) for h in range(hosts)] if compressed else None
                 rows.append({"size": size, "variant": label, "time_s": float(tmax[0]), "algos": algos,
                              "cpu_s": float(tmax[1]),  # user + system CPU of the busiest rank process
+                             "p50_s": float(torch.quantile(each, 0.5)), "p99_s": float(torch.quantile(each, 0.99)),
                              "rel_err": err, "limit_per_host": lim_bytes,
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
@@ -182,9 +210,9 @@ def run_topology(args, rank: int, world: int) -> int:
                              else None,
                              "wrong": int(v[-1])})
                 if rank == 0:
-                    _print_row(rows[-1], hosts, rows, variants)
+                    _print_row(rows[-1], hosts, rows, variants, coll)
         if rank == 0:
-            _finish(args, rows, world, hosts, per_host, variants)
+            _finish(args, rows, world, hosts, per_host, variants, coll, flat)
         dist.barrier(group=side)
         return 0 if all(r["wrong"] == 0 for r in rows) else 1
     finally:
@@ -197,8 +225,12 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _limit(size: int, hosts: int) -> float:
-    return 2 * (hosts - 1) / hosts * size
+def _limit(size: int, hosts: int, collective: str = "all_reduce") -> float:
+    """Fewest bytes the busiest host link must carry: all_reduce 2(H-1)/H * S; broadcast
+    (the root's host sends S) and reduce (every other host sends S) S."""
+    if hosts < 2:
+        return 0.0
+    return 2 * (hosts - 1) / hosts * size if collective == "all_reduce" else float(size)
 
 
 def _wire_s(nbytes: float):
@@ -208,37 +240,41 @@ def _wire_s(nbytes: float):
     return nbytes * 8 / rate if rate else None
 
 
-def _row_limit(row, hosts: int) -> float:
-    """Bytes the busiest host link must carry for this row's variant: 2(H-1)/H * S, or for
-    the compressed variant the codec payload the host's ranks send (pycomm's plan)."""
+def _row_limit(row, hosts: int, collective: str = "all_reduce") -> float:
+    """Bytes the busiest host link must carry for this row's variant: _limit, or for the
+    compressed variant the codec payload the host's ranks send (pycomm's plan)."""
     if row.get("limit_per_host"):
         return max(row["limit_per_host"])
-    return _limit(row["size"], hosts)
+    return _limit(row["size"], hosts, collective)
 
 
-def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS) -> None:
-    if row["variant"] == variants[0][0]:
-        print(f"# {'size':>10} {'variant':>15} {'time ms':>9} {'wire ms':>8} {'algbw GB/s':>10} "
-              f"{'tx/host MB (max)':>16} {'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} {'vs pycomm':>9} "
-              f"{'#wrong':>6} algorithm", flush=True)
-    base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == variants[0][0])
-    lim = _row_limit(row, hosts)
+def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS, collective="all_reduce") -> None:
+    first = variants[0][0]
+    if row["variant"] == first and len([r for r in rows if r["variant"] == first]) == 1:
+        print(f"# {'size':>10} {'variant':>15} {'time ms':>9} {'p50 ms':>8} {'p99 ms':>8} {'wire ms':>8} "
+              f"{'algbw GB/s':>10} {'tx/host MB (max)':>16} {'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} "
+              f"{'vs pycomm':>9} {'#wrong':>6} algorithm", flush=True)
+    base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == first)
+    lim = _row_limit(row, hosts, collective)
     tx = max(row["tx_per_host"])
     payload = f"{max(row['payload_per_host']) / lim:.3f}" if row["payload_per_host"] and lim else "-"
     wire = _wire_s(lim)
     wire_ms = f"{wire * 1e3:8.1f}" if wire else f"{'-':>8}"
     extra = f" rel_err={row['rel_err']:.3g}" if row.get("rel_err") is not None else ""
-    print(f"  {row['size']:>10} {row['variant']:>15} {row['time_s'] * 1e3:9.1f} {wire_ms} "
-          f"{row['size'] / row['time_s'] / 1e9:10.3f} "
+    print(f"  {row['size']:>10} {row['variant']:>15} {row['time_s'] * 1e3:9.3f} {row['p50_s'] * 1e3:8.3f} "
+          f"{row['p99_s'] * 1e3:8.3f} {wire_ms} {row['size'] / row['time_s'] / 1e9:10.3f} "
           f"{tx / 1e6:16.2f} {lim / 1e6:9.2f} {tx / lim if lim else float('nan'):8.3f} {payload:>13} "
           f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}{extra}",
           flush=True)
 
 
-def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> None:
+def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, collective="all_reduce",
+            flat="ring") -> None:
     import torch
 
-    meta = {"variants": [v[0] for v in variants], "rounds": max(1, args.rounds), "tcp_streams": os.environ.get("PYCOMM_TCP_STREAMS", "auto"),
+    meta = {"collective": collective, "root": getattr(args, "root", 0), "flat_algo": flat,
+            "variants": [v[0] for v in variants], "rounds": max(1, args.rounds),
+            "tcp_streams": os.environ.get("PYCOMM_TCP_STREAMS", "auto"),
             "hosts": hosts, "ranks_per_host": per_host, "nranks": world, "link": args.link,
             "latency": args.latency, "iters": args.iters, "warmup": args.warmup, "dtype": "float32", "op": "sum",
             "torch": torch.__version__, "machine": machine(), "load": os.getloadavg(),
@@ -248,19 +284,26 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> N
         meta["netem"] = json.loads(os.environ["PYCOMM_BENCH_NETEM"])
     if args.compression:
         meta["compression"] = f"{args.compression} scope=cross_host"
-    print(f"# {hosts} hosts x {per_host} ranks, link {args.link}; wire ms = limit at the link rate; "
-          f"tx/host = bytes each host's link sent per "
-          f"all_reduce (interface counters: Ethernet/IP/TCP headers and ACKs included); payload = TCP payload "
-          f"pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); limit = 2(H-1)/H * S", flush=True)
+    lim = "2(H-1)/H * S" if collective == "all_reduce" else "S"
+    print(f"# {collective}, {hosts} hosts x {per_host} ranks, link {args.link}; pycomm-flat = PYCOMM_ALGO={flat}; "
+          f"wire ms = limit at the link rate; "
+          f"tx/host = bytes each host's link sent per call (interface counters: Ethernet/IP/TCP headers and ACKs "
+          f"included); payload = TCP payload pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); "
+          f"limit = {lim}; p50/p99 = percentiles over the timed calls of each call's slowest rank", flush=True)
     for size in sorted({r["size"] for r in rows}):
         times = {}
         for r in rows:
             if r["size"] == size:
                 times.setdefault(r["variant"], []).append(r["time_s"])
-        by = {v: {"time_s": statistics.median(ts)} for v, ts in times.items()}
+        by = {v: {"time_s": statistics.median(ts),
+                  "p50_s": statistics.median(r["p50_s"] for r in rows if r["size"] == size and r["variant"] == v),
+                  "p99_s": max(r["p99_s"] for r in rows if r["size"] == size and r["variant"] == v)}
+              for v, ts in times.items()}
         if "pycomm" in by:
             t = by["pycomm"]["time_s"]
-            others = ", ".join(f"vs {v[0]} {by[v[0]]['time_s'] / t:.2f}x" for v in variants[1:] if v[0] in by)
+            p50 = by["pycomm"]["p50_s"]
+            others = ", ".join(f"vs {v[0]} {by[v[0]]['time_s'] / t:.2f}x (p50 {by[v[0]]['p50_s'] / p50:.2f}x)"
+                               for v in variants[1:] if v[0] in by)
             if max(len(ts) for ts in times.values()) > 1:
                 print(f"# {human(size)}B medians over {len(times['pycomm'])} interleaved rounds: " + ", ".join(
                     f"{v} {by[v]['time_s'] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})"
@@ -272,12 +315,13 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS) -> N
                 print(f"# {human(size)}B CPU per call (user+sys of the busiest rank process, median): " + ", ".join(
                     f"{v} {statistics.median(c) * 1e3:.1f} ms = {statistics.median(c) / size * 1e9:.2f} ns/B"
                     for v, c in cpu.items()), flush=True)
-            wire = _wire_s(_limit(size, hosts))
-            wire_txt = f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts))}B per host link at {args.link})" \
-                if wire else ""
-            print(f"# {human(size)}B: pycomm {t * 1e3:.1f} ms; speed-up {others}{wire_txt}", flush=True)
+            wire = _wire_s(_limit(size, hosts, collective))
+            wire_txt = (f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts, collective))}B per host "
+                        f"link at {args.link})" if wire else "")
+            print(f"# {human(size)}B: pycomm {t * 1e3:.3f} ms (p50 {p50 * 1e3:.3f}, p99 "
+                  f"{by['pycomm']['p99_s'] * 1e3:.3f}); speed-up {others}{wire_txt}", flush=True)
         for label in by:
-            if label.startswith("pycomm-") and label.endswith(str(args.compression)) and args.compression:
+            if args.compression and label == f"pycomm-{args.compression}":
                 tc = by[label]["time_s"]
                 r0 = next(r for r in rows if r["size"] == size and r["variant"] == label)
                 wire = _wire_s(_row_limit(r0, hosts))

@@ -197,7 +197,99 @@ TEST_P(Layouts, AutoPicksHierarchicalForLargeCallsOnly) {
     }
     const auto s = c.stats();
     EXPECT_EQ(s.at("algo_all_reduce_hier"), 1u);
-    EXPECT_EQ(s.at("algo_all_reduce_rd"), 1u);
+    EXPECT_EQ(s.at("algo_all_reduce_hier_rd"), 1u);
+    EXPECT_EQ(s.at("algo_all_reduce_rd"), 0u);
+  });
+}
+
+// Broadcast and reduce from every root, pipelined (small chunks) and whole, and the
+// small-message all-reduce (recursive doubling among host leaders), against float64
+// references; the counters show the hierarchical algorithms ran.
+TEST_P(Layouts, HierarchicalBroadcastReduceAndSmallAllReduce) {
+  const Topology topo{GetParam()};
+  const int n = static_cast<int>(topo.hostOf.size());
+  MemStore store;
+  const std::vector<size_t> counts = {0, 1, 3, 13, 1009, 40009};
+  runRanks(n, [&](int r) {
+    RankTransport rt = makeMixed(store, topo, r);
+    Collectives piped(*rt.t, config("auto"), topo, rt.local);
+    Collectives whole(*rt.t, config("hier", size_t{1} << 30), topo, rt.local);
+    uint64_t seq = 0;
+    auto dl = [] { return Deadline::after(kTimeout); };
+    size_t rooted = 0;
+    for (size_t count : counts) for (Collectives* cp : {&piped, &whole}) {
+      Collectives& c = *cp;
+      for (int root = 0; root < n; ++root) {
+        std::vector<uint8_t> b = r == root ? testing::filled(root, count * 3) : std::vector<uint8_t>(count * 3, 0);
+        OpDesc bd = testing::makeDesc(CollType::kBroadcast, ++seq, count * 3);
+        bd.root = root;
+        c.broadcast(b.data(), count * 3, root, bd, dl());
+        ASSERT_TRUE(testing::matches(b, root)) << "rank " << r << " root " << root << " bytes " << count * 3;
+        for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax}) {
+          std::vector<double> y(count);
+          for (size_t i = 0; i < count; ++i) y[i] = value(r, i) / 3.0;
+          OpDesc rd = testing::makeDesc(CollType::kReduce, ++seq, count, DType::kFloat64);
+          rd.root = root;
+          rd.op = op;
+          c.reduce(y.data(), count, DType::kFloat64, op, root, rd, dl());
+          for (size_t i = 0; i < count; ++i) {
+            double ref = op == ReduceOp::kMax ? -1e300 : 0.0;
+            for (int p = 0; p < n; ++p) ref = op == ReduceOp::kMax ? std::max(ref, value(p, i) / 3.0) : ref + value(p, i) / 3.0;
+            if (op == ReduceOp::kAvg) ref /= n;
+            ASSERT_NEAR(y[i], r == root ? ref : value(r, i) / 3.0, 1e-12 * (1 + std::fabs(ref)))
+                << "rank " << r << " root " << root << " count " << count << " op " << reduceOpName(op);
+          }
+        }
+        ++rooted;
+      }
+      if (count * 4 > 64 * 1024) continue;
+      // Small all-reduce (auto: below the small-message threshold).
+      for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMin}) {
+        std::vector<float> x(count);
+        for (size_t i = 0; i < count; ++i) x[i] = static_cast<float>(value(r, i));
+        OpDesc d = testing::makeDesc(CollType::kAllReduce, ++seq, count, DType::kFloat32);
+        d.op = op;
+        c.allReduce(x.data(), count, DType::kFloat32, op, d, dl());
+        for (size_t i = 0; i < count; ++i) {
+          double ref = op == ReduceOp::kMin ? 1e300 : 0.0;
+          for (int p = 0; p < n; ++p) ref = op == ReduceOp::kMin ? std::min(ref, value(p, i)) : ref + value(p, i);
+          if (op == ReduceOp::kAvg) ref /= n;
+          ASSERT_NEAR(x[i], ref, 1e-5 * (1 + std::fabs(ref))) << "rank " << r << " count " << count;
+        }
+      }
+    }
+    const auto a = piped.stats();
+    const auto w = whole.stats();
+    EXPECT_EQ(a.at("algo_broadcast_hier") + w.at("algo_broadcast_hier"), rooted);
+    EXPECT_EQ(a.at("algo_reduce_hier") + w.at("algo_reduce_hier"), rooted * 3);
+    EXPECT_EQ(a.at("algo_broadcast_chain") + a.at("algo_reduce_chain") + a.at("algo_reduce_all_reduce"), 0u);
+    EXPECT_EQ(a.at("algo_all_reduce_hier_rd"), (counts.size() - 1) * 3);  // auto: small calls
+    EXPECT_EQ(a.at("algo_all_reduce_rd"), 0u);
+    EXPECT_EQ(w.at("algo_all_reduce_hier"), (counts.size() - 1) * 3);  // PYCOMM_ALGO=hier: the bandwidth scheme
+  });
+}
+
+// PYCOMM_ALGO=hier_rd forces the leaders' recursive doubling at any size.
+TEST_P(Layouts, ForcedHierRd) {
+  const Topology topo{GetParam()};
+  const int n = static_cast<int>(topo.hostOf.size());
+  MemStore store;
+  runRanks(n, [&](int r) {
+    RankTransport rt = makeMixed(store, topo, r);
+    Collectives c(*rt.t, config("hier_rd"), topo, rt.local);
+    uint64_t seq = 0;
+    for (size_t count : {size_t{2}, size_t{40009}}) {
+      std::vector<double> x(count);
+      for (size_t i = 0; i < count; ++i) x[i] = value(r, i);
+      c.allReduce(x.data(), count, DType::kFloat64, ReduceOp::kSum,
+                  testing::makeDesc(CollType::kAllReduce, ++seq, count, DType::kFloat64), Deadline::after(kTimeout));
+      for (size_t i = 0; i < count; ++i) {
+        double ref = 0;
+        for (int p = 0; p < n; ++p) ref += value(p, i);
+        ASSERT_NEAR(x[i], ref, 1e-9);
+      }
+    }
+    EXPECT_EQ(c.stats().at("algo_all_reduce_hier_rd"), 2u);
   });
 }
 
@@ -295,6 +387,45 @@ TEST_P(Layouts, AbortOnOneHostFailsEveryRankFast) {
     }
   });
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+}
+
+// A rank on the last host dies before a hierarchical broadcast / reduce (pipelined) or a
+// small all-reduce: every other rank fails within the timeout, none hangs.
+TEST_P(Layouts, DeadRankFailsRootedAndSmallCollectivesFast) {
+  const Topology topo{GetParam()};
+  const int n = static_cast<int>(topo.hostOf.size());
+  const int victim = n - 1;
+  for (int kind = 0; kind < 3; ++kind) {
+    MemStore store;
+    const auto start = std::chrono::steady_clock::now();
+    runRanks(n, [&](int r) {
+      RankTransport rt = makeMixed(store, topo, r, milliseconds(60000));
+      Collectives c(*rt.t, config("auto"), topo, rt.local);
+      std::vector<float> x(kind == 2 ? 3 : 50000, 1.0f);
+      if (r == victim) {
+        rt.t->abort("pycomm test: rank " + std::to_string(r) + " died");
+        return;
+      }
+      const Deadline dl = Deadline::after(milliseconds(60000));
+      try {
+        if (kind == 0) {
+          OpDesc d = testing::makeDesc(CollType::kBroadcast, 1, x.size() * 4);
+          c.broadcast(x.data(), x.size() * 4, 0, d, dl);
+        } else if (kind == 1) {
+          OpDesc d = testing::makeDesc(CollType::kReduce, 1, x.size(), DType::kFloat32);
+          c.reduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum, 0, d, dl);
+        } else {
+          OpDesc d = testing::makeDesc(CollType::kAllReduce, 1, x.size(), DType::kFloat32);
+          c.allReduce(x.data(), x.size(), DType::kFloat32, ReduceOp::kSum, d, dl);
+        }
+        // A rank whose part never touches the victim (a broadcast leaf on another host)
+        // may finish; it must not hang either.
+      } catch (const Error& e) {
+        rt.t->abort(e.what());
+      }
+    });
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20)) << "kind " << kind;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Hier, Layouts,

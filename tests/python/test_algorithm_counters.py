@@ -89,3 +89,29 @@ def _auto(rank, ws, small, large):
 @pytest.mark.parametrize("transport,small,large", [("shm", "oneshot", "direct"), ("tcp", "rd", "ring")])
 def test_auto_picks_by_size(transport, small, large):
     run_ranks(WORLD, _auto, small, large, env={"PYCOMM_TRANSPORT": transport, "PYCOMM_ALGO": "auto"}, timeout=300)
+
+
+# On a group over several (emulated) hosts with two ranks on one (2+1), each PYCOMM_ALGO
+# selects its all_reduce, and the hierarchical broadcast / reduce unless a flat algorithm
+# is forced.
+HOSTS_EXPECTED = {
+    "hier_rd": {"algo_all_reduce_hier_rd": 3, "algo_broadcast_hier": 3, "algo_reduce_hier": 3},
+    "hier": {"algo_all_reduce_hier": 3, "algo_broadcast_hier": 3, "algo_reduce_hier": 3},
+    # (flat reduce: small calls all-reduce a copy, large ones run the chain)
+    "ring": {"algo_all_reduce_ring": 3, "algo_broadcast_chain": 3, "algo_reduce_all_reduce": 2,
+             "algo_reduce_chain": 1},
+    "rd": {"algo_all_reduce_rd": 3, "algo_broadcast_chain": 3, "algo_reduce_all_reduce": 3},
+    "auto": {"algo_all_reduce_hier_rd": 2, "algo_all_reduce_hier": 1, "algo_broadcast_hier": 3,
+             "algo_reduce_hier": 3},
+}
+
+
+def test_forced_algorithms_on_several_hosts():
+    import reliability_cases as rc
+    import topology_cases as tc
+
+    results = rc.launch(3, tc.forced_algorithms, [0, 0, 1], sorted(HOSTS_EXPECTED), init=False, timeout=240)
+    for r in results:
+        assert r["status"] == "ok", rc.describe(results)
+        for algo, moved in r["payload"].items():
+            assert moved == HOSTS_EXPECTED[algo], (r["rank"], algo, moved)

@@ -1,7 +1,9 @@
 """Groups whose ranks span several (emulated) hosts with several ranks on some: every
 collective against float64 references on 2+2 and 2+1+1 layouts (and 3+2, an odd world),
-the hierarchical all-reduce chosen for large calls, one-host subgroups on shared memory
-only, and a dead rank on the other host failing everyone fast."""
+broadcast and reduce from every root, the hierarchical algorithms chosen (all_reduce:
+hierarchical for large calls, recursive doubling among host leaders for small ones;
+broadcast, reduce; reduce_scatter / all_gather on even hosts only), one-host subgroups on
+shared memory only, and a dead rank on the other host failing everyone fast."""
 from __future__ import annotations
 
 import os
@@ -29,9 +31,23 @@ def test_every_collective_on_a_mixed_layout(layout):
         p = r["payload"]
         # Ranks sharing their host: shm to those, TCP to the rest; a rank alone: TCP only.
         assert p["transport"] == ("shm+tcp" if layout.count(layout[r["rank"]]) > 1 else "tcp"), p
-        # Large all-reduces went hierarchical; small ones recursive doubling.
-        assert p["algos"].get("algo_all_reduce_hier", 0) > 0, p
-        assert set(p["algos"]) <= {"algo_all_reduce_hier", "algo_all_reduce_rd"}, p
+        algos = p["algos"]
+
+        def by(coll):
+            return {k for k in algos if k.startswith(f"algo_{coll}_") and not k.startswith(f"algo_{coll}_scatter_")}
+
+        # Large all-reduces went hierarchical, small ones to recursive doubling among the
+        # hosts' first ranks; broadcast and reduce hierarchical at every size.
+        assert by("all_reduce") == {"algo_all_reduce_hier", "algo_all_reduce_hier_rd"}, algos
+        assert by("broadcast") == {"algo_broadcast_hier"}, algos
+        assert by("reduce") == {"algo_reduce_hier"}, algos
+        # reduce_scatter / all_gather: hierarchical (large calls) on hosts holding equally
+        # many ranks; uneven hosts fall back to the flat ring.
+        even = len(set(layout.count(h) for h in layout)) == 1
+        assert by("reduce_scatter") == ({"algo_reduce_scatter_hier", "algo_reduce_scatter_ring"} if even
+                                        else {"algo_reduce_scatter_ring"}), algos
+        assert by("all_gather") == ({"algo_all_gather_hier", "algo_all_gather_ring"} if even
+                                    else {"algo_all_gather_ring"}), algos
         if layout[r["rank"]] == layout[0]:
             assert p["sub_transport"] == "shm", p
 

@@ -16,6 +16,8 @@ def _join(rank: int, ws: int, store, layout: List[int], pg_timeout: float = 60.0
     import torch.distributed as dist
 
     os.environ["PYCOMM_HOST_KEY"] = f"host{layout[rank]}"
+    # Chunks small enough that the largest test calls pipeline their hierarchical steps.
+    os.environ["PYCOMM_HIER_CHUNK_BYTES"] = "65536"
     dist.init_process_group("pycomm", store=store, rank=rank, world_size=ws,
                             timeout=datetime.timedelta(seconds=pg_timeout))
 
@@ -52,17 +54,26 @@ def every_collective(rank: int, ws: int, store, layout: List[int]) -> dict:
         gathered = torch.empty(n * ws, dtype=torch.float64)
         dist.all_gather_into_tensor(gathered, _inputs(rank, n))
         torch.testing.assert_close(gathered, torch.cat([_inputs(r, n) for r in range(ws)]))
-        for root in sorted({0, ws - 1}):  # a root on the first host and one on the last
+        # Every root (a host's first rank or not, every host) for 1 element and the large
+        # (pipelined) length, a root on the first and one on the last host for the others
+        # (test_hierarchical.cc covers every root at every length); MAX on the large one.
+        for root in (range(ws) if n in (1, LENGTHS[-1]) else sorted({0, ws - 1})):
             b = _inputs(rank, n)
             dist.broadcast(b, src=root)
-            torch.testing.assert_close(b, _inputs(root, n))
+            torch.testing.assert_close(b, _inputs(root, n), rtol=0, atol=0)
             r_ = _inputs(rank, n)
             dist.reduce(r_, dst=root)
-            torch.testing.assert_close(r_, ref if rank == root else _inputs(rank, n))
+            torch.testing.assert_close(r_, ref if rank == root else _inputs(rank, n), rtol=1e-12, atol=1e-12)
+            if n != LENGTHS[-1]:
+                continue
+            m = _inputs(rank, n).float()
+            dist.reduce(m, dst=root, op=dist.ReduceOp.MAX)
+            mref = torch.stack([_inputs(r, n) for r in range(ws)]).amax(0)
+            torch.testing.assert_close(m.double(), mref if rank == root else _inputs(rank, n))
         dist.barrier()
     after = pycomm.stats()
     out["algos"] = {k: after[k] - before.get(k, 0) for k in after
-                    if k.startswith("algo_all_reduce_") and after[k] != before.get(k, 0)}
+                    if k.startswith("algo_") and after[k] != before.get(k, 0)}
     # Receive from any source: rank 0 takes every other rank's message, over shm or TCP.
     if rank == 0:
         seen = {}
@@ -91,3 +102,38 @@ def every_collective(rank: int, ws: int, store, layout: List[int]) -> dict:
 def kill_on_other_host(rank: int, ws: int, store, layout: List[int], victim: int, stamp: str) -> dict:
     _join(rank, ws, store, layout)
     return rc.kill_mid_allreduce(rank, ws, victim, 16 << 20, stamp)
+
+
+def forced_algorithms(rank: int, ws: int, store, layout: List[int], algos: List[str]) -> dict:
+    """For each PYCOMM_ALGO in `algos`, a group built with it runs all_reduce, broadcast
+    and reduce (checked against float64 references); returns the algorithm counters each
+    group's calls moved."""
+    import torch
+    import torch.distributed as dist
+
+    import pycomm
+
+    _join(rank, ws, store, layout)
+    out = {}
+    for algo in algos:
+        os.environ["PYCOMM_ALGO"] = algo
+        g = dist.new_group(list(range(ws)))
+        dist.all_reduce(torch.ones(1), group=g)  # the backend reads PYCOMM_ALGO when it is built
+        os.environ.pop("PYCOMM_ALGO")
+        before = pycomm.stats(g)
+        for n in (7, 1021, 65537):
+            ref = sum(_inputs(r, n) for r in range(ws))
+            x = _inputs(rank, n)
+            dist.all_reduce(x, group=g)
+            torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12)
+            b = _inputs(rank, n)
+            dist.broadcast(b, src=ws - 1, group=g)
+            torch.testing.assert_close(b, _inputs(ws - 1, n), rtol=0, atol=0)
+            r_ = _inputs(rank, n)
+            dist.reduce(r_, dst=1, group=g)
+            torch.testing.assert_close(r_, ref if rank == 1 else _inputs(rank, n), rtol=1e-12, atol=1e-12)
+        after = pycomm.stats(g)
+        out[algo] = {k: after[k] - before.get(k, 0) for k in after
+                     if k.startswith("algo_") and after[k] != before.get(k, 0)}
+    dist.destroy_process_group()
+    return out
