@@ -80,6 +80,22 @@ def make_compressor(name: str) -> Any:
         comp.freeze_variance = False  # ... without the Adam path's frozen variance
     if variant in ("wq4", "wq8") and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_compression=C.QSGD(bits=int(variant[2]), error_feedback=True))
+    if variant.startswith("kw:") and comp is not None:
+        # <C>-kw:name=value;...: the default wrapping (for_training) built with these
+        # MomentumCorrection arguments (side runs, e.g. warmup_steps=30); inner.name=value
+        # sets an attribute of the compressor; exact=<expression of p> is a predicate.
+        kwargs: Dict[str, Any] = {}
+        for item in variant[3:].split(";"):
+            k, _, v = item.partition("=")
+            v = v.replace("|", ",")  # "," separates the cells of --compressors
+            val = eval("lambda p: " + v if k == "exact" else v, {"C": C})  # noqa: S307 (CLI: C.QSGD(...) too)
+            if k.startswith("inner."):
+                setattr(comp, k[6:], val)
+            else:
+                kwargs[k] = val
+        base = C.for_training(comp)
+        kwargs.setdefault("warmup_compression", base.warmup_compression)
+        comp = C.MomentumCorrection(comp, **kwargs)
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
     return comp
