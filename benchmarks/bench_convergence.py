@@ -292,22 +292,27 @@ def summarize(doc: Dict[str, Any]) -> str:
     for c in cells:
         groups.setdefault((c["model"], c["optimizer"], c["compressor"]), []).append(c)
     base: Dict[tuple, float] = {}
+    base_loss: Dict[tuple, float] = {}
     for (m, o, comp), cs in groups.items():
         if comp == "none":
             base[(m, o)] = statistics.mean(c["test_acc"] for c in cs)
+            if all("test_loss" in c for c in cs):
+                base_loss[(m, o)] = statistics.mean(c["test_loss"] for c in cs)
     lines = [f"# Convergence matrix ({doc['date']})", "",
              f"`{doc['command']}`", "",
              f"Machine: {doc['machine']['cpu']} ({doc['machine']['cores']} cores), torch {doc['torch']}, "
              f"load average at start {doc['loadavg_start'][0]:.2f}, at end {doc.get('loadavg_now', [0])[0]:.2f}. "
              f"{doc['ranks']} ranks ({doc['backend']}), {doc['epochs']} epochs, batch {doc['batch']} per rank, "
-             "no schedule. Accuracy: mean over seeds, +- population std, min..max. Wire: bytes rank 0 sent "
-             "(pycomm.stats, warm-up included) vs an fp32 ring all-reduce of every step.", ""]
+             "no schedule. Accuracy: mean over seeds, +- population std, min..max. Test loss: held-out "
+             "cross-entropy, mean +- std, and its change vs none in % (n/a: cells from before it was recorded). "
+             "Wire: bytes rank 0 sent (pycomm.stats, warm-up included) vs an fp32 ring all-reduce of every step.",
+             ""]
     for i, m in enumerate(doc.get("merged", [])):
         lines += [f"Merge run {i} ({m['date']}, load average at start {m['loadavg_start'][0]:.2f}) re-ran the cells "
                   f"{', '.join(m['cells'])}: `{m['command']}`", ""]
     lines += [
-             "| model | optimizer | compression | seeds | test acc % | delta vs none | min..max | fp32 ring / sent | "
-             "NaN/inf | ranks identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | optimizer | compression | seeds | test acc % | delta vs none | min..max | test loss | "
+             "loss vs none | fp32 ring / sent | NaN/inf | ranks identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (m, o, comp), cs in groups.items():
         accs = [c["test_acc"] for c in cs]
         mean = statistics.mean(accs)
@@ -316,8 +321,15 @@ def summarize(doc: Dict[str, Any]) -> str:
         delta = f"{mean - b:+.2f}" if b is not None else "n/a"
         sent = [c["bytes_sent_rank0"] for c in cs if c["bytes_sent_rank0"]]
         ratio = f"{statistics.mean(c['fp32_ring_bytes'] for c in cs) / statistics.mean(sent):.1f}x" if sent else "n/a"
+        loss, dloss = "n/a", "n/a"
+        if all("test_loss" in c for c in cs):
+            ls = [c["test_loss"] for c in cs]
+            lm = statistics.mean(ls)
+            loss = f"{lm:.3f} +- {statistics.pstdev(ls) if len(ls) > 1 else 0.0:.3f}"
+            bl = base_loss.get((m, o))
+            dloss = f"{100.0 * (lm - bl) / bl:+.1f} %" if bl else "n/a"
         lines.append(f"| {m} | {o} | {comp} | {len(cs)} | {mean:.2f} +- {sd:.2f} | {delta} | "
-                     f"{min(accs):.2f}..{max(accs):.2f} | {ratio} | "
+                     f"{min(accs):.2f}..{max(accs):.2f} | {loss} | {dloss} | {ratio} | "
                      f"{'none' if all(c['finite'] for c in cs) else 'YES'} | "
                      f"{'yes' if all(c['ranks_identical'] for c in cs) else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -337,7 +349,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "convergence_digits"))
     ap.add_argument("--merge", action="store_true",
                     help="re-run these cells into the existing <out>.json (module docstring)")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="run nothing: rewrite <out>.md from the existing <out>.json")
     args = ap.parse_args(argv)
+    if args.summarize_only:
+        with open(args.out + ".json") as f:
+            table = summarize(json.load(f))
+        with open(args.out + ".md", "w") as f:
+            f.write(table)
+        print(table)
+        return 0
     if args.merge and not os.path.exists(args.out + ".json"):
         ap.error(f"--merge: {args.out}.json does not exist")
     args.run_out = args.out + ".merge" if args.merge else args.out
