@@ -16,6 +16,10 @@ Extra cells:
   (what DataParallel did before issue 15: error feedback on raw gradients, no warm-up);
   ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``; ``<C>-nofreeze``: the default
   wrapping without the Adam path's frozen variance (``freeze_variance=False``);
+  ``<C>-kw:name=value;...``: the default wrapping's warm-up with these ``MomentumCorrection``
+  arguments (values are Python expressions, ``C`` = ``pycomm.compression``, ``|`` for a
+  comma; ``exact=<expression of p>``; ``inner.name=value`` sets the compressor's
+  attribute), e.g. ``TopK-kw:warmup_steps=40``, ``OneBit-kw:exact=p.dim()<=1`` (side runs);
 - optimizer ``1bit-adam`` / ``1bit-sgd``: :class:`pycomm.compression.OneBitAdam` /
   ``OneBitSGD`` on an unwrapped model, the compressor column naming the momentum's
   compressor (``none`` = exact all-reduce throughout).
@@ -95,6 +99,7 @@ def make_compressor(name: str) -> Any:
                 kwargs[k] = val
         base = C.for_training(comp)
         kwargs.setdefault("warmup_compression", base.warmup_compression)
+        kwargs.setdefault("warmup_steps", base.warmup_steps)
         comp = C.MomentumCorrection(comp, **kwargs)
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)

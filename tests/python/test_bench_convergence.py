@@ -72,5 +72,6 @@ def test_kw_variant_builds_the_wrapping_with_those_arguments():
     import torch
 
     assert c.exact(torch.zeros(3)) and not c.exact(torch.zeros(3, 3))
+    assert b.make_compressor("OneBit-kw:exact=p.dim() == 1").warmup_steps == C.ONEBIT_WARMUP_STEPS  # its default
     d = b.make_compressor("TopK-kw:inner.ratio=0.1")
     assert d.compressor.ratio == 0.1 and isinstance(d.warmup_compression, C.QSGD)  # TopK's default warm-up kept
