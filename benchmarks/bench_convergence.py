@@ -16,6 +16,10 @@ Extra cells:
   (what DataParallel did before issue 15: error feedback on raw gradients, no warm-up);
   ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``; ``<C>-nofreeze``: the default
   wrapping without the Adam path's frozen variance (``freeze_variance=False``);
+  ``<C>-kw:name=value;...``: the default wrapping's warm-up with these ``MomentumCorrection``
+  arguments (values are Python expressions, ``C`` = ``pycomm.compression``, ``|`` for a
+  comma; ``exact=<expression of p>``; ``inner.name=value`` sets the compressor's
+  attribute), e.g. ``TopK-kw:warmup_steps=40``, ``OneBit-kw:exact=p.dim()<=1`` (side runs);
 - optimizer ``1bit-adam`` / ``1bit-sgd``: :class:`pycomm.compression.OneBitAdam` /
   ``OneBitSGD`` on an unwrapped model, the compressor column naming the momentum's
   compressor (``none`` = exact all-reduce throughout).
@@ -80,6 +84,23 @@ def make_compressor(name: str) -> Any:
         comp.freeze_variance = False  # ... without the Adam path's frozen variance
     if variant in ("wq4", "wq8") and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_compression=C.QSGD(bits=int(variant[2]), error_feedback=True))
+    if variant.startswith("kw:") and comp is not None:
+        # <C>-kw:name=value;...: the default wrapping (for_training) built with these
+        # MomentumCorrection arguments (side runs, e.g. warmup_steps=30); inner.name=value
+        # sets an attribute of the compressor; exact=<expression of p> is a predicate.
+        kwargs: Dict[str, Any] = {}
+        for item in variant[3:].split(";"):
+            k, _, v = item.partition("=")
+            v = v.replace("|", ",")  # "," separates the cells of --compressors
+            val = eval("lambda p: " + v if k == "exact" else v, {"C": C})  # noqa: S307 (CLI: C.QSGD(...) too)
+            if k.startswith("inner."):
+                setattr(comp, k[6:], val)
+            else:
+                kwargs[k] = val
+        base = C.for_training(comp)
+        kwargs.setdefault("warmup_compression", base.warmup_compression)
+        kwargs.setdefault("warmup_steps", base.warmup_steps)
+        comp = C.MomentumCorrection(comp, **kwargs)
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
     return comp
@@ -276,22 +297,27 @@ def summarize(doc: Dict[str, Any]) -> str:
     for c in cells:
         groups.setdefault((c["model"], c["optimizer"], c["compressor"]), []).append(c)
     base: Dict[tuple, float] = {}
+    base_loss: Dict[tuple, float] = {}
     for (m, o, comp), cs in groups.items():
         if comp == "none":
             base[(m, o)] = statistics.mean(c["test_acc"] for c in cs)
+            if all("test_loss" in c for c in cs):
+                base_loss[(m, o)] = statistics.mean(c["test_loss"] for c in cs)
     lines = [f"# Convergence matrix ({doc['date']})", "",
              f"`{doc['command']}`", "",
              f"Machine: {doc['machine']['cpu']} ({doc['machine']['cores']} cores), torch {doc['torch']}, "
              f"load average at start {doc['loadavg_start'][0]:.2f}, at end {doc.get('loadavg_now', [0])[0]:.2f}. "
              f"{doc['ranks']} ranks ({doc['backend']}), {doc['epochs']} epochs, batch {doc['batch']} per rank, "
-             "no schedule. Accuracy: mean over seeds, +- population std, min..max. Wire: bytes rank 0 sent "
-             "(pycomm.stats, warm-up included) vs an fp32 ring all-reduce of every step.", ""]
+             "no schedule. Accuracy: mean over seeds, +- population std, min..max. Test loss: held-out "
+             "cross-entropy, mean +- std, and its change vs none in % (n/a: cells from before it was recorded). "
+             "Wire: bytes rank 0 sent (pycomm.stats, warm-up included) vs an fp32 ring all-reduce of every step.",
+             ""]
     for i, m in enumerate(doc.get("merged", [])):
         lines += [f"Merge run {i} ({m['date']}, load average at start {m['loadavg_start'][0]:.2f}) re-ran the cells "
                   f"{', '.join(m['cells'])}: `{m['command']}`", ""]
     lines += [
-             "| model | optimizer | compression | seeds | test acc % | delta vs none | min..max | fp32 ring / sent | "
-             "NaN/inf | ranks identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | optimizer | compression | seeds | test acc % | delta vs none | min..max | test loss | "
+             "loss vs none | fp32 ring / sent | NaN/inf | ranks identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (m, o, comp), cs in groups.items():
         accs = [c["test_acc"] for c in cs]
         mean = statistics.mean(accs)
@@ -300,8 +326,15 @@ def summarize(doc: Dict[str, Any]) -> str:
         delta = f"{mean - b:+.2f}" if b is not None else "n/a"
         sent = [c["bytes_sent_rank0"] for c in cs if c["bytes_sent_rank0"]]
         ratio = f"{statistics.mean(c['fp32_ring_bytes'] for c in cs) / statistics.mean(sent):.1f}x" if sent else "n/a"
+        loss, dloss = "n/a", "n/a"
+        if all("test_loss" in c for c in cs):
+            ls = [c["test_loss"] for c in cs]
+            lm = statistics.mean(ls)
+            loss = f"{lm:.3f} +- {statistics.pstdev(ls) if len(ls) > 1 else 0.0:.3f}"
+            bl = base_loss.get((m, o))
+            dloss = f"{100.0 * (lm - bl) / bl:+.1f} %" if bl else "n/a"
         lines.append(f"| {m} | {o} | {comp} | {len(cs)} | {mean:.2f} +- {sd:.2f} | {delta} | "
-                     f"{min(accs):.2f}..{max(accs):.2f} | {ratio} | "
+                     f"{min(accs):.2f}..{max(accs):.2f} | {loss} | {dloss} | {ratio} | "
                      f"{'none' if all(c['finite'] for c in cs) else 'YES'} | "
                      f"{'yes' if all(c['ranks_identical'] for c in cs) else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -321,7 +354,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "convergence_digits"))
     ap.add_argument("--merge", action="store_true",
                     help="re-run these cells into the existing <out>.json (module docstring)")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="run nothing: rewrite <out>.md from the existing <out>.json")
     args = ap.parse_args(argv)
+    if args.summarize_only:
+        with open(args.out + ".json") as f:
+            table = summarize(json.load(f))
+        with open(args.out + ".md", "w") as f:
+            f.write(table)
+        print(table)
+        return 0
     if args.merge and not os.path.exists(args.out + ".json"):
         ap.error(f"--merge: {args.out}.json does not exist")
     args.run_out = args.out + ".merge" if args.merge else args.out

@@ -57,8 +57,10 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
       for b in gloo pycomm; do run "${name}_$b" "$PY" benchmarks/bench_model_parallel.py --backend "$b"; done ;;
     # docs/COMPRESSION.md (and the README's summary): accuracy matrix, several minutes per model.
     # These commands reproduce every cell. The committed files' PowerSGD cells were re-run after
-    # PowerSGD became per-parameter with the same commands restricted to PowerSGD plus --merge
-    # (each file lists its merge runs and their exact commands).
+    # PowerSGD became per-parameter with the same commands restricted to PowerSGD plus --merge,
+    # the OneBit cells after its warm-up became 5 QSGD-8 steps (restricted to OneBit[-nofreeze])
+    # (each file lists its merge runs and their exact commands). The 3-seed charlm file holds
+    # the SGD and SGD momentum rows only (the run was stopped there for time).
     convergence)
       "$PY" benchmarks/bench_convergence.py \
         --compressors none,OneBit,TopK,PowerSGD,OneBit-raw,TopK-raw,PowerSGD-raw,OneBit-nofreeze,TopK-nofreeze,PowerSGD-nofreeze \
@@ -66,7 +68,9 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
       "$PY" benchmarks/bench_convergence.py --models cnn --optimizers sgd,sgdm,nesterov,adam,adamw,1bit-adam \
         --compressors none,OneBit,TopK,PowerSGD,OneBit-raw --out "$OUT/convergence_digits_cnn"
       "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
-        --compressors none,OneBit,TopK,PowerSGD --seeds 0 --epochs 8 --out "$OUT/convergence_charlm" ;;
+        --compressors none,OneBit,TopK,PowerSGD --seeds 0 --epochs 8 --out "$OUT/convergence_charlm"
+      "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
+        --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 8 --out "$OUT/convergence_charlm_3seeds" ;;
     # docs/MODEL_PARALLEL.md: balanced vs equal pipeline split.
     pipeline_balance) "$PY" benchmarks/bench_pipeline_balance.py --out "$OUT/pipeline_balance.txt" ;;
     # docs/DATA_PARALLEL.md: local SGD / DiLoCo / async, on one host and on emulated links.

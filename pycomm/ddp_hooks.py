@@ -43,7 +43,7 @@ class DDPHookState:
 
     OneBit, TopK and PowerSGD are wrapped in :class:`pycomm.compression.MomentumCorrection`
     (:func:`pycomm.compression.for_training`): with ``torch.optim.SGD`` they communicate the
-    momentum-corrected velocity, with other optimizers they run bare after 10 exact steps.
+    momentum-corrected velocity, with other optimizers they run bare after the warm-up.
     Pass a ``MomentumCorrection`` yourself to choose.
 
     Attributes:

@@ -48,3 +48,30 @@ def test_merge_replaces_in_place_and_records_the_run():
     assert "python merge" in table and "| mlp | sgd | PowerSGD | 2 | 88.50" in table
     with pytest.raises(SystemExit, match="epochs"):
         b.merge(old, _doc([], epochs=8))
+
+
+def test_summary_reports_loss_next_to_accuracy():
+    b = _bench()
+    cells = [dict(_cell("sgdm", "none", s, 70.0 + s), test_loss=0.8 + 0.1 * s) for s in (0, 1)]
+    cells += [dict(_cell("sgdm", "TopK", s, 60.0), test_loss=1.0 + 0.1 * s) for s in (0, 1)]
+    cells += [_cell("sgdm", "OneBit", 0, 65.0)]  # recorded before test_loss existed
+    table = b.summarize(_doc(cells))
+    # mean 1.05 vs 0.85: +23.5 %
+    assert "| mlp | sgdm | TopK | 2 | 60.00 +- 0.00 | -10.50 | 60.00..60.00 | 1.050 +- 0.050 | +23.5 % |" in table
+    assert "| mlp | sgdm | none | 2 | 70.50 +- 0.50 | +0.00 | 70.00..71.00 | 0.850 +- 0.050 | +0.0 % |" in table
+    assert "| mlp | sgdm | OneBit | 1 | 65.00 +- 0.00 | -5.50 | 65.00..65.00 | n/a | n/a |" in table
+
+
+def test_kw_variant_builds_the_wrapping_with_those_arguments():
+    import pycomm.compression as C
+
+    b = _bench()
+    c = b.make_compressor("OneBit-kw:warmup_steps=7;exact=p.dim() == 1;warmup_compression=C.QSGD(bits=4|error_feedback=True)")
+    assert isinstance(c, C.MomentumCorrection) and c.warmup_steps == 7
+    assert isinstance(c.warmup_compression, C.QSGD) and c.warmup_compression.bits == 4
+    import torch
+
+    assert c.exact(torch.zeros(3)) and not c.exact(torch.zeros(3, 3))
+    assert b.make_compressor("OneBit-kw:exact=p.dim() == 1").warmup_steps == C.ONEBIT_WARMUP_STEPS  # its default
+    d = b.make_compressor("TopK-kw:inner.ratio=0.1")
+    assert d.compressor.ratio == 0.1 and isinstance(d.warmup_compression, C.QSGD)  # TopK's default warm-up kept
