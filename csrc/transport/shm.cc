@@ -424,7 +424,7 @@ const void* ShmTransport::mapPeerSegment(int peer, const ShmPostRecord& rec) {
     if (fd >= 0) {
       struct stat st;
       if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) == rec.regBytes) {
-        void* p = mmap(nullptr, rec.regBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        void* p = mmap(nullptr, rec.regBytes, PROT_READ, MAP_SHARED, fd, 0);
         if (p != MAP_FAILED) {
           ps.local = p;
           (void)madvise(p, rec.regBytes, MADV_HUGEPAGE);

@@ -58,13 +58,20 @@ TEST(SharedArena, AllocatesAlignedDistinctBuffersAndCoalescesFreedOnes) {
   a.free(h);
   a.free(nullptr);
   EXPECT_EQ(a.bytesInUse(), 0u);
-  // Everything coalesced back: a buffer as large as the first segment fits in it again.
-  const size_t seg = a.bytesReserved();
+  // Everything coalesced back: the same buffers fit again without a new segment, and a
+  // buffer spanning what the first three took lands where they were.
   const size_t segments = a.segmentCount();
-  void* all = a.allocate(seg);
-  ASSERT_NE(all, nullptr);
+  void* h2 = a.allocate(kMiB * 2);
+  void* p2 = a.allocate(5000);
+  ASSERT_TRUE(h2 && p2);
   EXPECT_EQ(a.segmentCount(), segments);
-  a.free(all);
+  a.free(h2);
+  a.free(p2);
+  void* whole = a.allocate(kMiB * 2 - 4096);
+  ASSERT_NE(whole, nullptr);
+  EXPECT_EQ(a.segmentCount(), segments);
+  a.free(whole);
+  EXPECT_EQ(a.bytesInUse(), 0u);
 }
 
 TEST(SharedArena, GrowsByNewSegmentsAndStopsAtTheCap) {
