@@ -25,13 +25,17 @@ run() {  # run NAME CMD...
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
-for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+for name in bench_limits_4 bench_limits_4_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology dp_step_2x2 conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
     # variables) vs pycomm-bench vs Gloo, against the machine's limits probed in the same run.
     bench_limits_4) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 --json "$OUT/$name.json" ;;
+    # The same with registered buffers off in the same run (before/after of issue 17 item 2)
+    # and the loop on a tensor in the registered arena (as DataParallel's buckets are).
+    bench_limits_4_regbuf) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 2 \
+        --baseline-env "PYCOMM_REGISTERED=0 PYCOMM_REGISTERED_COPY_MAX=0" --json "$OUT/$name.json" ;;
     collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
