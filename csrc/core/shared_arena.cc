@@ -43,9 +43,10 @@ SharedArena& SharedArena::instance() {
 }
 
 bool SharedArena::grow(size_t atLeast) {
-  // Each new segment at least doubles what the arena holds, so a growing user sees a
-  // logarithmic number of segments (and peers map as few).
-  size_t bytes = roundUp(std::max({atLeast, minSegment_, reserved_}), kHugePageBytes);
+  // A new segment doubles what the arena holds, up to 64 MiB at a time (its memory is
+  // committed at once, so a large arena does not double past what it is asked for):
+  // a growing user sees few segments, and peers map as few.
+  size_t bytes = roundUp(std::max({atLeast, minSegment_, std::min(reserved_, size_t{64} << 20)}), kHugePageBytes);
   if (reserved_ + bytes > max_) {
     bytes = roundUp(std::max(atLeast, minSegment_), kHugePageBytes);
     if (reserved_ + bytes > max_) return false;
