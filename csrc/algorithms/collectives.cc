@@ -90,6 +90,9 @@ Collectives::~Collectives() {
   if (codecThread_) codecThread_->shutdown("pycomm: collectives destroyed");
   if (recvThread_) recvThread_->shutdown("pycomm: collectives destroyed");
   if (crossThread_) crossThread_->shutdown("pycomm: collectives destroyed");
+  // A destroyed group leaves no registered segment (nor its descriptor) behind.
+  registeredScratch_.reset();
+  SharedArena::instance().trim();
 }
 
 void Collectives::compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,

@@ -83,6 +83,7 @@ void* SharedArena::allocate(size_t bytes) {
   for (int attempt = 0; attempt < 2; ++attempt) {
     for (size_t si = 0; si < segments_.size(); ++si) {
       Segment& s = segments_[si];
+      if (!s.base) continue;
       for (auto it = s.freeBlocks.begin(); it != s.freeBlocks.end(); ++it) {
         const size_t off = it->first, flen = it->second;
         const size_t start = roundUp(off, align);
@@ -127,12 +128,26 @@ void SharedArena::free(void* p) {
   s.freeBlocks[off] = len;
 }
 
+void SharedArena::trim() {
+  std::lock_guard<std::mutex> g(mu_);
+  for (Segment& s : segments_) {
+    if (!s.base || s.freeBlocks.size() != 1 || s.freeBlocks.begin()->second != s.bytes) continue;
+    munmap(s.base, s.bytes);
+    close(s.fd);
+    reserved_ -= s.bytes;
+    s.base = nullptr;  // the slot (and its id) stays, dead
+    s.bytes = 0;
+    s.fd = -1;
+    s.freeBlocks.clear();
+  }
+}
+
 bool SharedArena::locate(const void* p, size_t bytes, Location* out) const {
   const char* c = static_cast<const char*>(p);
   std::lock_guard<std::mutex> g(mu_);
   for (size_t si = 0; si < segments_.size(); ++si) {
     const Segment& s = segments_[si];
-    if (c >= s.base && c + bytes <= s.base + s.bytes && c < s.base + s.bytes) {
+    if (s.base && c >= s.base && c + bytes <= s.base + s.bytes && c < s.base + s.bytes) {
       out->segment = static_cast<int32_t>(si);
       out->fd = s.fd;
       out->base = reinterpret_cast<uint64_t>(s.base);
@@ -146,7 +161,9 @@ bool SharedArena::locate(const void* p, size_t bytes, Location* out) const {
 
 size_t SharedArena::segmentCount() const {
   std::lock_guard<std::mutex> g(mu_);
-  return segments_.size();
+  size_t n = 0;
+  for (const Segment& s : segments_) n += s.base != nullptr;
+  return n;
 }
 
 size_t SharedArena::bytesReserved() const {

@@ -58,6 +58,10 @@ class SharedArena {
   void* allocate(size_t bytes);
   /// Returns a buffer from allocate() (nullptr is ignored). Thread-safe.
   void free(void* p);
+  /// Unmaps and closes every segment with no buffer in use (a group's teardown calls it,
+  /// so a destroyed group leaves no descriptor behind). Ids are never reused: a later
+  /// segment gets a new id, which peers map afresh. Thread-safe.
+  void trim();
   /// Whether [p, p + bytes) lies inside one segment; fills `out` if so. Thread-safe.
   bool locate(const void* p, size_t bytes, Location* out) const;
 
@@ -89,7 +93,13 @@ class SharedArena {
 class ArenaBuffer {
  public:
   ArenaBuffer() = default;
-  ~ArenaBuffer() { SharedArena::instance().free(p_); }
+  ~ArenaBuffer() { reset(); }
+  /// Returns the buffer to the arena.
+  void reset() {
+    SharedArena::instance().free(p_);
+    p_ = nullptr;
+    bytes_ = 0;
+  }
   ArenaBuffer(const ArenaBuffer&) = delete;
   ArenaBuffer& operator=(const ArenaBuffer&) = delete;
   /// At least `bytes` (contents not kept across growth), or null.

@@ -88,6 +88,21 @@ TEST(SharedArena, GrowsByNewSegmentsAndStopsAtTheCap) {
   EXPECT_LT(l1.segment, l2.segment);
   EXPECT_NE(l1.fd, l2.fd);
   EXPECT_EQ(a.allocate(32 * kMiB), nullptr) << "over the cap";
+  // trim() releases only empty segments; ids are not reused afterwards.
+  a.free(first);
+  a.trim();
+  EXPECT_EQ(a.segmentCount(), 1u) << "the segment holding `second` stays";
+  EXPECT_FALSE(a.locate(first, 64, &l1));
+  a.free(second);
+  a.trim();
+  EXPECT_EQ(a.segmentCount(), 0u);
+  EXPECT_EQ(a.bytesReserved(), 0u);
+  void* again = a.allocate(100);
+  ASSERT_NE(again, nullptr);
+  SharedArena::Location l3;
+  ASSERT_TRUE(a.locate(again, 100, &l3));
+  EXPECT_GT(l3.segment, l2.segment);
+  a.free(again);
   SharedArena off(2 * kMiB, 0);
   EXPECT_EQ(off.allocate(64), nullptr) << "a cap of 0 turns the arena off";
 }
