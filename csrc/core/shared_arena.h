@@ -8,9 +8,8 @@
 // per collective, as NCCL's user-buffer registration and vLLM's custom all-reduce do.
 //
 // Growth adds a segment (a higher segment id, which is the epoch peers compare: a post
-// naming a segment a peer has not mapped yet makes it map it first). Segments are never
-// unmapped or reused while the arena lives, so an address inside one keeps meaning the
-// same segment for the life of the process. Huge pages are requested on every segment
+// naming a segment a peer has not mapped yet makes it map it first). Ids are never
+// reused; trim() (a group's teardown) releases the segments no buffer uses any more. Huge pages are requested on every segment
 // (MADV_HUGEPAGE; shared memory gets them only where
 // /sys/kernel/mm/transparent_hugepage/shmem_enabled allows it).
 #pragma once
