@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -35,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 # ---- one rank of the plain loop -------------------------------------------------------------
 
-def _worker(backend: str, big: int, iters_big: int, iters_small: int, out: str) -> None:
+def _worker(backend: str, big: int, iters_big: int, iters_small: int, out: str, registered: bool = False) -> None:
     import torch
     import torch.distributed as dist
 
@@ -49,6 +50,10 @@ def _worker(backend: str, big: int, iters_big: int, iters_small: int, out: str) 
     res = {}
     for name, numel, iters in (("big", big // 4, iters_big), ("small", 2, iters_small)):
         t = torch.randn(numel)
+        if registered:
+            # A tensor in pycomm's registered arena, as DataParallel's buckets are.
+            from pycomm import _C
+            t = _C.registered_zeros(numel, torch.float32).copy_(t)
         for _ in range(min(5, iters)):
             dist.all_reduce(t)
         dist.barrier(group=side)
@@ -71,7 +76,7 @@ def _worker(backend: str, big: int, iters_big: int, iters_small: int, out: str) 
     dist.destroy_process_group()
 
 
-def _plain(backend: str, ranks: int, args) -> dict:
+def _plain(backend: str, ranks: int, args, extra_env: Optional[dict] = None, registered: bool = False) -> dict:
     from pycomm.bench.launch import free_port, wait_all
 
     with tempfile.TemporaryDirectory() as d:
@@ -82,9 +87,11 @@ def _plain(backend: str, ranks: int, args) -> dict:
             env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
                        WORLD_SIZE=str(ranks), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(ranks),
                        PYTHONPATH=ROOT + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+            env.update(extra_env or {})
             procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", backend,
                                            "--big", str(args.big), "--iters-big", str(args.iters_big),
-                                           "--iters-small", str(args.iters_small), "--out", out], env=env))
+                                           "--iters-small", str(args.iters_small), "--out", out]
+                                          + (["--registered"] if registered else []), env=env))
         rc = wait_all(procs, 900)
         if rc != 0:
             raise SystemExit(f"plain loop on {backend} failed (exit {rc})")
@@ -116,11 +123,16 @@ def main(argv=None) -> int:
     ap.add_argument("--iters-big", type=int, default=10)
     ap.add_argument("--iters-small", type=int, default=1000)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--baseline-env", default=None, metavar="'K=V ...'",
+                    help="also run the plain pycomm loop with these variables set (e.g. "
+                         "'PYCOMM_REGISTERED=0 PYCOMM_REGISTERED_COPY_MAX=0': registered buffers off, the code "
+                         "before issue 17 item 2) and on a tensor in the registered arena")
+    ap.add_argument("--registered", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.big, args.iters_big, args.iters_small, args.out)
+        _worker(args.worker, args.big, args.iters_big, args.iters_small, args.out, args.registered)
         return 0
 
     import torch
@@ -148,6 +160,11 @@ def main(argv=None) -> int:
         rec = {"round": r, "load": load(), "limits": lim}
         rec["plain_pycomm"] = _plain("pycomm", n, args)
         rec["plain_gloo"] = _plain("gloo", n, args)
+        if args.baseline_env is not None:
+            base = dict(kv.split("=", 1) for kv in shlex.split(args.baseline_env))
+            rec["baseline_env"] = base
+            rec["plain_pycomm_baseline"] = _plain("pycomm", n, args, extra_env=base)
+            rec["plain_pycomm_registered"] = _plain("pycomm", n, args, registered=True)
         rec["bench_big"] = _bench(n, args.big, args.iters_big)
         rec["bench_small"] = _bench(n, 8, args.iters_small)
         rec["load_after"] = load()
@@ -177,6 +194,10 @@ def _figures(rec: dict, n: int, fb: float, args, L) -> dict:
         "plain_pycomm_small": rec["plain_pycomm"]["small"], "plain_gloo_small": rec["plain_gloo"]["small"],
         "bench_pycomm_small_ip": bs["ip"], "bench_gloo_small_oop": bs["cmp"],
     }
+    for k in ("plain_pycomm_baseline", "plain_pycomm_registered"):
+        if k in rec:
+            f[k + "_big"] = rec[k]["big"]
+            f[k + "_small"] = rec[k]["small"]
     for k, v in list(f.items()):
         if isinstance(v, dict):
             v = dict(v)
@@ -201,7 +222,13 @@ def _print_round(rec, n, fb, args, L) -> None:
                      ("plain_pycomm_small", "plain loop, pycomm 8 B"),
                      ("plain_gloo_small", "plain loop, gloo 8 B"),
                      ("bench_pycomm_small_ip", "pycomm-bench pycomm 8 B in place"),
-                     ("bench_gloo_small_oop", "pycomm-bench gloo 8 B out of place")):
+                     ("bench_gloo_small_oop", "pycomm-bench gloo 8 B out of place"),
+                     ("plain_pycomm_baseline_big", "plain loop, pycomm, baseline env"),
+                     ("plain_pycomm_registered_big", "plain loop, pycomm, registered"),
+                     ("plain_pycomm_baseline_small", "plain loop, pycomm 8 B, baseline"),
+                     ("plain_pycomm_registered_small", "plain loop, pycomm 8 B, registered")):
+        if k not in f:
+            continue
         v = f[k]
         bw = f"{v['busbw']:7.2f}" if v["busbw"] is not None else f"{'':>7}"
         print(f"{label:<34} {v['time_us']:10.1f} {bw} {100 * v['frac']:5.0f} {v['p50_us']:9.1f} {v['p99_us']:9.1f}")
@@ -238,6 +265,15 @@ def _summary(rounds, n, fb, args, L) -> dict:
         checks.append(f"{name}: p50 {s[key]['p50_us']:.1f} vs gloo {s[cmp_key]['p50_us']:.1f} us = 1/{1 / r50:.1f} "
                       f"(target <= 1/10: {'met' if r50 <= 0.1 else 'NOT met'}); p99 {s[key]['p99_us']:.1f} vs "
                       f"{s[cmp_key]['p99_us']:.1f} us = 1/{1 / r99:.1f} (target <= 1/4: {'met' if r99 <= 0.25 else 'NOT met'})")
+    if "plain_pycomm_baseline_big" in s:
+        b, a, g = s["plain_pycomm_baseline_big"], s["plain_pycomm_big"], s["plain_pycomm_registered_big"]
+        checks.append(f"before/after, plain loop {args.big >> 20} MiB (before = {rounds[0]['baseline_env']}): "
+                      f"{b['time_us']:.0f} -> {a['time_us']:.0f} us ({b['time_us'] / a['time_us']:.2f}x; "
+                      f"{100 * b['frac']:.0f}% -> {100 * a['frac']:.0f}% of the bound); registered tensor "
+                      f"{g['time_us']:.0f} us ({100 * g['frac']:.0f}%)")
+        b, a = s["plain_pycomm_baseline_small"], s["plain_pycomm_small"]
+        checks.append(f"before/after, plain loop 8 B: p50 {b['p50_us']:.1f} -> {a['p50_us']:.1f} us, "
+                      f"p99 {b['p99_us']:.1f} -> {a['p99_us']:.1f} us")
     s["checks"] = checks
     print("# targets (issue 17), on the medians:")
     for c in checks:

@@ -25,7 +25,7 @@ run() {  # run NAME CMD...
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
-for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+for name in bench_limits_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
             topology_bcast_reduce dp_step_2x2 tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
@@ -33,6 +33,16 @@ for name in bench_limits_4 collectives_shm_4 collectives_shm_2 collectives_tcp_4
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
     # variables) vs pycomm-bench vs Gloo, against the machine's limits probed in the same run.
     bench_limits_4) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 --json "$OUT/$name.json" ;;
+    # The same with registered buffers off in the same run (before/after of issue 17 item 2)
+    # and the loop on a tensor in the registered arena (as DataParallel's buckets are).
+    # DataParallel (registered buckets) with registered buffers off, then on (issue 17 item 2).
+    dp_step_regbuf)
+      PYCOMM_REGISTERED=0 PYCOMM_REGISTERED_COPY_MAX=0 run "${name}_before" "$PY" benchmarks/bench_data_parallel.py \
+          --modes dp --steps 3 --warmup 2 --json "$OUT/${name}_before.json"
+      run "${name}_after" "$PY" benchmarks/bench_data_parallel.py --modes dp --steps 3 --warmup 2 \
+          --json "$OUT/${name}_after.json" ;;
+    bench_limits_4_regbuf) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 2 \
+        --baseline-env "PYCOMM_REGISTERED=0 PYCOMM_REGISTERED_COPY_MAX=0" --json "$OUT/$name.json" ;;
     collectives_shm_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_shm_2) run $name "$PY" -m pycomm.bench all_reduce --ranks 2 --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;
     collectives_tcp_4) run $name "$PY" -m pycomm.bench all_reduce --ranks 4 --transport tcp --thp 1 --threads 1 -b 8 -e 64M -f 2 -n 20 -w 5 --compare gloo --no-progress ;;

@@ -219,7 +219,11 @@ class DataParallel(torch.nn.Module):
         self._slot: List[Tuple[int, int]] = [(0, 0)] * len(self._params)  # param -> (bucket, offset)
         for bi, (params, offsets, numel, _key) in enumerate(planned):
             p0 = self._params[params[0]]
-            flat = torch.zeros(numel, dtype=p0.dtype, device=p0.device)
+            if p0.device.type == "cpu":
+                # A registered buffer: the shm transport's peers read it without a system call.
+                flat = _C.registered_zeros(numel, p0.dtype)
+            else:
+                flat = torch.zeros(numel, dtype=p0.dtype, device=p0.device)
             self._buckets.append(_Bucket(bi, list(params), list(offsets), numel, flat))
             for pi, off in zip(params, offsets):
                 self._slot[pi] = (bi, off)

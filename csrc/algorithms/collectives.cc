@@ -68,6 +68,8 @@ AlgoConfig AlgoConfig::fromEnv() {
   c.algo = envStr("PYCOMM_ALGO", "auto");
   c.hierChunkBytes = static_cast<size_t>(
       std::max<int64_t>(4096, envInt("PYCOMM_HIER_CHUNK_BYTES", static_cast<int64_t>(c.hierChunkBytes))));
+  c.registeredCopyMax = static_cast<size_t>(std::max<int64_t>(
+      0, envInt("PYCOMM_REGISTERED_COPY_MAX", static_cast<int64_t>(c.registeredCopyMax))));
   c.compressPieceBytes = static_cast<size_t>(std::max<int64_t>(
       4, envInt("PYCOMM_COMPRESS_PIECE_BYTES", static_cast<int64_t>(c.compressPieceBytes))));
   PYCOMM_CHECK_ARG(c.algo == "auto" || c.algo == "ring" || c.algo == "direct" || c.algo == "oneshot" ||
@@ -93,6 +95,9 @@ Collectives::~Collectives() {
   if (codecThread_) codecThread_->shutdown("pycomm: collectives destroyed");
   if (recvThread_) recvThread_->shutdown("pycomm: collectives destroyed");
   if (crossThread_) crossThread_->shutdown("pycomm: collectives destroyed");
+  // A destroyed group leaves no registered segment (nor its descriptor) behind.
+  registeredScratch_.reset();
+  SharedArena::instance().trim();
 }
 
 void Collectives::compressedAllReduce(PieceCodec& codec, const CompressedArgs& args, const OpDesc& desc,
@@ -268,14 +273,31 @@ void Collectives::shmDirectAllReduce(void* buf, size_t count, DType dtype, Reduc
   const int n = size_;
   const size_t es = dtypeSize(dtype);
   const size_t bytes = count * es;
-  char* b = static_cast<char*>(buf);
-  const uint64_t d = direct_->post(desc, buf, bytes, 0);
+  char* user = static_cast<char*>(buf);
+  // Peers read this rank's buffer. Outside the registered arena every read is a
+  // process_vm_readv that pins its pages; a copy into registered scratch (one pass here)
+  // lets them read with plain loads instead, where that is cheaper (registeredCopyMax).
+  char* b = user;
+  SharedArena::Location loc;
+  if (bytes > config_.smallBytes && bytes <= config_.registeredCopyMax &&
+      !SharedArena::instance().locate(user, bytes, &loc)) {
+    if (char* r = registeredScratch_.get(bytes)) {
+      memcpy(r, user, bytes);
+      b = r;
+    }
+  }
+  const uint64_t d = direct_->post(desc, b, bytes, 0);
   std::vector<uint64_t> addr(n, 0);
+  std::vector<const char*> mapped(n, nullptr);  // peers' registered buffers, mapped here
   for (int p = 0; p < n; ++p) {
-    if (p != rank_) addr[p] = direct_->peerRecord(p, d, desc, bytes, deadline).addr;
+    if (p == rank_) continue;
+    const DirectAccess::Peer rec = direct_->peerRecord(p, d, desc, bytes, deadline);
+    addr[p] = rec.addr;
+    mapped[p] = static_cast<const char*>(rec.mapped);
   }
   // Reduce-scatter: this rank alone reduces block `rank_`, reading each peer's block
-  // straight from the peer's buffer (one copy, in cache-sized pieces).
+  // straight from the peer's buffer (one copy, in cache-sized pieces; none for a
+  // registered peer, whose block is reduced straight out of its mapping).
   const size_t lo = blockBegin(count, n, rank_);
   const size_t hi = blockBegin(count, n, rank_ + 1);
   const size_t piece = std::max<size_t>(1, kPieceBytes / es);
@@ -284,19 +306,30 @@ void Collectives::shmDirectAllReduce(void* buf, size_t count, DType dtype, Reduc
     const size_t len = std::min(piece, hi - off);
     for (int p = 0; p < n; ++p) {
       if (p == rank_) continue;
-      direct_->readPeer(p, addr[p] + off * es, tmp, len * es);
-      reduceInto(b + off * es, tmp, len, dtype, op);
+      if (mapped[p]) {
+        reduceInto(b + off * es, mapped[p] + off * es, len, dtype, op);
+      } else {
+        direct_->readPeer(p, addr[p] + off * es, tmp, len * es);
+        reduceInto(b + off * es, tmp, len, dtype, op);
+      }
     }
   }
   if (op == ReduceOp::kAvg) finalizeAvg(b + lo * es, hi - lo, dtype, n);
   // Every block is final before anyone copies it.
   direct_->barrier(desc, deadline);
-  // All-gather: copy each peer's finished block out of the peer's buffer.
+  // All-gather: copy each peer's finished block out of the peer's buffer, into the
+  // caller's buffer (with this rank's own block when it was reduced in the copy).
   for (int p = 0; p < n; ++p) {
-    if (p == rank_) continue;
     const size_t plo = blockBegin(count, n, p);
     const size_t phi = blockBegin(count, n, p + 1);
-    if (phi > plo) direct_->readPeer(p, addr[p] + plo * es, b + plo * es, (phi - plo) * es);
+    if (phi <= plo) continue;
+    if (p == rank_) {
+      if (b != user) memcpy(user + plo * es, b + plo * es, (phi - plo) * es);
+    } else if (mapped[p]) {
+      memcpy(user + plo * es, mapped[p] + plo * es, (phi - plo) * es);
+    } else {
+      direct_->readPeer(p, addr[p] + plo * es, user + plo * es, (phi - plo) * es);
+    }
   }
   // Nobody may touch its buffer again until every peer has finished reading it.
   direct_->barrier(desc, deadline);
@@ -326,8 +359,12 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
   if (direct_ && config_.algo != "ring") {
     const uint64_t d = direct_->post(desc, in, blockBytes * n, 0);
     std::vector<uint64_t> addr(n, 0);
+    std::vector<const char*> mapped(n, nullptr);  // registered peers' inputs, mapped here
     for (int p = 0; p < n; ++p) {
-      if (p != rank_) addr[p] = direct_->peerRecord(p, d, desc, blockBytes * n, deadline).addr;
+      if (p == rank_) continue;
+      const DirectAccess::Peer rec = direct_->peerRecord(p, d, desc, blockBytes * n, deadline);
+      addr[p] = rec.addr;
+      mapped[p] = static_cast<const char*>(rec.mapped);
     }
     const size_t piece = std::max<size_t>(1, kPieceBytes / es);
     char* tmp = scratch(piece * es);
@@ -335,8 +372,12 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
       const size_t len = std::min(piece, countPerRank - off);
       for (int p = 0; p < n; ++p) {
         if (p == rank_) continue;
-        direct_->readPeer(p, addr[p] + rank_ * blockBytes + off * es, tmp, len * es);
-        reduceInto(o + off * es, tmp, len, dtype, op);
+        if (mapped[p]) {
+          reduceInto(o + off * es, mapped[p] + rank_ * blockBytes + off * es, len, dtype, op);
+        } else {
+          direct_->readPeer(p, addr[p] + rank_ * blockBytes + off * es, tmp, len * es);
+          reduceInto(o + off * es, tmp, len, dtype, op);
+        }
       }
     }
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
@@ -383,12 +424,17 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
   if (n == 1) return;
   if (direct_ && config_.algo != "ring") {
     const uint64_t d = direct_->post(desc, in, bytesPerRank, 0);
-    std::vector<uint64_t> addr(n, 0);
+    std::vector<DirectAccess::Peer> rec(n);
     for (int p = 0; p < n; ++p) {
-      if (p != rank_) addr[p] = direct_->peerRecord(p, d, desc, bytesPerRank, deadline).addr;
+      if (p != rank_) rec[p] = direct_->peerRecord(p, d, desc, bytesPerRank, deadline);
     }
     for (int p = 0; p < n; ++p) {
-      if (p != rank_ && bytesPerRank) direct_->readPeer(p, addr[p], o + p * bytesPerRank, bytesPerRank);
+      if (p == rank_ || !bytesPerRank) continue;
+      if (rec[p].mapped) {
+        memcpy(o + p * bytesPerRank, rec[p].mapped, bytesPerRank);  // a registered peer
+      } else {
+        direct_->readPeer(p, rec[p].addr, o + p * bytesPerRank, bytesPerRank);
+      }
     }
     direct_->barrier(desc, deadline);  // peers are done reading our input
     ran(Algo::kAllGatherDirect);

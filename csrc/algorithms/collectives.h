@@ -15,12 +15,18 @@
 #include "core/deadline.h"
 #include "algorithms/compressed.h"
 #include "core/dtype.h"
+#include "core/shared_arena.h"
 #include "core/topology.h"
 #include "transport/transport.h"
 
 namespace pycomm {
 
 /// Algorithm choices (from the environment, see docs/USER_GUIDE.md).
+// ---- registered buffers (issue 17 item 2) ----
+/// Default of AlgoConfig::registeredCopyMax (see docs/PERFORMANCE.md, "Registered buffers").
+constexpr size_t kRegisteredCopyMaxDefault = size_t{1} << 62;
+// ---- end registered buffers ----
+
 struct AlgoConfig {
   /// All-reduces of at most this many bytes use the latency algorithm (one-shot
   /// through shared memory, recursive doubling over TCP). PYCOMM_ALLREDUCE_SMALL_BYTES.
@@ -39,6 +45,14 @@ struct AlgoConfig {
   /// bytes, and the in-host steps of one chunk overlap the cross-host step of another.
   /// PYCOMM_HIER_CHUNK_BYTES.
   size_t hierChunkBytes = 2 << 20;
+
+  // ---- registered buffers (issue 17 item 2; core/shared_arena.h) ----
+  /// The shm direct all-reduce of a buffer outside the registered arena copies it into
+  /// a registered scratch first (peers then read it with plain loads instead of
+  /// process_vm_readv) when it has more than smallBytes and at most this many bytes;
+  /// 0 never copies. PYCOMM_REGISTERED_COPY_MAX.
+  size_t registeredCopyMax = kRegisteredCopyMaxDefault;
+  // ---- end registered buffers ----
 
   /// Reads the PYCOMM_* variables above.
   static AlgoConfig fromEnv();
@@ -266,6 +280,11 @@ class Collectives {
   // ---- hierarchical rooted block: rootedCross() views, by root ----
   std::map<int, std::pair<std::unique_ptr<Transport>, std::unique_ptr<Collectives>>> rootedCross_;
   std::vector<char> rootedScratch_;  // a non-root path rank's reduce partials
+
+  // ---- registered buffers (issue 17 item 2) ----
+  // The direct all-reduce's copy of a user buffer that is not registered (in the arena).
+  ArenaBuffer registeredScratch_;
+  // ---- end registered buffers ----
 };
 
 }  // namespace pycomm

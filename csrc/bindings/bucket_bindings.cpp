@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/shared_arena.h"
 #include "engine/bucket.h"
 
 namespace pycomm {
@@ -157,6 +158,35 @@ void copyInT(const Tensor& flat, int64_t offset, const Tensor& t) {
   copySpans({s}, 1);
 }
 
+// A zero-filled 1-D CPU tensor over a registered buffer (core/shared_arena.h): the shm
+// transport's peers read it without a system call. Ordinary memory when the arena
+// refuses the size (its cap, no memory): the collectives then read it as before.
+Tensor registeredZerosT(int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(numel >= 0, "registered_zeros: negative numel ", numel);
+  const auto opts = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  void* p = SharedArena::instance().allocate(bytes);
+  if (!p) return at::zeros({numel}, opts);
+  memset(p, 0, bytes);
+  return at::from_blob(p, {numel}, [](void* q) { SharedArena::instance().free(q); }, opts);
+}
+
+bool isRegisteredT(const Tensor& t) {
+  if (!t.defined() || !t.device().is_cpu()) return false;
+  SharedArena::Location loc;
+  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+  return SharedArena::instance().locate(t.data_ptr(), bytes, &loc);
+}
+
+pybind11::dict registeredStatsT() {
+  const SharedArena& a = SharedArena::instance();
+  pybind11::dict d;
+  d["segments"] = a.segmentCount();
+  d["bytes_reserved"] = a.bytesReserved();
+  d["bytes_in_use"] = a.bytesInUse();
+  return d;
+}
+
 }  // namespace
 
 void initBucketBindings(pybind11::module_& m) {
@@ -174,6 +204,12 @@ void initBucketBindings(pybind11::module_& m) {
         "Copies a flat bucket's slots back into tensors (None entries skipped).");
   m.def("bucket_copy_in", &copyInT, arg("flat"), arg("offset"), arg("tensor"),
         "Copies one tensor into flat[offset : offset + numel].");
+  m.def("registered_zeros", &registeredZerosT, arg("numel"), arg("dtype"),
+        "A zero-filled 1-D CPU tensor in the registered arena (peers on the host read it without a system "
+        "call); ordinary memory if the arena refuses it.");
+  m.def("is_registered", &isRegisteredT, arg("tensor"),
+        "Whether a CPU tensor's bytes lie in the registered arena.");
+  m.def("registered_stats", &registeredStatsT, "The registered arena: segments, bytes_reserved, bytes_in_use.");
 }
 
 }  // namespace pycomm

@@ -8,6 +8,7 @@
 #endif
 
 #include "bindings/torch_types.h"
+#include "core/shared_arena.h"
 
 namespace pycomm {
 
@@ -115,8 +116,16 @@ Staged stage(const at::Tensor& t, bool isOutput, int rank, const char* what, Com
   if (t.device().is_cpu() && t.is_contiguous()) {
     s.buf = t;
   } else {
-    s.buf = t.to(at::kCPU).contiguous();
-    if (s.buf.data_ptr() == t.data_ptr()) s.buf = s.buf.clone();
+    // A contiguous copy, in the registered arena when it has room (peers on the host
+    // then read it without a system call; core/shared_arena.h).
+    const auto opts = t.options().device(at::kCPU);
+    const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+    if (void* p = SharedArena::instance().allocate(bytes)) {
+      s.buf = at::from_blob(p, t.sizes(), [](void* q) { SharedArena::instance().free(q); }, opts);
+    } else {
+      s.buf = at::empty(t.sizes(), opts);
+    }
+    s.buf.copy_(t);
     s.copyBack = isOutput;
   }
   return s;

@@ -22,6 +22,7 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "core/huge_pages.h"
+#include "core/shared_arena.h"
 #include "transport/probe.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -104,6 +105,11 @@ struct ShmPostRecord {
   uint64_t addr;
   uint64_t bytes;
   uint64_t inlineBytes;
+  // The buffer's registered segment (core/shared_arena.h), regSeg < 0 when it has none.
+  int32_t regSeg;
+  int32_t regFd;
+  uint64_t regBase;
+  uint64_t regBytes;
 };
 
 struct alignas(64) ShmRankSlot {
@@ -145,6 +151,9 @@ ShmTransport::ShmTransport(Store& store, const std::string& keyPrefix, int rank,
                            std::chrono::milliseconds timeout)
     : rank_(rank), size_(size), pids_(size), pidfds_(size, -1), sendSeq_(size, 0),
       recvSeq_(size, 0) {
+  peerSegs_.resize(size);
+  curSeg_.assign(size, -1);
+  registered_ = envInt("PYCOMM_REGISTERED", 1) != 0;
   // How long a wait spins before it sleeps on the futex. A spinning rank helps only
   // while the rank it waits for runs on another core: with more ranks on the host than
   // cores it can use, the spin steals the core that rank needs, so the wait yields the
@@ -225,6 +234,12 @@ ShmTransport::ShmTransport(Store& store, const std::string& keyPrefix, int rank,
 ShmTransport::~ShmTransport() { release(); }
 
 void ShmTransport::release() {
+  for (auto& segs : peerSegs_) {
+    for (PeerSegment& ps : segs) {
+      if (ps.local) munmap(ps.local, ps.bytes);
+    }
+    segs.clear();
+  }
   for (int& fd : pidfds_) {
     if (fd >= 0) close(fd);
     fd = -1;
@@ -369,6 +384,67 @@ void ShmTransport::abort(const std::string& why) {
 }
 
 void ShmTransport::readPeer(int peer, uint64_t remote, void* local, size_t bytes) {
+  const int si = curSeg_[peer];
+  if (si >= 0) {
+    const PeerSegment& ps = peerSegs_[peer][si];
+    if (ps.local && remote >= ps.remoteBase && remote - ps.remoteBase + bytes <= ps.bytes) {
+      if (bytes) memcpy(local, static_cast<const char*>(ps.local) + (remote - ps.remoteBase), bytes);
+      stats_.bytesRecv.fetch_add(bytes, std::memory_order_relaxed);
+      slot(peer)->served.fetch_add(bytes, std::memory_order_relaxed);
+      return;
+    }
+  }
+  readPeerCma(peer, remote, local, bytes);
+}
+
+size_t ShmTransport::mappedSegments() const {
+  size_t n = 0;
+  for (const auto& segs : peerSegs_) {
+    for (const PeerSegment& ps : segs) n += ps.local != nullptr;
+  }
+  return n;
+}
+
+const void* ShmTransport::mapPeerSegment(int peer, const ShmPostRecord& rec) {
+  auto& segs = peerSegs_[peer];
+  int idx = -1;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    if (segs[i].segment == rec.regSeg) idx = static_cast<int>(i);
+  }
+  if (idx < 0) {
+    // A segment this rank has not seen yet (the owner's arena grew): map it once. The
+    // owner keeps the descriptor open for its life, so the number stays valid.
+    PeerSegment ps;
+    ps.segment = rec.regSeg;
+    ps.remoteBase = rec.regBase;
+    ps.bytes = rec.regBytes;
+    const int fd = pidfds_[peer] >= 0
+                       ? static_cast<int>(syscall(SYS_pidfd_getfd, pidfds_[peer], rec.regFd, 0))
+                       : -1;
+    if (fd >= 0) {
+      struct stat st;
+      if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) == rec.regBytes) {
+        void* p = mmap(nullptr, rec.regBytes, PROT_READ, MAP_SHARED, fd, 0);
+        if (p != MAP_FAILED) {
+          ps.local = p;
+          (void)madvise(p, rec.regBytes, MADV_HUGEPAGE);
+        }
+      }
+      close(fd);
+    }
+    segs.push_back(ps);
+    idx = static_cast<int>(segs.size()) - 1;
+  }
+  curSeg_[peer] = idx;
+  const PeerSegment& ps = segs[idx];
+  if (!ps.local || rec.addr < ps.remoteBase || rec.addr - ps.remoteBase + rec.bytes > ps.bytes) {
+    curSeg_[peer] = -1;
+    return nullptr;
+  }
+  return static_cast<const char*>(ps.local) + (rec.addr - ps.remoteBase);
+}
+
+void ShmTransport::readPeerCma(int peer, uint64_t remote, void* local, size_t bytes) {
   char* dst = static_cast<char*>(local);
   size_t done = 0;
   while (done < bytes) {
@@ -437,7 +513,7 @@ void ShmTransport::completeRecv(int peer, void* buf, size_t bytes, const OpDesc&
       throw;
     }
   }
-  if (bytes > 0) readPeer(peer, mb->addr, buf, bytes);
+  if (bytes > 0) readPeerCma(peer, mb->addr, buf, bytes);
   stats_.messagesRecv.fetch_add(1, std::memory_order_relaxed);
   // Release the sender's buffer.
   mb->consumed.store(seq, std::memory_order_release);
@@ -488,6 +564,14 @@ uint64_t ShmTransport::post(const OpDesc& desc, const void* addr, size_t bytes, 
   rec.addr = reinterpret_cast<uint64_t>(addr);
   rec.bytes = bytes;
   rec.inlineBytes = inlineBytes;
+  rec.regSeg = -1;
+  SharedArena::Location loc;
+  if (registered_ && inlineBytes == 0 && bytes > 0 && SharedArena::instance().locate(addr, bytes, &loc)) {
+    rec.regSeg = loc.segment;
+    rec.regFd = loc.fd;
+    rec.regBase = loc.base;
+    rec.regBytes = loc.segBytes;
+  }
   if (inlineBytes > 0) {
     char* dst = static_cast<char*>(base_) + inlineOffset(size_) +
                 (static_cast<size_t>(rank_) * 2 + (dseq & 1)) * kShmInlineBytes;
@@ -517,6 +601,8 @@ ShmTransport::Peer ShmTransport::peerRecord(int peer, uint64_t dseq, const OpDes
   Peer p;
   p.addr = rec.addr;
   p.bytes = rec.bytes;
+  curSeg_[peer] = -1;
+  if (rec.regSeg >= 0 && registered_) p.mapped = mapPeerSegment(peer, rec);
   if (rec.inlineBytes > 0) {
     p.inlineData = static_cast<char*>(base_) + inlineOffset(size_) +
                    (static_cast<size_t>(peer) * 2 + (dseq & 1)) * kShmInlineBytes;

@@ -6,7 +6,10 @@
 // pair a mailbox. Payloads never pass through the segment: the receiver copies the
 // sender's bytes straight out of the sender's address space with process_vm_readv
 // (cross-memory attach), so every message costs one copy. Small all-reduces use
-// inline slots in the segment instead (one-shot, latency-optimised).
+// inline slots in the segment instead (one-shot, latency-optimised). A buffer that
+// lies in the process's registered arena (core/shared_arena.h) is published with its
+// segment, and peers map that segment once and read the buffer with plain loads (no
+// system call, no pinning): Peer::mapped, and readPeer becomes a memcpy.
 #pragma once
 
 #include <sys/types.h>
@@ -38,6 +41,7 @@ constexpr size_t kHugeAdviseDefault = 0;
 struct ShmHeader;
 struct ShmRankSlot;
 struct ShmMailbox;
+struct ShmPostRecord;
 
 /// Transport over a shared control segment plus cross-memory reads.
 class ShmTransport : public Transport, public DirectAccess {
@@ -76,6 +80,8 @@ class ShmTransport : public Transport, public DirectAccess {
   Peer peerRecord(int peer, uint64_t dseq, const OpDesc& desc, size_t bytes,
                   const Deadline& deadline) override;
   void readPeer(int peer, uint64_t remote, void* local, size_t bytes) override;
+  /// Peers' registered segments this rank has mapped (for tests and stats).
+  size_t mappedSegments() const;
   /// Counted per transport.
   void barrier(const OpDesc& desc, const Deadline& deadline) override;
 
@@ -91,6 +97,9 @@ class ShmTransport : public Transport, public DirectAccess {
   void waitSendDone(int peer, const OpDesc& desc, const Deadline& deadline);
   void completeRecv(int peer, void* buf, size_t bytes, const OpDesc& desc, const Deadline& deadline);
   ShmRankSlot* slot(int r) const;
+  const void* mapPeerSegment(int peer, const ShmPostRecord& rec);
+  void readPeerCma(int peer, uint64_t remote, void* local, size_t bytes);
+
   ShmMailbox* mailbox(int from, int to) const;
 
   int rank_;
@@ -110,6 +119,20 @@ class ShmTransport : public Transport, public DirectAccess {
   bool oversubscribed_ = false;
   size_t hugeAdviseBytes_ = kHugeAdviseDefault;
   std::chrono::steady_clock::time_point lastLiveCheck_{};
+
+  /// A peer's registered segment as mapped here (`local` null: mapping it failed,
+  /// so its buffers are read with process_vm_readv).
+  struct PeerSegment {
+    int32_t segment = -1;
+    uint64_t remoteBase = 0;
+    size_t bytes = 0;
+    void* local = nullptr;
+  };
+  std::vector<std::vector<PeerSegment>> peerSegs_;  // per peer
+  // Per peer, the segment the current direct operation's buffer lies in (index into
+  // peerSegs_[peer]) or -1; set by peerRecord, used by readPeer.
+  std::vector<int> curSeg_;
+  bool registered_ = true;  // PYCOMM_REGISTERED=0 turns publication and mapping off
 };
 
 /// A string identifying this host and namespace: ranks with equal keys can use

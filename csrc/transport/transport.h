@@ -77,6 +77,9 @@ class DirectAccess {
     const void* inlineData = nullptr;  ///< the peer's inline bytes (one-shot), or null
     uint64_t addr = 0;                 ///< address of the peer's buffer in its process
     size_t bytes = 0;                  ///< bytes the peer published
+    /// The peer's buffer mapped into this process (a registered buffer, see
+    /// core/shared_arena.h), or null: then read it with readPeer.
+    const void* mapped = nullptr;
   };
 
   virtual ~DirectAccess() = default;
