@@ -21,11 +21,13 @@ namespace tcp_streams {
 /// Most sockets a pair may open (the handshake carries the count in one byte).
 constexpr int kMaxStreams = 8;
 /// Streams "auto" opens at most. Measured on emulated links (benchmarks/results/
-/// tcp_streams_*.txt, a loaded 2-core VM): at 10 Gbit/s 2 streams were 1.54x and 4
-/// streams 1.60x faster than one; at 1 Gbit/s, where one flow already fills the link,
-/// 2 streams cost 7% and 4 streams 11%; 2 is the compromise. Not tied to the core
-/// count: one thread drives all of a pair's sockets in one poll loop, and the CPU time
-/// per byte measured the same for 1, 2 and 4 streams.
+/// tcp_streams_*.txt and docs/USER_GUIDE.md "TCP streams"): at 10 Gbit/s 2 streams were
+/// 1.05x one on a quiet 2-core VM (one flow already reaches 90% of the link there) and
+/// 1.54x under load (a stalled flow no longer stalls the message); at 1 Gbit/s, where one
+/// flow fills the link, 2 streams cost nothing measurable when quiet (7% under load) and
+/// 4 streams 23%; 2 is the compromise. Not tied to the core count: one thread drives all
+/// of a pair's sockets in one poll loop, and the CPU time per byte measured the same for
+/// 1, 2 and 4 streams.
 constexpr int kAutoMaxStreams = 2;
 /// Smallest stripe: a message shorter than two of these goes whole over stream 0, so
 /// small-message latency is what it is with one stream.
