@@ -206,6 +206,10 @@ class Collectives {
   void hierLocalReduce(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
   void hierCross(char* b, size_t n, DType dtype, ReduceOp op, const OpDesc& desc, const Deadline& deadline);
   void hierLocalGather(char* b, size_t n, DType dtype, const OpDesc& desc, const Deadline& deadline);
+  // After a failure inside a pipelined hierarchical call: fails this group's transport and
+  // the in-host one with `why`, so steps still queued or running (and peers waiting on
+  // them) fail fast instead of waiting out the deadline (hierarchical.cc).
+  void hierAbort(const std::string& why);
   // True if reduce_scatter / all_gather of `bytes` in all go hierarchical.
   bool hierBlocks(size_t bytes) const;
   void hierReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,

@@ -137,15 +137,7 @@ void Collectives::hierCompressedAllReduce(PieceCodec& codec, const HierCompresse
     }
   } catch (...) {
     // Steps still queued or running use the tensor and this frame: fail them, wait, report.
-    std::string why = "pycomm: hierarchical compressed all-reduce failed";
-    try {
-      throw;
-    } catch (const std::exception& e) {
-      why = e.what();
-    } catch (...) {
-    }
-    transport_.abort(why);
-    local_->transport().abort(why);
+    hierAbort(exceptionMessage(std::current_exception(), "pycomm: hierarchical compressed all-reduce failed"));
     for (auto& d : crossDone) {
       if (d) d->waitFor(-1);  // each bounded by the deadline inside its transport calls
     }

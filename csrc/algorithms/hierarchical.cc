@@ -21,6 +21,11 @@ inline size_t shardBegin(size_t count, int n, int c) {
 }
 }  // namespace
 
+void Collectives::hierAbort(const std::string& why) {
+  transport_.abort(why);
+  if (local_) local_->transport().abort(why);
+}
+
 void Collectives::initHierarchy(Transport* local) {
   const int host = topology_.hostOf[rank_];
   const std::vector<int> mine = topology_.ranksOn(host);
@@ -168,15 +173,7 @@ void Collectives::hierAllReduce(void* buf, size_t count, DType dtype, ReduceOp o
     }
   } catch (...) {
     // Steps still queued or running use `buf`: fail them now, wait, then report.
-    std::string why = "pycomm: hierarchical all-reduce failed";
-    try {
-      throw;
-    } catch (const std::exception& e) {
-      why = e.what();
-    } catch (...) {
-    }
-    transport_.abort(why);
-    local_->transport().abort(why);
+    hierAbort(exceptionMessage(std::current_exception(), "pycomm: hierarchical all-reduce failed"));
     waitAll();
     throw;
   }

@@ -30,13 +30,7 @@ inline size_t pieceBegin(size_t count, size_t n, size_t c) {
 }
 
 std::string describe(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  } catch (...) {
-  }
-  return "pycomm: hierarchical collective failed";
+  return exceptionMessage(e, "pycomm: hierarchical collective failed");
 }
 }  // namespace
 
@@ -130,9 +124,7 @@ void Collectives::hierPipeline(size_t chunks, bool crossFirst, bool waitCross,
     for (size_t c = 0; c < chunks; ++c) check(c);
   } catch (...) {
     // Steps still queued or running use the caller's buffer: fail them, wait, report.
-    const std::string why = describe(std::current_exception());
-    transport_.abort(why);
-    localTransport.abort(why);
+    hierAbort(describe(std::current_exception()));
     for (auto& d : done) {
       if (d) d->waitFor(-1);
     }

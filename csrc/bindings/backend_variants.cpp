@@ -1,6 +1,9 @@
 // The all-reduces beyond the dense one: sparse COO (SUM, as Gloo) and the pipelined
 // compressed all-reduce (the native path of pycomm.compression), flat or with the codec
 // on the cross-host hop only.
+#include <tuple>
+#include <utility>
+
 #include "algorithms/compressed.h"
 #include "bindings/backend.h"
 #include "bindings/sparse_allreduce.h"
@@ -13,6 +16,21 @@ namespace {
 // What the compressed paths take: a contiguous CPU float32 tensor.
 bool isFlatF32(const at::Tensor& x) {
   return x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous();
+}
+
+// The error-feedback residuals of a compressed call: checked (CPU float32 of `nWorker`
+// and `nServer` elements), kept alive with the call in `keep`, their data returned.
+std::pair<float*, float*> residuals(const std::optional<at::Tensor>& worker, const std::optional<at::Tensor>& server,
+                                    size_t nWorker, size_t nServer, int rank, const std::string& codecName,
+                                    const char* where, std::vector<at::Tensor>& keep) {
+  TORCH_CHECK_VALUE(worker && server && isFlatF32(*worker) && isFlatF32(*server) &&
+                        static_cast<size_t>(worker->numel()) == nWorker &&
+                        static_cast<size_t>(server->numel()) == nServer,
+                    "pycomm rank ", rank, ": ", codecName, " with error feedback", where,
+                    " needs CPU float32 residuals of ", nWorker, " (worker) and ", nServer, " (server) elements");
+  keep.push_back(*worker);
+  keep.push_back(*server);
+  return {worker->data_ptr<float>(), server->data_ptr<float>()};
 }
 }  // namespace
 
@@ -58,14 +76,8 @@ c10::intrusive_ptr<c10d::Work> PycommBackend::compressedAllReduce(at::Tensor t, 
   args.divisor = static_cast<int>(divisor);
   std::vector<at::Tensor> keep{t};
   if (errorFeedback) {
-    TORCH_CHECK_VALUE(worker && server && isFlatF32(*worker) && isFlatF32(*server) &&
-                          static_cast<size_t>(worker->numel()) == n && server->numel() == chunk,
-                      "pycomm rank ", rank_, ": ", codecName, " with error feedback needs CPU float32 residuals of ",
-                      n, " (worker) and ", chunk, " (server) elements");
-    args.workerResidual = worker->data_ptr<float>();
-    args.serverResidual = server->data_ptr<float>();
-    keep.push_back(*worker);
-    keep.push_back(*server);
+    std::tie(args.workerResidual, args.serverResidual) =
+        residuals(worker, server, n, static_cast<size_t>(chunk), rank_, codecName, "", keep);
   }
   std::shared_ptr<PieceCodec> shared(std::move(codec));
   Call call{c10d::OpType::ALLREDUCE, "pycomm:compressed_all_reduce", CollType::kCompressed, {t}, {Staged{t, t, false}}};
@@ -120,15 +132,8 @@ c10::intrusive_ptr<c10d::Work> PycommBackend::hierCompressedAllReduce(at::Tensor
   args.divisor = static_cast<int>(divisor);
   std::vector<at::Tensor> keep{t};
   if (errorFeedback) {
-    TORCH_CHECK_VALUE(worker && server && isFlatF32(*worker) && isFlatF32(*server) &&
-                          static_cast<size_t>(worker->numel()) == plan.workerElems &&
-                          static_cast<size_t>(server->numel()) == plan.serverElems,
-                      "pycomm rank ", rank_, ": ", codecName, " with error feedback across hosts needs CPU float32 "
-                      "residuals of ", plan.workerElems, " (worker) and ", plan.serverElems, " (server) elements");
-    args.workerResidual = worker->data_ptr<float>();
-    args.serverResidual = server->data_ptr<float>();
-    keep.push_back(*worker);
-    keep.push_back(*server);
+    std::tie(args.workerResidual, args.serverResidual) =
+        residuals(worker, server, plan.workerElems, plan.serverElems, rank_, codecName, " across hosts", keep);
   }
   std::shared_ptr<PieceCodec> shared(std::move(codec));
   Call call{c10d::OpType::ALLREDUCE, "pycomm:compressed_all_reduce", CollType::kCompressed, {t}, {Staged{t, t, false}}};

@@ -1,6 +1,7 @@
 // Error types of the core. The core throws, it never exits or aborts the process.
 #pragma once
 
+#include <exception>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -48,6 +49,17 @@ std::string strCat(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
   return os.str();
+}
+
+/// The message of exception `e` (what() of a std::exception), or `fallback` for others.
+inline std::string exceptionMessage(const std::exception_ptr& e, const char* fallback) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+  }
+  return fallback;
 }
 
 }  // namespace pycomm
