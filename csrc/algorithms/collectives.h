@@ -23,8 +23,11 @@ namespace pycomm {
 
 /// Algorithm choices (from the environment, see docs/USER_GUIDE.md).
 // ---- registered buffers (issue 17 item 2) ----
-/// Default of AlgoConfig::registeredCopyMax (see docs/PERFORMANCE.md, "Registered buffers").
-constexpr size_t kRegisteredCopyMaxDefault = size_t{1} << 62;
+/// Default of AlgoConfig::registeredCopyMax (docs/USER_GUIDE.md, "Registered buffers"): 0,
+/// user tensors outside the arena are read with process_vm_readv. On the quiet 2-core VM
+/// the copy into registered scratch made a 64 MiB all_reduce slower (49.7 vs 37.7 ms;
+/// benchmarks/results/bench_limits_4_regbuf.txt); under load it had been faster.
+constexpr size_t kRegisteredCopyMaxDefault = 0;
 // ---- end registered buffers ----
 
 struct AlgoConfig {

@@ -81,9 +81,11 @@ def test_shm_collectives_with_registered_buffers(world_size, mode):
             assert res["arena"]["segments"] >= 1, res
 
 
-def test_unregistered_user_tensors_without_the_registered_copy():
-    """PYCOMM_REGISTERED_COPY_MAX=0: user tensors are read with process_vm_readv as before."""
-    run_ranks(3, _collectives, "none", env={"PYCOMM_TRANSPORT": "shm", "PYCOMM_REGISTERED_COPY_MAX": "0"},
+def test_unregistered_user_tensors_copied_into_registered_scratch():
+    """PYCOMM_REGISTERED_COPY_MAX large: user tensors above the one-shot limit are copied into
+    registered scratch and read by peers with plain loads (the default, 0, reads them with
+    process_vm_readv as before)."""
+    run_ranks(3, _collectives, "none", env={"PYCOMM_TRANSPORT": "shm", "PYCOMM_REGISTERED_COPY_MAX": str(1 << 40)},
               timeout=300)
 
 
