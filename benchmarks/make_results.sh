@@ -134,6 +134,11 @@ for name in bench_limits_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_
         run "${name}_$l" "$PY" -m pycomm.bench all_reduce --hosts 2 --ranks-per-host 1 --link $l --tcp-streams-compare \
           --rounds 5 --thp 1 --threads 1 -b 64M -e 64M -n 3 -w 2 --json "$OUT/${name}_$l.json" --no-progress
       done
+      # 2 hosts x 2 ranks: "auto" opens one socket per pair there (the host's two ranks
+      # already put two flows on its link); 1, 2 and 4 streams and Gloo in the same run.
+      run "${name}_2x2_1gbit" "$PY" -m pycomm.bench all_reduce --hosts 2 --ranks-per-host 2 --link 1gbit \
+        --tcp-streams-compare --rounds 3 --thp 1 --threads 1 -b 64M -e 64M -n 3 -w 1 \
+        --json "$OUT/${name}_2x2_1gbit.json" --no-progress
       # what one plain TCP connection gets through the same emulated 10 Gbit/s link (no pycomm)
       run "${name}_10gbit_veth" "$PY" -m pycomm.bench.netem measure --link 10gbit --bytes 268435456 ;;
     # docs/COMPRESSION.md / USER_GUIDE.md (cross-host-only compression): 64 MiB all_reduce on

@@ -33,7 +33,10 @@ GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, in
     return Topology::fromKeys(keys);
   };
   GroupTransport g;
-  auto tcp = [&] { return std::make_unique<TcpTransport>(store, keyPrefix + "t/", rank, size, timeout); };
+  // hostShare: how many of the group's ranks share this rank's host (and its link).
+  auto tcp = [&](int hostShare = 1) {
+    return std::make_unique<TcpTransport>(store, keyPrefix + "t/", rank, size, timeout, hostShare);
+  };
   auto oneHostPerRank = [&] {
     std::vector<int> h(size);
     for (int r = 0; r < size; ++r) h[r] = r;
@@ -102,9 +105,9 @@ GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, in
   g.topology = Topology::fromKeys(confirmed);
   if (local) {
     g.local = local.get();
-    g.transport = std::make_unique<MixedTransport>(mine, std::move(local), tcp());
+    g.transport = std::make_unique<MixedTransport>(mine, std::move(local), tcp(static_cast<int>(mine.size())));
   } else {
-    g.transport = tcp();
+    g.transport = tcp(static_cast<int>(mine.size()));
   }
   return g;
 }

@@ -132,13 +132,13 @@ int TcpTransport::streams(int peer) const {
 }
 
 TcpTransport::TcpTransport(Store& store, const std::string& keyPrefix, int rank, int size,
-                           std::chrono::milliseconds timeout)
+                           std::chrono::milliseconds timeout, int hostShare)
     : rank_(rank), size_(size), timeout_(timeout), store_(&store), keyPrefix_(keyPrefix) {
   PYCOMM_CHECK_ARG(size >= 1, "pycomm: tcp transport needs size >= 1, got ", size);
   PYCOMM_CHECK_ARG(rank >= 0 && rank < size, "pycomm: rank ", rank, " out of range for size ",
                    size);
   pairs_.resize(size);
-  const int streams = tcp_streams::configuredStreams(rank, size);  // checked even alone
+  const int streams = tcp_streams::configuredStreams(rank, size, hostShare);  // checked even alone
   if (size == 1) return;
   socketBuffer_ = tcp_detail::socketBufferSize();
   connectMesh(store, keyPrefix, streams);

@@ -140,8 +140,10 @@ class TcpTransport : public Transport {
   /// InvalidArgument for a bad rank/size or listen-address setting. `keyPrefix` must
   /// be fresh for every group instance: keys are never deleted, and a stale address
   /// or secret left by an earlier group would be read by this one.
+  /// `hostShare`: ranks of the group on this rank's host (sets what
+  /// PYCOMM_TCP_STREAMS=auto opens, tcp_streams::autoStreams).
   TcpTransport(Store& store, const std::string& keyPrefix, int rank, int size,
-               std::chrono::milliseconds timeout);
+               std::chrono::milliseconds timeout, int hostShare = 1);
 
   /// Closes every socket (peers then see the connection closed).
   ~TcpTransport() override;

@@ -14,7 +14,7 @@ the codec on the host links only; its limit is the codec payload the host's rank
 send (pycomm's own plan of the call).
 
 ``--tcp-streams-compare`` measures TCP streams instead: pycomm with PYCOMM_TCP_STREAMS=auto,
-with one stream, with four, and Gloo, next to the wire time of the limit on the emulated link."""
+with one stream, two, four, and Gloo, next to the wire time of the limit on the emulated link."""
 from __future__ import annotations
 
 import datetime
@@ -34,10 +34,11 @@ from pycomm.bench.output import human
 #: "flat": the run's --flat-algo), PYCOMM_TCP_STREAMS of the group (None: as the environment says).
 TOPOLOGY_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-flat", "pycomm", "flat", None),
                      ("gloo", "gloo", None, None))
-#: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, four
-#: streams, Gloo.
+#: --tcp-streams-compare: pycomm with "auto" streams (the default group), one stream, two,
+#: four streams, Gloo.
 STREAMS_VARIANTS = (("pycomm", "pycomm", None, None), ("pycomm-1stream", "pycomm", None, "1"),
-                    ("pycomm-4streams", "pycomm", None, "4"), ("gloo", "gloo", None, None))
+                    ("pycomm-2streams", "pycomm", None, "2"), ("pycomm-4streams", "pycomm", None, "4"),
+                    ("gloo", "gloo", None, None))
 VARIANTS = TOPOLOGY_VARIANTS
 
 

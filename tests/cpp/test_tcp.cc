@@ -651,9 +651,19 @@ TEST(TcpStreams, SettingIsCheckedAndNamesTheRank) {
   EXPECT_EQ(tcp_streams::autoStreams(200, 1024), 1);
   EXPECT_EQ(tcp_streams::autoStreams(1000, 1024), 1);
   EXPECT_EQ(tcp_streams::autoStreams(1, 0), 1);
+  // The host's ranks share its link: "auto" divides its streams among them.
+  EXPECT_EQ(tcp_streams::autoStreams(4, 1024, 1), 2);
+  EXPECT_EQ(tcp_streams::autoStreams(4, 1024, 2), 1);
+  EXPECT_EQ(tcp_streams::autoStreams(8, 1024, 4), 1);
+  EXPECT_EQ(tcp_streams::autoStreams(4, 1024, 0), 2);
   {
     ScopedEnv e("PYCOMM_TCP_STREAMS", "3");
     EXPECT_EQ(tcp_streams::configuredStreams(0, 3), 3);
+    EXPECT_EQ(tcp_streams::configuredStreams(0, 3, 2), 3);  // an explicit count is kept
+  }
+  {
+    ScopedEnv e("PYCOMM_TCP_STREAMS", "auto");
+    EXPECT_EQ(tcp_streams::configuredStreams(0, 4, 2), 1);
   }
   for (const char* bad : {"0", "9", "two", "4x", "-1"}) {
     ScopedEnv e("PYCOMM_TCP_STREAMS", bad);

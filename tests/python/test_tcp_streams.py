@@ -156,6 +156,38 @@ def _socket_count(rank, ws):
     return _tcp_sockets()
 
 
+def _socket_count_on_layout(rank, ws, store, layout):
+    import torch
+    import torch.distributed as dist
+
+    import topology_cases as tc
+
+    tc._join(rank, ws, store, layout)
+    dist.all_reduce(torch.ones(4))
+    n = _tcp_sockets()
+    dist.barrier()
+    dist.destroy_process_group()
+    return n
+
+
+def test_auto_divides_streams_among_a_hosts_ranks():
+    """Two emulated hosts with two ranks each: "auto" opens one socket per pair (the host's
+    two ranks already put two flows on its link), as PYCOMM_TCP_STREAMS=1 does; an explicit
+    2 opens one more per peer and TCP transport."""
+    layout = [0, 0, 1, 1]
+    counts = {}
+    for streams in ("auto", "1", "2"):
+        results = rc.launch(4, _socket_count_on_layout, layout, init=False, timeout=120,
+                            env={"PYCOMM_TCP_STREAMS": streams})
+        for r in results:
+            assert r["status"] == "ok", rc.describe(results)
+        counts[streams] = [r["payload"] for r in results]
+    assert counts["auto"] == counts["1"], counts
+    for r in range(4):
+        extra = counts["2"][r] - counts["1"][r]
+        assert extra > 0 and extra % 3 == 0, counts
+
+
 def test_dead_peer_with_four_streams_fails_everyone_fast():
     victim = 1
     with tempfile.TemporaryDirectory() as d:
@@ -186,6 +218,6 @@ def test_bench_tcp_streams_compare_mode(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(jp.read_text())
     variants = [r["variant"] for r in doc["rows"]]
-    assert variants == ["pycomm", "pycomm-1stream", "pycomm-4streams", "gloo"] * 2, variants
+    assert variants == ["pycomm", "pycomm-1stream", "pycomm-2streams", "pycomm-4streams", "gloo"] * 2, variants
     assert all(r["wrong"] == 0 for r in doc["rows"]), doc["rows"]
     assert "medians over 2 interleaved rounds" in p.stdout and "wire-time limit" in p.stdout, p.stdout
