@@ -25,7 +25,7 @@ run() {  # run NAME CMD...
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
-for name in bench_limits_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+for name in bench_limits_4 bench_limits_4_fresh spin_sweep_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
             topology_bcast_reduce dp_step_2x2 tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
@@ -33,6 +33,16 @@ for name in bench_limits_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
     # variables) vs pycomm-bench vs Gloo, against the machine's limits probed in the same run.
     bench_limits_4) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 --json "$OUT/$name.json" ;;
+    # Issue 17's "same ratios on a fresh machine of the kind": the same command on another
+    # machine of the CI kind (bench_limits_4.txt was an Intel Xeon VM; this one says which it was).
+    bench_limits_4_fresh) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 --json "$OUT/$name.json" ;;
+    # README (issue 17 item 3): 8 B all_reduce, 4 ranks on the host, for several lengths of the
+    # oversubscribed spin (PYCOMM_SPIN; default 64, yielding every step), Gloo in each round.
+    spin_sweep_4)
+      run $name bash -c "for r in 1 2; do for s in 64 400 2000 8000; do echo \"# round \$r PYCOMM_SPIN=\$s\"; \
+        PYCOMM_SPIN=\$s \"$PY\" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 8 -n 3000 -w 200 --limits 0 --no-progress; done; \
+        echo \"# round \$r gloo\"; \"$PY\" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 8 -n 3000 -w 200 --limits 0 \
+        --backend gloo --no-progress; done" ;;
     # The same with registered buffers off in the same run (before/after of issue 17 item 2)
     # and the loop on a tensor in the registered arena (as DataParallel's buckets are).
     # DataParallel (registered buckets) with registered buffers off, then on (issue 17 item 2).
