@@ -27,7 +27,7 @@ ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 bench_limits_4_fresh spin_sweep_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
-            topology_bcast_reduce dp_step_2x2 tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
+            topology_bcast_reduce topology_bcast_tree dp_step_2x2 tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -133,6 +133,19 @@ for name in bench_limits_4 bench_limits_4_fresh spin_sweep_4 bench_limits_4_regb
       f=topology_2x2_1gbit_bcast_reduce
       run "$f" bash -c "for c in broadcast reduce; do \"$PY\" -m pycomm.bench \$c --hosts 2 --ranks-per-host 2 \
         --link 1gbit --thp 1 --threads 1 -b 16M -e 64M -f 4 -n 5 -w 1 --json $OUT/${f}_\$c.json --no-progress; done" ;;
+    # docs/USER_GUIDE.md (topology, issue 18 item 4): small broadcasts on 4 and 8 hosts x 1 rank,
+    # one call at a time (--isolated), the binomial tree (pycomm) vs the chain (PYCOMM_ALGO=ring)
+    # vs Gloo, 3 interleaved rounds.
+    topology_bcast_tree)
+      for h in 4 8; do
+        run "topology_${h}x1_bcast_tree" "$PY" -m pycomm.bench broadcast --hosts "$h" --ranks-per-host 1 \
+          --link 1gbit --threads 1 -b 8 -e 32K -f 8 -n 300 -w 30 --isolated --rounds 3 \
+          --json "$OUT/topology_${h}x1_bcast_tree.json" --no-progress
+      done
+      # and back to back (no barrier between calls: throughput, where the chain pipelines)
+      run "topology_8x1_bcast_tree_b2b" "$PY" -m pycomm.bench broadcast --hosts 8 --ranks-per-host 1 \
+        --link 1gbit --threads 1 -b 8 -e 32K -f 8 -n 300 -w 30 --rounds 3 \
+        --json "$OUT/topology_8x1_bcast_tree_b2b.json" --no-progress ;;
     # docs/USER_GUIDE.md (topology): DataParallel step, 2 hosts x 2 ranks at 1 Gbit/s,
     # hierarchical (dp) vs the flat ring (dp_flat) vs DDP on Gloo vs OneBit.
     dp_step_2x2) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 2 --ranks-per-host 2 --link 1gbit \

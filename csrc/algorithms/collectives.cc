@@ -38,6 +38,7 @@ const char* algoKey(Algo a) {
     case Algo::kAllGatherRing: return "algo_all_gather_ring";
     case Algo::kBroadcastDirect: return "algo_broadcast_direct";
     case Algo::kBroadcastChain: return "algo_broadcast_chain";
+    case Algo::kBroadcastTree: return "algo_broadcast_tree";
     case Algo::kReduceDirect: return "algo_reduce_direct";
     case Algo::kReduceAllReduce: return "algo_reduce_all_reduce";
     case Algo::kReduceChain: return "algo_reduce_chain";
@@ -481,6 +482,15 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
     ran(Algo::kBroadcastDirect);
     return;
   }
+  // Latency-bound (PYCOMM_ALGO=rd, or auto at most smallBytes): a binomial tree, so the
+  // last rank hears from the root after ceil(log2(n)) hops instead of n-1 along the chain.
+  // Bandwidth-bound: the chain, where every link carries the buffer once and segments
+  // overlap (a tree's root would send it log2(n) times).
+  if (n > 2 && (config_.algo == "rd" || (config_.algo != "ring" && bytes <= config_.smallBytes))) {
+    treeBroadcast(b, bytes, root, desc, deadline);
+    ran(Algo::kBroadcastTree);
+    return;
+  }
   // Pipelined chain root -> root+1 -> ... : segment j+1 arrives while segment j moves on.
   const int vr = mod(rank_ - root, n);
   const int prev = mod(rank_ - 1, n);
@@ -501,6 +511,25 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
     transport_.send(next, segPtr(nseg - 1), segLen(nseg - 1), desc, deadline);
   }
   ran(Algo::kBroadcastChain);
+}
+
+void Collectives::treeBroadcast(char* b, size_t bytes, int root, const OpDesc& desc,
+                                const Deadline& deadline) {
+  const int n = size_;
+  const int vr = mod(rank_ - root, n);  // position in the tree: the root is 0
+  // The parent of vr is vr with its lowest set bit cleared.
+  int mask = 1;
+  for (; mask < n; mask <<= 1) {
+    if (vr & mask) {
+      transport_.recv(mod(vr - mask + root, n), b, bytes, desc, deadline);
+      break;
+    }
+  }
+  // Children: vr + 2^k for every 2^k below that bit (all powers below n for the root),
+  // largest first, since that subtree is the deepest.
+  for (mask >>= 1; mask > 0; mask >>= 1) {
+    if (vr + mask < n) transport_.send(mod(vr + mask + root, n), b, bytes, desc, deadline);
+  }
 }
 
 void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int root,

@@ -74,6 +74,7 @@ enum class Algo : uint8_t {
   kAllGatherRing,       ///< ring
   kBroadcastDirect,     ///< every rank copies the root's buffer in place
   kBroadcastChain,      ///< pipelined chain from the root
+  kBroadcastTree,       ///< small, 3+ ranks over the network: binomial tree from the root (log2(n) hops)
   kReduceDirect,        ///< the root reads every peer's buffer in place
   kReduceAllReduce,     ///< small: an all-reduce of a copy, kept on the root
   kReduceChain,         ///< pipelined chain ending at the root
@@ -199,6 +200,9 @@ class Collectives {
                                   const OpDesc& desc, const Deadline& deadline);
   void shmOneShotAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                            const Deadline& deadline);
+  // Binomial tree from `root`: a rank receives once from its parent, then sends to its
+  // children, farthest subtree first; ceil(log2(n)) hops from the root to the last rank.
+  void treeBroadcast(char* buf, size_t bytes, int root, const OpDesc& desc, const Deadline& deadline);
   void chainReduce(char* buf, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
                    const Deadline& deadline);
   void shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,

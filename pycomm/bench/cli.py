@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--flat-algo", choices=("ring", "rd"), default="ring",
                    help="--ranks-per-host: PYCOMM_ALGO of the 'pycomm-flat' variant (ring: bandwidth, "
                         "rd: recursive doubling over every rank, the flat latency algorithm)")
+    c.add_argument("--isolated", action="store_true",
+                   help="--ranks-per-host: an untimed barrier (Gloo side group) before every timed call, so calls "
+                        "do not overlap and p50/p99 are one call's latency, not back-to-back throughput")
     c.add_argument("--latency", default="100us", help="one-way delay per host link")
     return ap
 

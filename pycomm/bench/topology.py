@@ -169,7 +169,10 @@ def run_topology(args, rank: int, world: int) -> int:
                 each = torch.zeros(args.iters, dtype=torch.float64)
                 cpu0 = _cpu_s()
                 t0 = time.perf_counter()
+                isolated = getattr(args, "isolated", False)
                 for i in range(args.iters):
+                    if isolated:  # no overlap with the previous call
+                        dist.barrier(group=side)
                     ti = time.perf_counter()
                     call(x)
                     each[i] = time.perf_counter() - ti
@@ -189,9 +192,11 @@ def run_topology(args, rank: int, world: int) -> int:
                 v[2 * hosts + host] = (p1 - p0) / args.iters
                 v[-1] = wrong
                 dist.all_reduce(v, group=side)
+                dist.all_reduce(each, op=dist.ReduceOp.MAX, group=side)  # each call's slowest rank
+                if isolated:  # the barriers between calls are not the collective's time
+                    t = float(each.mean())
                 tmax = torch.tensor([t, cpu], dtype=torch.float64)
                 dist.all_reduce(tmax, op=dist.ReduceOp.MAX, group=side)
-                dist.all_reduce(each, op=dist.ReduceOp.MAX, group=side)  # each call's slowest rank
                 algos = {}
                 if backend == "pycomm":
                     after = pycomm.stats(g)
@@ -277,7 +282,8 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, coll
             "variants": [v[0] for v in variants], "rounds": max(1, args.rounds),
             "tcp_streams": os.environ.get("PYCOMM_TCP_STREAMS", "auto"),
             "hosts": hosts, "ranks_per_host": per_host, "nranks": world, "link": args.link,
-            "latency": args.latency, "iters": args.iters, "warmup": args.warmup, "dtype": "float32", "op": "sum",
+            "latency": args.latency, "isolated": bool(getattr(args, "isolated", False)),
+            "iters": args.iters, "warmup": args.warmup, "dtype": "float32", "op": "sum",
             "torch": torch.__version__, "machine": machine(), "load": os.getloadavg(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "command": os.environ.get("PYCOMM_BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv)}
@@ -290,7 +296,9 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, coll
           f"wire ms = limit at the link rate; "
           f"tx/host = bytes each host's link sent per call (interface counters: Ethernet/IP/TCP headers and ACKs "
           f"included); payload = TCP payload pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); "
-          f"limit = {lim}; p50/p99 = percentiles over the timed calls of each call's slowest rank", flush=True)
+          f"limit = {lim}; p50/p99 = percentiles over the timed calls of each call's slowest rank"
+          + ("; --isolated: an untimed barrier before every call, time = mean over the calls of each call's slowest rank; CPU per call includes the barrier"
+             if getattr(args, "isolated", False) else ""), flush=True)
     for size in sorted({r["size"] for r in rows}):
         times = {}
         for r in rows:

@@ -91,6 +91,35 @@ def test_auto_picks_by_size(transport, small, large):
     run_ranks(WORLD, _auto, small, large, env={"PYCOMM_TRANSPORT": transport, "PYCOMM_ALGO": "auto"}, timeout=300)
 
 
+def _auto_broadcast(rank, ws):
+    """Flat TCP group of 3+ ranks, PYCOMM_ALGO=auto: a broadcast of at most
+    PYCOMM_ALLREDUCE_SMALL_BYTES runs the binomial tree, a larger one the chain; from
+    every root, checked bit for bit."""
+    import torch
+    import torch.distributed as dist
+
+    import pycomm
+
+    moved = {}
+    for n in (0, 1, 13, 16384, 16385, 65537):  # float32: 16384 elements = 64 KiB, the bound
+        before = pycomm.stats()
+        for root in range(ws):
+            x = torch.arange(n, dtype=torch.float32) * (root + 1) if rank == root else torch.full((n,), -1.0)
+            dist.broadcast(x, src=root)
+            torch.testing.assert_close(x, torch.arange(n, dtype=torch.float32) * (root + 1), rtol=0, atol=0)
+        after = pycomm.stats()
+        moved[n] = {k: after[k] - before.get(k, 0) for k in after
+                    if k.startswith("algo_broadcast_") and after[k] != before.get(k, 0)}
+    tree, chain = {"algo_broadcast_tree": ws}, {"algo_broadcast_chain": ws}
+    assert moved == {0: tree, 1: tree, 13: tree, 16384: tree, 16385: chain, 65537: chain}, moved
+    return moved
+
+
+@pytest.mark.parametrize("world", [3, 5])
+def test_small_broadcast_runs_the_tree_over_tcp(world):
+    run_ranks(world, _auto_broadcast, env={"PYCOMM_TRANSPORT": "tcp", "PYCOMM_ALGO": "auto"}, timeout=300)
+
+
 # On a group over several (emulated) hosts with two ranks on one (2+1), each PYCOMM_ALGO
 # selects its all_reduce, and the hierarchical broadcast / reduce unless a flat algorithm
 # is forced.
@@ -100,7 +129,7 @@ HOSTS_EXPECTED = {
     # (flat reduce: small calls all-reduce a copy, large ones run the chain)
     "ring": {"algo_all_reduce_ring": 3, "algo_broadcast_chain": 3, "algo_reduce_all_reduce": 2,
              "algo_reduce_chain": 1},
-    "rd": {"algo_all_reduce_rd": 3, "algo_broadcast_chain": 3, "algo_reduce_all_reduce": 3},
+    "rd": {"algo_all_reduce_rd": 3, "algo_broadcast_tree": 3, "algo_reduce_all_reduce": 3},
     "auto": {"algo_all_reduce_hier_rd": 2, "algo_all_reduce_hier": 1, "algo_broadcast_hier": 3,
              "algo_reduce_hier": 3},
 }
