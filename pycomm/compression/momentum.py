@@ -58,6 +58,7 @@ inner compressor's state, and the non-finite result is handed on for the scaler 
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple, Union
 
@@ -319,13 +320,27 @@ class MomentumCorrection:
         beta = self.momentum or 0.0
         prev = st["v"]
         g = tensor.detach().reshape(-1)
-        if self.local_velocity:
+        # Beta known to be 0 (the bare compressor after the warm-up, e.g. plain SGD): the
+        # inner compressor works in place on the tensor itself -- no copy in, none out; the
+        # last result is not kept (nothing reads it with beta 0).
+        bare = (self.momentum == 0.0 and not self.local_velocity and self.exact is None
+                and not self.scale_by_variance and tensor.dtype == torch.float32 and tensor.is_contiguous())
+        # Otherwise x, what the inner compressor sends (it works in place on it), lives in
+        # the key's second velocity buffer -- it becomes the next call's prev (swapped in
+        # finish), so a call allocates nothing and makes one pass here: x = beta * prev + g.
+        x = g if bare else st.get("x")
+        if x is None or x.numel() != n or x.device != prev.device:
+            x = st["x"] = torch.empty_like(prev)
+        if bare:
+            pass
+        elif self.local_velocity:
             u = st["u"]
             u.mul_(beta).add_(g)
-            x = u.clone()  # the inner compressor works in place on what it sends
+            x.copy_(u)
+        elif beta != 0.0:
+            torch.add(g, prev, alpha=beta, out=x)
         else:
-            x = torch.mul(prev, beta) if beta != 0.0 else torch.zeros_like(prev)
-            x.add_(g)
+            x.copy_(g)
         compressing = step >= self.warmup_steps and self.compressor is not None
         inner = self.compressor if compressing else (
             self.warmup_compression if self.warmup_compression is not None and self.compressor is not None
@@ -353,7 +368,8 @@ class MomentumCorrection:
         def finish() -> torch.Tensor:
             if split is not None:
                 x.index_copy_(0, split[1], xc)
-            if not bool(torch.isfinite(x).all()):
+            # One read pass, nothing allocated: the max-norm is NaN or inf iff an entry is.
+            if not math.isfinite(float(torch.linalg.vector_norm(x, float("inf")))):
                 # Identical on every rank (bitwise-identical results): all reset together and
                 # the overflow reaches the loss scaler, which skips the step.
                 self._states.pop(key, None)
@@ -371,9 +387,20 @@ class MomentumCorrection:
                     st["u"].masked_fill_(sent, 0.0)
             if d is not None:
                 x.mul_(d)
-            out = x.sub(prev, alpha=beta) if beta != 0.0 else x
-            prev.copy_(x)
-            _write_back(tensor, out)
+            # The gradient handed back, g' = V - beta * V_prev, written straight into the
+            # tensor when it is a contiguous float32 (one pass); x becomes the key's V_prev
+            # and prev's storage the next call's x (no copy).
+            if bare:
+                return tensor
+            flat = tensor.view(-1) if tensor.dtype == torch.float32 and tensor.is_contiguous() else None
+            if beta != 0.0:
+                if flat is not None:
+                    torch.sub(x, prev, alpha=beta, out=flat)
+                else:
+                    _write_back(tensor, x.sub(prev, alpha=beta))
+            else:
+                _write_back(tensor, x)
+            st["v"], st["x"] = x, prev
             return tensor
 
         xc = x
@@ -395,7 +422,8 @@ class MomentumCorrection:
 
     def state_dict(self) -> Dict[str, Any]:
         """Per key: last result, step (and velocity); beta; the inner compressor's state."""
-        out = {k: {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()}
+        out = {k: {n: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for n, v in st.items()
+                   if n != "x"}  # "x": scratch, not state
                for k, st in self._states.items()}
         inner = self.compressor.state_dict() if self.compressor is not None else None
         sd = {"type": type(self).__name__, "states": out, "momentum": self.momentum, "inner": inner}

@@ -478,3 +478,61 @@ def _body_exact_params(rank, world, name, async_op):
 @pytest.mark.parametrize("name,async_op", [("OneBit", False), ("TopK", True)])
 def test_exact_parameters_travel_uncompressed(name, async_op):
     run_ranks(3, _body_exact_params, name, async_op, backend="pycomm", timeout=60)
+
+
+def _body_buffers(rank, world, async_op):
+    """The wrapper's buffer handling, call by call against references it cannot share code
+    with: beta 0 is the bare compressor bitwise and works in the tensor's own storage;
+    beta 0.9 hands back V - beta * V_prev, where V is the inner compressor's result on
+    beta * V_prev + g (checked with a separate OneBit fed the velocities), over calls that
+    swap the two velocity buffers, with a state_dict round trip midway."""
+    import torch.distributed as dist
+
+    import pycomm.compression as C
+
+    def grads(step, n):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        return torch.randn(n, generator=g)
+
+    def call(comp, t):
+        if async_op:
+            return comp.all_reduce(t, key="k", async_op=True).wait()
+        return comp.all_reduce(t, key="k")
+
+    for n in (1, 4099):
+        bare = C.MomentumCorrection(C.OneBit(), momentum=0.0, warmup_steps=0)
+        ref = C.OneBit()
+        for step in range(3):
+            t, r = grads(step, n), grads(step, n)
+            ptr = t.data_ptr()
+            out = call(bare, t)
+            ref.all_reduce(r, key="k")
+            assert out.data_ptr() == ptr and t.data_ptr() == ptr
+            assert torch.equal(t, r), (n, step)
+        mc = C.MomentumCorrection(C.OneBit(), momentum=0.9, warmup_steps=1)
+        inner = C.OneBit()
+        v_prev = torch.zeros(n, dtype=torch.float64)
+        for step in range(5):
+            if step == 3:  # resume from a checkpoint: the same results follow
+                sd = mc.state_dict()
+                assert all("x" not in st for st in sd["states"].values())
+                mc = C.MomentumCorrection(C.OneBit(), momentum=0.9, warmup_steps=1)
+                mc.load_state_dict(sd)
+            g = grads(step, n)
+            u = (0.9 * v_prev + g.double()).float()
+            if step == 0:  # warm-up: the exact average
+                dist.all_reduce(u)
+                u /= world
+            else:
+                inner.all_reduce(u, key="k")
+            t = g.clone()
+            call(mc, t)
+            expect = u.double() - 0.9 * v_prev
+            torch.testing.assert_close(t.double(), expect, rtol=1e-6, atol=1e-6, msg=f"n={n} step={step}")
+            v_prev = u.double()
+    return True
+
+
+@pytest.mark.parametrize("async_op", [False, True])
+def test_velocity_buffers_and_in_place_bare_path(async_op):
+    run_ranks(3, _body_buffers, async_op, backend="pycomm", timeout=90)
