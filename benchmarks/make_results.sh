@@ -27,7 +27,7 @@ ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 bench_limits_4_fresh spin_sweep_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
-            topology_bcast_reduce topology_bcast_tree dp_step_2x2 dp_step_4x1_onebit tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
+            topology_bcast_reduce topology_bcast_tree topology_allgather_bruck dp_step_2x2 dp_step_4x1_onebit tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -146,6 +146,14 @@ for name in bench_limits_4 bench_limits_4_fresh spin_sweep_4 bench_limits_4_regb
       run "topology_8x1_bcast_tree_b2b" "$PY" -m pycomm.bench broadcast --hosts 8 --ranks-per-host 1 \
         --link 1gbit --threads 1 -b 8 -e 32K -f 8 -n 300 -w 30 --rounds 3 \
         --json "$OUT/topology_8x1_bcast_tree_b2b.json" --no-progress ;;
+    # docs/USER_GUIDE.md (topology, issue 18 item 4): small all_gathers (size = the gathered result)
+    # on 4 and 8 hosts x 1 rank, one call at a time, Bruck (pycomm) vs the ring (PYCOMM_ALGO=ring) vs Gloo.
+    topology_allgather_bruck)
+      for h in 4 8; do
+        run "topology_${h}x1_allgather_bruck" "$PY" -m pycomm.bench all_gather --hosts "$h" --ranks-per-host 1 \
+          --link 1gbit --threads 1 -b 64 -e 64K -f 8 -n 300 -w 30 --isolated --rounds 3 \
+          --json "$OUT/topology_${h}x1_allgather_bruck.json" --no-progress
+      done ;;
     # docs/USER_GUIDE.md (topology): DataParallel + OneBit step, 4 hosts x 1 rank at 1 Gbit/s, next to
     # DDP on Gloo and uncompressed dp (MomentumCorrection's reused buffers; the _before file
     # is the same command at commit d21aefe, before them).

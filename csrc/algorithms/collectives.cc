@@ -36,6 +36,7 @@ const char* algoKey(Algo a) {
     case Algo::kReduceScatterRing: return "algo_reduce_scatter_ring";
     case Algo::kAllGatherDirect: return "algo_all_gather_direct";
     case Algo::kAllGatherRing: return "algo_all_gather_ring";
+    case Algo::kAllGatherBruck: return "algo_all_gather_bruck";
     case Algo::kBroadcastDirect: return "algo_broadcast_direct";
     case Algo::kBroadcastChain: return "algo_broadcast_chain";
     case Algo::kBroadcastTree: return "algo_broadcast_tree";
@@ -441,6 +442,13 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
     ran(Algo::kAllGatherDirect);
     return;
   }
+  // Latency-bound (PYCOMM_ALGO=rd, or auto with at most smallBytes gathered): log2(n)
+  // rounds instead of the ring's n-1.
+  if (n > 2 && (config_.algo == "rd" || (config_.algo != "ring" && bytesPerRank * n <= config_.smallBytes))) {
+    bruckAllGather(o, bytesPerRank, desc, deadline);
+    ran(Algo::kAllGatherBruck);
+    return;
+  }
   const int next = mod(rank_ + 1, n);
   const int prev = mod(rank_ - 1, n);
   const size_t seg = std::max<size_t>(1, config_.segmentBytes);
@@ -511,6 +519,19 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
     transport_.send(next, segPtr(nseg - 1), segLen(nseg - 1), desc, deadline);
   }
   ran(Algo::kBroadcastChain);
+}
+
+void Collectives::bruckAllGather(char* o, size_t b, const OpDesc& desc, const Deadline& deadline) {
+  const int n = size_;
+  // tmp block i holds rank (rank_ + i) mod n's block: own first, then doubling.
+  char* tmp = scratch(static_cast<size_t>(n) * b);
+  if (b) memcpy(tmp, o + rank_ * b, b);
+  for (int dist = 1; dist < n; dist <<= 1) {
+    const size_t cnt = static_cast<size_t>(std::min(dist, n - dist));
+    transport_.sendRecv(mod(rank_ - dist, n), tmp, cnt * b, mod(rank_ + dist, n), tmp + dist * b, cnt * b, desc,
+                        deadline);
+  }
+  for (int i = 1; b && i < n; ++i) memcpy(o + mod(rank_ + i, n) * b, tmp + i * b, b);
 }
 
 void Collectives::treeBroadcast(char* b, size_t bytes, int root, const OpDesc& desc,

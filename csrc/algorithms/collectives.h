@@ -72,6 +72,7 @@ enum class Algo : uint8_t {
   kReduceScatterRing,   ///< ring of partial sums
   kAllGatherDirect,     ///< every rank copies each peer's input in place
   kAllGatherRing,       ///< ring
+  kAllGatherBruck,      ///< small, 3+ ranks over the network: Bruck's ceil(log2(n)) doubling rounds
   kBroadcastDirect,     ///< every rank copies the root's buffer in place
   kBroadcastChain,      ///< pipelined chain from the root
   kBroadcastTree,       ///< small, 3+ ranks over the network: binomial tree from the root (log2(n) hops)
@@ -202,6 +203,9 @@ class Collectives {
                            const Deadline& deadline);
   // Binomial tree from `root`: a rank receives once from its parent, then sends to its
   // children, farthest subtree first; ceil(log2(n)) hops from the root to the last rank.
+  // Bruck's all-gather: in round k every rank sends the min(2^k, n-2^k) blocks it holds
+  // to rank-2^k and receives as many from rank+2^k; ceil(log2(n)) rounds for any n.
+  void bruckAllGather(char* out, size_t bytesPerRank, const OpDesc& desc, const Deadline& deadline);
   void treeBroadcast(char* buf, size_t bytes, int root, const OpDesc& desc, const Deadline& deadline);
   void chainReduce(char* buf, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
                    const Deadline& deadline);

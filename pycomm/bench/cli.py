@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = ap.add_argument_group("emulated cluster (pycomm.bench.netem; needs root)")
     c.add_argument("--hosts", type=int, default=None, help="network namespaces to spread the ranks over")
     c.add_argument("--ranks-per-host", type=int, default=None,
-                   help="ranks on each host (sets --ranks to H*L) and measure all_reduce, broadcast or reduce three ways: pycomm as it "
+                   help="ranks on each host (sets --ranks to H*L) and measure all_reduce, all_gather, broadcast or reduce three ways: pycomm as it "
                         "chooses (hierarchical), pycomm flat (ring) and Gloo, with each host link's bytes")
     c.add_argument("--link", default="1gbit", help="per-host link rate (tc syntax)")
     c.add_argument("--tcp-streams-compare", action="store_true",
@@ -128,8 +128,8 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.ranks_per_host is not None:
         if not args.hosts or args.ranks_per_host < 1:
             ap.error("--ranks-per-host needs --hosts and must be >= 1")
-        if args.collective not in ("all_reduce", "broadcast", "reduce"):
-            ap.error("--ranks-per-host measures all_reduce, broadcast or reduce")
+        if args.collective not in ("all_reduce", "all_gather", "broadcast", "reduce"):
+            ap.error("--ranks-per-host measures all_reduce, all_gather, broadcast or reduce")
         if args.compression not in (None, "onebit", "fp16", "bf16", "qsgd") or (args.compression and args.collective != "all_reduce"):
             ap.error("--ranks-per-host --compression: all_reduce with onebit, fp16, bf16 or qsgd (the codecs that compress "
                      "the cross-host hop only)")

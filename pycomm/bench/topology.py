@@ -1,10 +1,10 @@
-"""``pycomm-bench [all_reduce|broadcast|reduce] --hosts H --ranks-per-host L``: a
+"""``pycomm-bench [all_reduce|all_gather|broadcast|reduce] --hosts H --ranks-per-host L``: a
 collective on a multi-host layout, measured three ways in one run - pycomm as it
 chooses (hierarchical on such layouts), pycomm flat (``PYCOMM_ALGO=ring`` or, with
 ``--flat-algo rd``, recursive doubling over every rank) and Gloo - with the bytes each
 emulated host put on its link, read from the namespace's interface counters
 (``/proc/self/net/dev`` of the host's first rank) and printed next to the hierarchical
-limit (all_reduce 2(H-1)/H * S; broadcast and reduce S), the median and 99th percentile
+limit (all_reduce 2(H-1)/H * S; all_gather (H-1)/H * S; broadcast and reduce S), the median and 99th percentile
 of the per-call times (each call's slowest rank), and each variant's wire-time limit
 (its limit bytes at the link rate).
 
@@ -58,11 +58,13 @@ def _compressor(args):
     return load_compressor(args.compression)(scope="cross_host")
 
 
-def _run(collective: str, t, group, root: int) -> None:
+def _run(collective: str, t, group, root: int, out=None) -> None:
     import torch.distributed as dist
 
     if collective == "all_reduce":
         dist.all_reduce(t, group=group)
+    elif collective == "all_gather":
+        dist.all_gather_into_tensor(out, t, group=group)
     elif collective == "broadcast":
         dist.broadcast(t, src=root, group=group)
     else:
@@ -132,14 +134,20 @@ def run_topology(args, rank: int, world: int) -> int:
             else:
                 os.environ["PYCOMM_TCP_STREAMS"] = saved
         rows = []
+        gather = coll == "all_gather"
         for size in _sizes(args.minbytes, args.maxbytes, args.stepfactor):
-            count = max(1, size // 4)
-            size = count * 4
+            # all_gather: size is the gathered result (nccl-tests), each rank gives 1/world of it.
+            count = max(1, size // 4 // world) if gather else max(1, size // 4)
+            size = count * 4 * (world if gather else 1)
             def inp(r):
                 return (torch.arange(count, dtype=torch.float64) % 13) * 0.5 + r
 
             # reduce: only the root's result is defined (Gloo overwrites other ranks' buffers).
-            ref = inp(root) if coll == "broadcast" else sum(inp(r) for r in range(world))
+            if gather:
+                ref = torch.cat([inp(r) for r in range(world)])
+            else:
+                ref = inp(root) if coll == "broadcast" else sum(inp(r) for r in range(world))
+            gathered = torch.empty(count * world) if gather else None
             # Several rounds, the variants interleaved in each, so that a load change on a
             # shared machine hits every variant alike; the summary takes medians.
             for label, backend, algo, _streams in [v for _ in range(max(1, args.rounds)) for v in variants]:
@@ -156,11 +164,16 @@ def run_topology(args, rank: int, world: int) -> int:
                     err = float((y.double() - ref).norm() / ref.norm())
                     call = lambda t: comp.all_reduce(t, key="bench", op="avg")  # noqa: E731 - bounded values
                 else:
-                    _run(coll, y, g, root)
+                    if gather:
+                        gathered.fill_(-1.0)
+                        _run(coll, y, g, root, out=gathered)
+                        y = gathered
+                    else:
+                        _run(coll, y, g, root)
                     wrong = int((y.double() - ref).abs().gt(1e-6 * ref.abs().max().clamp(min=1)).sum())
                     if coll == "reduce" and rank != root:
                         wrong = 0
-                    call = lambda t, g=g: _run(coll, t, g, root)  # noqa: E731
+                    call = lambda t, g=g: _run(coll, t, g, root, out=gathered)  # noqa: E731
                 for _ in range(args.warmup):
                     call(x)
                 dist.barrier(group=side)
@@ -232,10 +245,13 @@ def _cpu_s() -> float:
 
 
 def _limit(size: int, hosts: int, collective: str = "all_reduce") -> float:
-    """Fewest bytes the busiest host link must carry: all_reduce 2(H-1)/H * S; broadcast
-    (the root's host sends S) and reduce (every other host sends S) S."""
+    """Fewest bytes the busiest host link must carry: all_reduce 2(H-1)/H * S; all_gather
+    (H-1)/H * S (with equal hosts: every host receives the others' parts); broadcast (the
+    root's host sends S) and reduce (every other host sends S) S."""
     if hosts < 2:
         return 0.0
+    if collective == "all_gather":
+        return (hosts - 1) / hosts * size
     return 2 * (hosts - 1) / hosts * size if collective == "all_reduce" else float(size)
 
 
@@ -291,14 +307,15 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, coll
         meta["netem"] = json.loads(os.environ["PYCOMM_BENCH_NETEM"])
     if args.compression:
         meta["compression"] = f"{args.compression} scope=cross_host"
-    lim = "2(H-1)/H * S" if collective == "all_reduce" else "S"
+    lim = {"all_reduce": "2(H-1)/H * S", "all_gather": "(H-1)/H * S"}.get(collective, "S")
     print(f"# {collective}, {hosts} hosts x {per_host} ranks, link {args.link}; pycomm-flat = PYCOMM_ALGO={flat}; "
           f"wire ms = limit at the link rate; "
           f"tx/host = bytes each host's link sent per call (interface counters: Ethernet/IP/TCP headers and ACKs "
           f"included); payload = TCP payload pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); "
           f"limit = {lim}; p50/p99 = percentiles over the timed calls of each call's slowest rank"
-          + ("; --isolated: an untimed barrier before every call, time = mean over the calls of each call's slowest rank; CPU per call includes the barrier"
-             if getattr(args, "isolated", False) else ""), flush=True)
+          + ("; --isolated: an untimed barrier before every call, time = mean over the calls of each call's "
+             "slowest rank; CPU per call includes the barrier" if getattr(args, "isolated", False) else ""),
+          flush=True)
     for size in sorted({r["size"] for r in rows}):
         times = {}
         for r in rows:

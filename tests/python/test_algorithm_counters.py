@@ -91,10 +91,11 @@ def test_auto_picks_by_size(transport, small, large):
     run_ranks(WORLD, _auto, small, large, env={"PYCOMM_TRANSPORT": transport, "PYCOMM_ALGO": "auto"}, timeout=300)
 
 
-def _auto_broadcast(rank, ws):
+def _auto_small_collectives(rank, ws):
     """Flat TCP group of 3+ ranks, PYCOMM_ALGO=auto: a broadcast of at most
-    PYCOMM_ALLREDUCE_SMALL_BYTES runs the binomial tree, a larger one the chain; from
-    every root, checked bit for bit."""
+    PYCOMM_ALLREDUCE_SMALL_BYTES runs the binomial tree, a larger one the chain (from every
+    root); an all_gather of at most that many bytes in all runs Bruck's algorithm, a
+    larger one the ring; each checked bit for bit."""
     import torch
     import torch.distributed as dist
 
@@ -112,12 +113,25 @@ def _auto_broadcast(rank, ws):
                     if k.startswith("algo_broadcast_") and after[k] != before.get(k, 0)}
     tree, chain = {"algo_broadcast_tree": ws}, {"algo_broadcast_chain": ws}
     assert moved == {0: tree, 1: tree, 13: tree, 16384: tree, 16385: chain, 65537: chain}, moved
+    # all_gather: Bruck while the gathered result has at most 64 KiB, the ring above.
+    gathered = {}
+    for n in (0, 1, 7, 16384 // ws, 16384 // ws + 1, 6007):
+        before = pycomm.stats()
+        out = torch.empty(n * ws, dtype=torch.float32)
+        dist.all_gather_into_tensor(out, torch.arange(n, dtype=torch.float32) + 1000 * rank)
+        ref = torch.cat([torch.arange(n, dtype=torch.float32) + 1000 * r for r in range(ws)])
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        after = pycomm.stats()
+        gathered[n] = sorted(k for k in after if k.startswith("algo_all_gather_") and after[k] != before.get(k, 0))
+    big = 16384 // ws + 1
+    assert gathered == {n: ["algo_all_gather_ring" if n >= big else "algo_all_gather_bruck"] for n in gathered}, \
+        gathered
     return moved
 
 
 @pytest.mark.parametrize("world", [3, 5])
-def test_small_broadcast_runs_the_tree_over_tcp(world):
-    run_ranks(world, _auto_broadcast, env={"PYCOMM_TRANSPORT": "tcp", "PYCOMM_ALGO": "auto"}, timeout=300)
+def test_small_broadcast_and_all_gather_run_log_rounds_over_tcp(world):
+    run_ranks(world, _auto_small_collectives, env={"PYCOMM_TRANSPORT": "tcp", "PYCOMM_ALGO": "auto"}, timeout=300)
 
 
 # On a group over several (emulated) hosts with two ranks on one (2+1), each PYCOMM_ALGO

@@ -521,21 +521,25 @@ def test_bench_ranks_per_host_compares_hierarchical_flat_and_gloo(tmp_path):
 
 @pytest.mark.skipif(bool(_NETNS_WHY), reason=_NETNS_WHY or "ok")
 @needs_pycomm
-def test_bench_isolated_small_broadcast_tree_vs_chain(tmp_path):
+@pytest.mark.parametrize("coll,fast,flat,root_sends", [("broadcast", "tree", "chain", (2, 1)),
+                                                     ("all_gather", "bruck", "ring", (0.75, 0.75))])
+def test_bench_isolated_small_collectives_log_rounds_vs_flat(tmp_path, coll, fast, flat, root_sends):
     """4 hosts x 1 rank, --isolated: a small broadcast runs the binomial tree on the
-    default group and the chain with PYCOMM_ALGO=ring, both correct; the tree's root sends
-    log2(4) = 2 copies (the chain's root 1), and the metadata says calls were isolated."""
+    default group and the chain with PYCOMM_ALGO=ring (the tree's root sends log2(4) = 2
+    copies, the chain's 1); a small all_gather runs Bruck's rounds against the ring (each
+    rank sends the other 3/4 of the 4 KiB result either way); all correct, and the metadata
+    says calls were isolated."""
     jp = tmp_path / "t.json"
-    p = run_bench("broadcast", "--hosts", "4", "--ranks-per-host", "1", "--link", "1gbit", "-b", "4K", "-e", "4K",
+    p = run_bench(coll, "--hosts", "4", "--ranks-per-host", "1", "--link", "1gbit", "-b", "4K", "-e", "4K",
                   "-n", "3", "-w", "1", "--isolated", "--json", str(jp), timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     data = json.loads(jp.read_text())
     assert data["meta"]["isolated"] is True, data["meta"]
     rows = {r["variant"]: r for r in data["rows"]}
     assert all(r["wrong"] == 0 for r in rows.values()), rows
-    assert rows["pycomm"]["algos"] == {"tree": 5} and rows["pycomm-flat"]["algos"] == {"chain": 5}, rows
-    assert 2 * 4096 <= max(rows["pycomm"]["payload_per_host"]) < 2 * 4096 + 1024, rows["pycomm"]
-    assert 4096 <= max(rows["pycomm-flat"]["payload_per_host"]) < 4096 + 1024, rows["pycomm-flat"]
+    assert rows["pycomm"]["algos"] == {fast: 5} and rows["pycomm-flat"]["algos"] == {flat: 5}, rows
+    for label, k in zip(("pycomm", "pycomm-flat"), root_sends):
+        assert k * 4096 <= max(rows[label]["payload_per_host"]) < k * 4096 + 1024, rows[label]
     assert "--isolated" in p.stdout
 
 
