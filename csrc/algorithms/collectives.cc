@@ -442,9 +442,8 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
     ran(Algo::kAllGatherDirect);
     return;
   }
-  // Latency-bound (PYCOMM_ALGO=rd, or auto with at most smallBytes gathered): log2(n)
-  // rounds instead of the ring's n-1.
-  if (n > 2 && (config_.algo == "rd" || (config_.algo != "ring" && bytesPerRank * n <= config_.smallBytes))) {
+  // Latency-bound: log2(n) rounds instead of the ring's n-1.
+  if (logRounds(bytesPerRank * n)) {
     bruckAllGather(o, bytesPerRank, desc, deadline);
     ran(Algo::kAllGatherBruck);
     return;
@@ -490,11 +489,11 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
     ran(Algo::kBroadcastDirect);
     return;
   }
-  // Latency-bound (PYCOMM_ALGO=rd, or auto at most smallBytes): a binomial tree, so the
-  // last rank hears from the root after ceil(log2(n)) hops instead of n-1 along the chain.
-  // Bandwidth-bound: the chain, where every link carries the buffer once and segments
-  // overlap (a tree's root would send it log2(n) times).
-  if (n > 2 && (config_.algo == "rd" || (config_.algo != "ring" && bytes <= config_.smallBytes))) {
+  // Latency-bound: a binomial tree, so the last rank hears from the root after
+  // ceil(log2(n)) hops instead of n-1 along the chain. Bandwidth-bound: the chain, where
+  // every link carries the buffer once and segments overlap (a tree's root would send it
+  // log2(n) times).
+  if (logRounds(bytes)) {
     treeBroadcast(b, bytes, root, desc, deadline);
     ran(Algo::kBroadcastTree);
     return;
@@ -519,6 +518,10 @@ void Collectives::broadcast(void* buf, size_t bytes, int root, const OpDesc& des
     transport_.send(next, segPtr(nseg - 1), segLen(nseg - 1), desc, deadline);
   }
   ran(Algo::kBroadcastChain);
+}
+
+bool Collectives::logRounds(size_t bytes) const {
+  return size_ > 2 && (config_.algo == "rd" || (config_.algo != "ring" && bytes <= config_.smallBytes));
 }
 
 void Collectives::bruckAllGather(char* o, size_t b, const OpDesc& desc, const Deadline& deadline) {

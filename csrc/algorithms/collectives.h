@@ -203,6 +203,9 @@ class Collectives {
                            const Deadline& deadline);
   // Binomial tree from `root`: a rank receives once from its parent, then sends to its
   // children, farthest subtree first; ceil(log2(n)) hops from the root to the last rank.
+  // True if a broadcast / all_gather moving `bytes` over the network takes the log2(n)-round
+  // form (tree, Bruck): 3+ ranks, and PYCOMM_ALGO=rd, or not ring and at most smallBytes.
+  bool logRounds(size_t bytes) const;
   // Bruck's all-gather: in round k every rank sends the min(2^k, n-2^k) blocks it holds
   // to rank-2^k and receives as many from rank+2^k; ceil(log2(n)) rounds for any n.
   void bruckAllGather(char* out, size_t bytesPerRank, const OpDesc& desc, const Deadline& deadline);

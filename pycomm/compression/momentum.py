@@ -328,19 +328,20 @@ class MomentumCorrection:
         # Otherwise x, what the inner compressor sends (it works in place on it), lives in
         # the key's second velocity buffer -- it becomes the next call's prev (swapped in
         # finish), so a call allocates nothing and makes one pass here: x = beta * prev + g.
-        x = g if bare else st.get("x")
-        if x is None or x.numel() != n or x.device != prev.device:
-            x = st["x"] = torch.empty_like(prev)
         if bare:
-            pass
-        elif self.local_velocity:
-            u = st["u"]
-            u.mul_(beta).add_(g)
-            x.copy_(u)
-        elif beta != 0.0:
-            torch.add(g, prev, alpha=beta, out=x)
+            x = g
         else:
-            x.copy_(g)
+            x = st.get("x")
+            if x is None or x.numel() != n or x.device != prev.device:
+                x = st["x"] = torch.empty_like(prev)
+            if self.local_velocity:
+                u = st["u"]
+                u.mul_(beta).add_(g)
+                x.copy_(u)
+            elif beta != 0.0:
+                torch.add(g, prev, alpha=beta, out=x)
+            else:
+                x.copy_(g)
         compressing = step >= self.warmup_steps and self.compressor is not None
         inner = self.compressor if compressing else (
             self.warmup_compression if self.warmup_compression is not None and self.compressor is not None
@@ -387,11 +388,11 @@ class MomentumCorrection:
                     st["u"].masked_fill_(sent, 0.0)
             if d is not None:
                 x.mul_(d)
+            if bare:  # the result is already in the tensor
+                return tensor
             # The gradient handed back, g' = V - beta * V_prev, written straight into the
             # tensor when it is a contiguous float32 (one pass); x becomes the key's V_prev
             # and prev's storage the next call's x (no copy).
-            if bare:
-                return tensor
             flat = tensor.view(-1) if tensor.dtype == torch.float32 and tensor.is_contiguous() else None
             if beta != 0.0:
                 if flat is not None:
