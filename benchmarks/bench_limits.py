@@ -8,7 +8,10 @@ Each round, on ``--ranks`` local ranks and with nothing set in their environment
 2. a plain ``dist.all_reduce(t)`` loop on a tensor from ``torch.randn`` (no environment
    variables, torch's default threads), pycomm backend, then the same loop on Gloo:
    ``--big`` bytes (``--iters-big`` calls) and 8 bytes (``--iters-small`` calls);
-3. ``pycomm-bench all_reduce --compare gloo`` with its defaults at the same two sizes.
+3. ``pycomm-bench all_reduce --compare gloo`` with its defaults at the same two sizes
+   (its out-of-place pycomm call is ``pycomm.all_reduce(x, out=y)``, one native call;
+   Gloo's, as torch offers no out-of-place all_reduce, a copy into the output and an
+   in-place call).
 
 Printed: every round's figures (busbw, time, p50/p99, fraction of the bound), then the
 median over rounds and the issue's targets checked on them and on every round.
@@ -213,12 +216,12 @@ def _print_round(rec, n, fb, args, L) -> None:
     f = _figures(rec, n, fb, args, L)
     print(f"# round {rec['round']} (load {rec['load']} -> {rec['load_after']}); bounds: {args.big >> 20} MiB in place "
           f"{f['bound_big_ip_us']:.0f} us, out of place {f['bound_big_oop_us']:.0f} us; 8 B {f['bound_small_us']:.1f} us")
-    print(f"{'variant':<34} {'time(us)':>10} {'busbw':>7} {'%lim':>5} {'p50(us)':>9} {'p99(us)':>9}")
+    print(f"{'variant':<50} {'time(us)':>10} {'busbw':>7} {'%lim':>5} {'p50(us)':>9} {'p99(us)':>9}")
     for k, label in (("plain_pycomm_big", "plain loop, pycomm (in place)"),
                      ("plain_gloo_big", "plain loop, gloo (in place)"),
-                     ("bench_pycomm_big_oop", "pycomm-bench pycomm out of place"),
+                     ("bench_pycomm_big_oop", "pycomm-bench pycomm out of place (native)"),
                      ("bench_pycomm_big_ip", "pycomm-bench pycomm in place"),
-                     ("bench_gloo_big_oop", "pycomm-bench gloo out of place"),
+                     ("bench_gloo_big_oop", "pycomm-bench gloo out of place (copy + in place)"),
                      ("plain_pycomm_small", "plain loop, pycomm 8 B"),
                      ("plain_gloo_small", "plain loop, gloo 8 B"),
                      ("bench_pycomm_small_ip", "pycomm-bench pycomm 8 B in place"),
@@ -231,7 +234,7 @@ def _print_round(rec, n, fb, args, L) -> None:
             continue
         v = f[k]
         bw = f"{v['busbw']:7.2f}" if v["busbw"] is not None else f"{'':>7}"
-        print(f"{label:<34} {v['time_us']:10.1f} {bw} {100 * v['frac']:5.0f} {v['p50_us']:9.1f} {v['p99_us']:9.1f}")
+        print(f"{label:<50} {v['time_us']:10.1f} {bw} {100 * v['frac']:5.0f} {v['p50_us']:9.1f} {v['p99_us']:9.1f}")
 
 
 def _summary(rounds, n, fb, args, L) -> dict:

@@ -58,15 +58,25 @@ def reduce_op(op: Union[str, dist.ReduceOp, Any]) -> Any:
 
 
 def all_reduce(x: ArrayLike, op: Union[str, Any] = "sum", group: Optional[dist.ProcessGroup] = None,
-               async_op: bool = False, compression: Any = None, key: Any = None) -> Any:
-    """Reduces `x` in place across `group`.
+               async_op: bool = False, compression: Any = None, key: Any = None, out: Optional[ArrayLike] = None) -> Any:
+    """Reduces `x` in place across `group` (or into `out`).
 
     With ``compression`` (a :mod:`pycomm.compression` compressor) the reduction goes
     through the compressor's fused kernels and error feedback (``op`` must be "avg"
     or "sum"); ``key`` names the compressor state to use (default: derived from the
     tensor's shape). Returns a Work (or Future with compression) if ``async_op``.
+
+    With ``out`` (a tensor or array of `x`'s shape and dtype, on its device, not
+    overlapping it) the result goes to ``out`` and `x` is left unchanged, as NCCL's
+    ``ncclAllReduce(sendbuff, recvbuff)``; ranks may mix in-place and out-of-place calls.
+    On a pycomm group with CPU tensors it is one native call whose shared-memory
+    algorithms read `x` and write ``out`` with no copy between them; elsewhere (other
+    backends, CUDA tensors, premultiplied-sum ops) `x` is copied into ``out`` and reduced
+    there in place.
     """
     t = as_tensor(x)
+    if out is not None:
+        return _all_reduce_out(t, as_tensor(out), op, group, async_op, compression)
     if compression is not None:
         opname = op if isinstance(op, str) else {dist.ReduceOp.SUM: "sum", dist.ReduceOp.AVG: "avg"}.get(op)
         if opname not in ("sum", "avg", "mean"):
@@ -74,6 +84,56 @@ def all_reduce(x: ArrayLike, op: Union[str, Any] = "sum", group: Optional[dist.P
         return compression.all_reduce(t, group=group, key=key, op="avg" if opname == "mean" else opname,
                                       async_op=async_op)
     return dist.all_reduce(t, op=reduce_op(op), group=group, async_op=async_op)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if `a` and `b` share bytes without being the same view."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return False
+
+    def span(x: torch.Tensor):
+        extent = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))
+        return x.data_ptr(), x.data_ptr() + extent * x.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _all_reduce_out(t: torch.Tensor, o: torch.Tensor, op: Any, group: Optional[dist.ProcessGroup],
+                    async_op: bool, compression: Any) -> Any:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if compression is not None:
+        raise ValueError(f"pycomm rank {rank}: all_reduce(out=...) takes no compression (compressed "
+                         "all-reduces work in place)")
+    if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device:
+        raise ValueError(f"pycomm rank {rank}: all_reduce out is {tuple(o.shape)} {o.dtype} on {o.device}, "
+                         f"its input {tuple(t.shape)} {t.dtype} on {t.device}; they must match")
+    if _overlap(o, t):
+        raise ValueError(f"pycomm rank {rank}: all_reduce out overlaps its input; pass the same tensor for an "
+                         "in-place call, or non-overlapping tensors")
+    rop = reduce_op(op)
+    try:
+        code = int(rop)  # a plain op (RedOpType); a premultiplied sum has no integer form
+    except (TypeError, ValueError):
+        code = None
+    if code is not None and t.device.type == "cpu":
+        from pycomm import _backend
+
+        try:
+            be = _backend._pycomm_backend(group)
+        except (ValueError, RuntimeError):
+            be = None
+        if be is not None:
+            work = be.all_reduce_out(o, t, code, async_op)
+            if async_op:
+                return work
+            work.wait()
+            return None
+    if o.data_ptr() != t.data_ptr():
+        o.copy_(t)
+    return dist.all_reduce(o, op=rop, group=group, async_op=async_op)
 
 
 def broadcast(x: ArrayLike, src: int = 0, group: Optional[dist.ProcessGroup] = None, async_op: bool = False) -> Any:

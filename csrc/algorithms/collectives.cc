@@ -126,49 +126,60 @@ char* Collectives::scratch(size_t bytes) {
 
 void Collectives::allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                             const Deadline& deadline) {
-  ran(runAllReduce(buf, count, dtype, op, desc, deadline));
+  ran(runAllReduce(buf, buf, count, dtype, op, desc, deadline));
 }
 
-Algo Collectives::runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
-                               const Deadline& deadline) {
+void Collectives::allReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                            const Deadline& deadline) {
+  ran(runAllReduce(in, out, count, dtype, op, desc, deadline));
+}
+
+Algo Collectives::runAllReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op,
+                               const OpDesc& desc, const Deadline& deadline) {
   checkReduceOp(dtype, op);
+  const size_t bytes = count * dtypeSize(dtype);
+  // The algorithms without an out-of-place form run in place on `out`.
+  auto inPlace = [&]() -> void* {
+    if (in != out && bytes) memcpy(out, in, bytes);
+    return out;
+  };
   if (size_ == 1) {
+    void* buf = inPlace();
     if (op == ReduceOp::kAvg) finalizeAvg(buf, count, dtype, 1);
     return Algo::kAllReduceLocal;
   }
-  const size_t bytes = count * dtypeSize(dtype);
   const std::string& a = config_.algo;
   // Hierarchical when the group spans hosts with several ranks on some: small calls are
   // latency-bound and go to recursive doubling among the host leaders (log2 of the
   // hosts rounds over the network instead of log2 of the ranks), large ones to the
   // bandwidth scheme.
   if (shards_ > 0 && (a == "hier_rd" || (a == "auto" && bytes <= config_.smallBytes))) {
-    hierSmallAllReduce(buf, count, dtype, op, desc, deadline);
+    hierSmallAllReduce(inPlace(), count, dtype, op, desc, deadline);
     return Algo::kAllReduceHierRd;
   }
   if (shards_ > 0 && (a == "hier" || (a == "auto" && bytes > config_.smallBytes && count >= static_cast<size_t>(size_)))) {
-    hierAllReduce(buf, count, dtype, op, desc, deadline);
+    hierAllReduce(inPlace(), count, dtype, op, desc, deadline);
     return Algo::kAllReduceHier;
   }
   if (direct_) {
     if (a == "oneshot" || (a == "auto" && bytes <= config_.smallBytes)) {
       PYCOMM_CHECK_ARG(bytes <= direct_->inlineCapacity(), "PYCOMM_ALGO=oneshot supports at most ",
                        direct_->inlineCapacity(), " bytes, got ", bytes);
-      shmOneShotAllReduce(buf, count, dtype, op, desc, deadline);
+      shmOneShotAllReduce(in, out, count, dtype, op, desc, deadline);
       return Algo::kAllReduceOneShot;
     }
     if (a == "auto" || a == "direct") {
-      shmDirectAllReduce(buf, count, dtype, op, desc, deadline);
+      shmDirectAllReduce(in, out, count, dtype, op, desc, deadline);
       return Algo::kAllReduceDirect;
     }
   }
   // Blocks smaller than one element per rank go to recursive doubling: the ring would
   // leave some ranks with nothing to send.
   if (a == "rd" || (a != "ring" && bytes <= config_.smallBytes) || count < static_cast<size_t>(size_)) {
-    recursiveDoublingAllReduce(buf, count, dtype, op, desc, deadline);
+    recursiveDoublingAllReduce(inPlace(), count, dtype, op, desc, deadline);
     return Algo::kAllReduceRd;
   }
-  ringAllReduce(buf, count, dtype, op, desc, deadline);
+  ringAllReduce(inPlace(), count, dtype, op, desc, deadline);
   return Algo::kAllReduceRing;
 }
 
@@ -254,41 +265,45 @@ void Collectives::recursiveDoublingAllReduce(void* buf, size_t count, DType dtyp
   if (rank_ < rem) transport_.send(rank_ + p2, b, bytes, desc, deadline);
 }
 
-void Collectives::shmOneShotAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
+void Collectives::shmOneShotAllReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op,
                                       const OpDesc& desc, const Deadline& deadline) {
   const size_t bytes = count * dtypeSize(dtype);
-  const uint64_t d = direct_->post(desc, buf, bytes, bytes);
+  const uint64_t d = direct_->post(desc, in, bytes, bytes);
   std::vector<const void*> src(size_);
   for (int p = 0; p < size_; ++p) {
-    src[p] = p == rank_ ? buf : direct_->peerRecord(p, d, desc, bytes, deadline).inlineData;
+    src[p] = p == rank_ ? in : direct_->peerRecord(p, d, desc, bytes, deadline).inlineData;
   }
-  // Every rank reduces the same inputs in the same (rank) order: identical bits.
-  char* acc = scratch(bytes);
+  // Every rank reduces the same inputs in the same (rank) order: identical bits. In
+  // place the sum goes to scratch first (`in` is one of the inputs); out of place
+  // straight into `out`.
+  char* acc = in == out ? scratch(bytes) : static_cast<char*>(out);
   reduce3(acc, src[0], src[1], count, dtype, op);
   for (int p = 2; p < size_; ++p) reduceInto(acc, src[p], count, dtype, op);
   if (op == ReduceOp::kAvg) finalizeAvg(acc, count, dtype, size_);
-  if (bytes) memcpy(buf, acc, bytes);
+  if (acc != out && bytes) memcpy(out, acc, bytes);
 }
 
-void Collectives::shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
+void Collectives::shmDirectAllReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op,
                                      const OpDesc& desc, const Deadline& deadline) {
   const int n = size_;
   const size_t es = dtypeSize(dtype);
   const size_t bytes = count * es;
-  char* user = static_cast<char*>(buf);
-  // Peers read this rank's buffer. Outside the registered arena every read is a
+  const char* src = static_cast<const char*>(in);
+  char* user = static_cast<char*>(out);
+  // Peers read this rank's input. Outside the registered arena every read is a
   // process_vm_readv that pins its pages; a copy into registered scratch (one pass here)
   // lets them read with plain loads instead, where that is cheaper (registeredCopyMax).
-  char* b = user;
+  // `red` is where this rank reduces its block: the scratch copy, else the output.
+  char* red = user;
   SharedArena::Location loc;
   if (bytes > config_.smallBytes && bytes <= config_.registeredCopyMax &&
-      !SharedArena::instance().locate(user, bytes, &loc)) {
+      !SharedArena::instance().locate(src, bytes, &loc)) {
     if (char* r = registeredScratch_.get(bytes)) {
-      memcpy(r, user, bytes);
-      b = r;
+      memcpy(r, src, bytes);
+      src = red = r;
     }
   }
-  const uint64_t d = direct_->post(desc, b, bytes, 0);
+  const uint64_t d = direct_->post(desc, src, bytes, 0);
   std::vector<uint64_t> addr(n, 0);
   std::vector<const char*> mapped(n, nullptr);  // peers' registered buffers, mapped here
   for (int p = 0; p < n; ++p) {
@@ -297,43 +312,50 @@ void Collectives::shmDirectAllReduce(void* buf, size_t count, DType dtype, Reduc
     addr[p] = rec.addr;
     mapped[p] = static_cast<const char*>(rec.mapped);
   }
-  // Reduce-scatter: this rank alone reduces block `rank_`, reading each peer's block
-  // straight from the peer's buffer (one copy, in cache-sized pieces; none for a
-  // registered peer, whose block is reduced straight out of its mapping).
+  // Reduce-scatter: this rank alone reduces block `rank_` into `red`: its own input
+  // first, then each peer's block read straight from the peer's input (one copy, in
+  // cache-sized pieces; none for a registered peer, whose block is reduced straight out
+  // of its mapping). In place and out of place combine in the same order.
   const size_t lo = blockBegin(count, n, rank_);
   const size_t hi = blockBegin(count, n, rank_ + 1);
   const size_t piece = std::max<size_t>(1, kPieceBytes / es);
   char* tmp = scratch(piece * es);
   for (size_t off = lo; off < hi; off += piece) {
     const size_t len = std::min(piece, hi - off);
+    const char* acc = src + off * es;  // what the next peer's block is combined with
     for (int p = 0; p < n; ++p) {
       if (p == rank_) continue;
-      if (mapped[p]) {
-        reduceInto(b + off * es, mapped[p] + off * es, len, dtype, op);
-      } else {
-        direct_->readPeer(p, addr[p] + off * es, tmp, len * es);
-        reduceInto(b + off * es, tmp, len, dtype, op);
-      }
+      const char* theirs = mapped[p] ? mapped[p] + off * es : tmp;
+      if (!mapped[p]) direct_->readPeer(p, addr[p] + off * es, tmp, len * es);
+      reduce3(red + off * es, acc, theirs, len, dtype, op);
+      acc = red + off * es;
     }
   }
-  if (op == ReduceOp::kAvg) finalizeAvg(b + lo * es, hi - lo, dtype, n);
-  // Every block is final before anyone copies it.
-  direct_->barrier(desc, deadline);
+  if (op == ReduceOp::kAvg) finalizeAvg(red + lo * es, hi - lo, dtype, n);
+  // The reduced blocks, published: a peer's record of them also says its block is
+  // final (and that it has finished reading this rank's input).
+  const uint64_t d2 = direct_->post(desc, red, bytes, 0);
+  for (int p = 0; p < n; ++p) {
+    if (p == rank_) continue;
+    const DirectAccess::Peer rec = direct_->peerRecord(p, d2, desc, bytes, deadline);
+    addr[p] = rec.addr;
+    mapped[p] = static_cast<const char*>(rec.mapped);
+  }
   // All-gather: copy each peer's finished block out of the peer's buffer, into the
-  // caller's buffer (with this rank's own block when it was reduced in the copy).
+  // caller's output (with this rank's own block when it was reduced in the scratch).
   for (int p = 0; p < n; ++p) {
     const size_t plo = blockBegin(count, n, p);
     const size_t phi = blockBegin(count, n, p + 1);
     if (phi <= plo) continue;
     if (p == rank_) {
-      if (b != user) memcpy(user + plo * es, b + plo * es, (phi - plo) * es);
+      if (red != user) memcpy(user + plo * es, red + plo * es, (phi - plo) * es);
     } else if (mapped[p]) {
       memcpy(user + plo * es, mapped[p] + plo * es, (phi - plo) * es);
     } else {
       direct_->readPeer(p, addr[p] + plo * es, user + plo * es, (phi - plo) * es);
     }
   }
-  // Nobody may touch its buffer again until every peer has finished reading it.
+  // Nobody may touch its buffers again until every peer has finished reading them.
   direct_->barrier(desc, deadline);
 }
 
@@ -599,9 +621,9 @@ void Collectives::reduce(void* buf, size_t count, DType dtype, ReduceOp op, int 
   }
   if (config_.algo == "rd" || bytes <= config_.smallBytes) {
     // Latency-bound: all-reduce a copy (log2(n) rounds), keep the result on the root.
-    std::vector<char> copy(b, b + bytes);
-    runAllReduce(copy.data(), count, dtype, op, desc, deadline);
-    if (rank_ == root && bytes) memcpy(b, copy.data(), bytes);
+    // The root's result lands in its buffer; the others' in a copy they drop.
+    std::vector<char> sink(rank_ == root ? 0 : bytes);
+    runAllReduce(b, rank_ == root ? b : sink.data(), count, dtype, op, desc, deadline);
     ran(Algo::kReduceAllReduce);
     return;
   }

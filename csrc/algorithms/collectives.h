@@ -111,6 +111,15 @@ class Collectives {
   void allReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                  const Deadline& deadline);
 
+  /// Out-of-place all-reduce: `out` = the reduction of every rank's `in` (`count`
+  /// elements each), `in` unchanged. `in` equal to `out` is the in-place call; otherwise
+  /// the two must not overlap. The shared-memory one-shot and direct algorithms read
+  /// `in` and write `out` with no copy between them (the same work as in place); the
+  /// others copy `in` into `out` and run in place. Ranks may mix in-place and
+  /// out-of-place calls of one collective.
+  void allReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+                 const Deadline& deadline);
+
   /// out (countPerRank elements) = reduction of this rank's block of `in`
   /// (size() * countPerRank elements, block r for rank r). `in` may equal `out` only if
   /// countPerRank is 0.
@@ -191,7 +200,7 @@ class Collectives {
 
  private:
   /// Picks and runs the all-reduce algorithm; returns the one that ran.
-  Algo runAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+  Algo runAllReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                     const Deadline& deadline);
   /// Counts one call run with `a`.
   void ran(Algo a) { ran_[static_cast<size_t>(a)].fetch_add(1, std::memory_order_relaxed); }
@@ -199,7 +208,7 @@ class Collectives {
                      const Deadline& deadline);
   void recursiveDoublingAllReduce(void* buf, size_t count, DType dtype, ReduceOp op,
                                   const OpDesc& desc, const Deadline& deadline);
-  void shmOneShotAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+  void shmOneShotAllReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                            const Deadline& deadline);
   // Binomial tree from `root`: a rank receives once from its parent, then sends to its
   // children, farthest subtree first; ceil(log2(n)) hops from the root to the last rank.
@@ -212,7 +221,7 @@ class Collectives {
   void treeBroadcast(char* buf, size_t bytes, int root, const OpDesc& desc, const Deadline& deadline);
   void chainReduce(char* buf, size_t count, DType dtype, ReduceOp op, int root, const OpDesc& desc,
                    const Deadline& deadline);
-  void shmDirectAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
+  void shmDirectAllReduce(const void* in, void* out, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                           const Deadline& deadline);
   void hierAllReduce(void* buf, size_t count, DType dtype, ReduceOp op, const OpDesc& desc,
                      const Deadline& deadline);

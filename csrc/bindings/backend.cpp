@@ -4,6 +4,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <utility>
 
 #include "bindings/arguments.h"
 #include "bindings/backend.h"
@@ -88,6 +90,47 @@ c10::intrusive_ptr<c10d::Work> PycommBackend::allreduce(std::vector<at::Tensor>&
   }
   return inPlace(tensors, c10d::OpType::ALLREDUCE, "pycomm:all_reduce", CollType::kAllReduce, opts.reduceOp, -1,
                  opts.asyncOp);
+}
+
+c10::intrusive_ptr<c10d::Work> PycommBackend::allreduceOut(at::Tensor output, at::Tensor input, int64_t op,
+                                                           bool asyncOp) {
+  checkTensor(input, rank_, "all_reduce input");
+  checkTensor(output, rank_, "all_reduce output");
+  checkSameShape(output, input, "all_reduce output");
+  TORCH_CHECK_VALUE(output.device() == input.device(), "pycomm rank ", rank_, ": all_reduce output is on ",
+                    output.device(), ", its input on ", input.device());
+  TORCH_CHECK_VALUE(op >= 0 && op < static_cast<int64_t>(c10d::ReduceOp::RedOpType::UNUSED), "pycomm rank ", rank_,
+                    ": all_reduce got reduce op ", op);
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp(static_cast<c10d::ReduceOp::RedOpType>(op));
+  opts.asyncOp = asyncOp;
+  // The bytes each view spans in its storage (numel 0: none).
+  const auto span = [](const at::Tensor& t) {
+    const char* p = static_cast<const char*>(t.data_ptr());
+    int64_t extent = t.numel() > 0 ? 1 : 0;
+    for (int64_t d = 0; d < t.dim() && t.numel() > 0; ++d) extent += (t.size(d) - 1) * std::abs(t.stride(d));
+    return std::make_pair(p, p + extent * static_cast<int64_t>(t.element_size()));
+  };
+  const bool same = output.data_ptr() == input.data_ptr() && output.strides() == input.strides();
+  if (!same && output.is_alias_of(input)) {
+    const auto a = span(output), b = span(input);
+    TORCH_CHECK_VALUE(a.second <= b.first || b.second <= a.first, "pycomm rank ", rank_,
+                      ": all_reduce output overlaps its input; pass the same tensor for an in-place call, or "
+                      "non-overlapping tensors");
+  }
+  if (same || input.is_cuda()) {
+    if (!same) output.copy_(input);  // queued on the current stream, which the staging waits for
+    std::vector<at::Tensor> t{output};
+    return allreduce(t, opts);
+  }
+  CollOp cop;
+  cop.coll = CollType::kAllReduce;
+  cop.count = static_cast<size_t>(input.numel());
+  cop.bytes = input.nbytes();
+  cop.dtype = toDType(input.scalar_type(), rank_);
+  cop.op = toReduceOp(opts.reduceOp, cop.dtype, rank_);
+  FlatCall call{c10d::OpType::ALLREDUCE, "pycomm:all_reduce", "all_reduce", input.numel(), cop};
+  return outOfPlace(call, output, input, asyncOp);
 }
 
 c10::intrusive_ptr<c10d::Work> PycommBackend::broadcast(std::vector<at::Tensor>& tensors,
@@ -307,6 +350,9 @@ void initBackendBindings(pybind11::module_& m) {
       .def("transport", &PycommBackend::transportName, "Transport in use: 'shm' or 'tcp'")
       .def("abort_group", &PycommBackend::abortGroup, py::arg("why"),
            "Fails every pending and future operation of the group on every rank")
+      .def("all_reduce_out", &PycommBackend::allreduceOut, py::arg("output"), py::arg("input"), py::arg("op"),
+           py::arg("async_op"), py::call_guard<py::gil_scoped_release>(),
+           "Out-of-place all_reduce: output = reduction of every rank's input (op: a RedOpType value); returns a Work")
       .def("compressed_all_reduce", &PycommBackend::compressedAllReduce, py::arg("tensor"), py::arg("codec"),
            py::arg("bits"), py::arg("error_feedback"), py::arg("chunk"), py::arg("divisor"), py::arg("worker"),
            py::arg("server"), py::arg("worker_seed"), py::arg("server_seed"), py::arg("async_op"),

@@ -81,6 +81,13 @@ class PycommBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts) override;
 
+  /// Out-of-place all_reduce (pycomm.all_reduce(x, out=y)): `output` = the reduction of
+  /// every rank's `input` (`op`: a c10d RedOpType value), `input` unchanged; one
+  /// collective, one Work, matching in-place calls of the other ranks. On CPU the
+  /// shared-memory algorithms read `input` and write `output` with no copy between them;
+  /// CUDA tensors are copied into `output` on the current stream and reduced in place.
+  c10::intrusive_ptr<c10d::Work> allreduceOut(at::Tensor output, at::Tensor input, int64_t op, bool asyncOp);
+
   /// SUM all-reduce of a sparse COO CPU tensor (bindings/sparse_allreduce.h), written
   /// back into it; one collective, one Work.
   c10::intrusive_ptr<c10d::Work> sparseAllReduce(at::Tensor t, const c10d::AllreduceOptions& opts);

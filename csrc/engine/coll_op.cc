@@ -17,7 +17,7 @@ void CollOp::run(Collectives& host, IpcCollectives* ipc, const void* in, void* o
   switch (coll) {
     case CollType::kAllReduce:
       if (ipc) return ipc->allReduce(out, count, dtype, op, host, desc, deadline);
-      return host.allReduce(out, count, dtype, op, desc, deadline);
+      return host.allReduce(in ? in : out, out, count, dtype, op, desc, deadline);
     case CollType::kBroadcast:
       if (ipc) return ipc->broadcast(out, bytes, root, host, desc, deadline);
       return host.broadcast(out, bytes, root, desc, deadline);

@@ -16,8 +16,9 @@
 
 namespace pycomm {
 
-/// What a collective does, without its buffers. In-place collectives (all_reduce,
-/// broadcast, reduce) read and write `out`; the others read `in` and write `out`.
+/// What a collective does, without its buffers. broadcast and reduce read and write
+/// `out`; all_reduce reads `in` (in place: null or `out`; on the IPC path always in
+/// place) and writes `out`; the others read `in` and write `out`.
 struct CollOp {
   CollType coll = CollType::kBarrier;  ///< which collective
   size_t count = 0;                    ///< all_reduce / reduce: elements; reduce_scatter: elements per rank

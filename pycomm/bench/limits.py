@@ -16,7 +16,10 @@ needs to move its bytes at those bandwidths (docs/BENCHMARKING.md, "Limits"):
   the memcpy rate;
 * reduce_scatter, all_gather, all_to_all: (n-1) x S over the host; broadcast: (n-1) x S
   over n-1 readers; reduce: (n-1) x S read by the root alone;
-* out of place all_reduce / reduce: the bench's copy into the output, n x S at memcpy rate;
+* out of place all_reduce: as in place (pycomm's own out-of-place call reads the input and
+  writes the output with no copy between them; other backends' copy + in-place call is
+  measured against the same bound); out of place reduce: the bench's copy into the
+  output (torch's reduce is in place), n x S at memcpy rate;
 * never below one futex wake-up (half the round trip): when ranks outnumber cores, a
   rank that waits must sleep and be woken.
 
@@ -87,8 +90,8 @@ def bound_seconds(collective: str, size: int, nranks: int, inplace: bool, limits
         t = (n - 1) * s / _bw(limits, pages, 1)
     else:
         return None
-    if not inplace and collective in ("all_reduce", "reduce"):
-        t += n * s / mem  # torch's all_reduce / reduce are in place: the bench copies first
+    if not inplace and collective == "reduce":
+        t += n * s / mem  # torch's reduce is in place: the bench copies first
     rt = limits.get("futex_rt") or {}
     if not rt.get("error") and rt.get("p50_us"):
         t = max(t, rt["p50_us"] * 1e-6 / 2)

@@ -67,6 +67,16 @@ class GroupRunner:
         else:
             out.div_(self.nranks)
 
+    def _native_out_of_place(self) -> bool:
+        """True if the group is a pycomm group on CPU: out-of-place all_reduce is then
+        ``pycomm.all_reduce(x, out=y)``, one native call; on other backends (torch has no
+        out-of-place all_reduce) it is a copy into the output and an in-place call."""
+        if self.device is not None and getattr(self.device, "type", "cpu") != "cpu":
+            return False
+        from pycomm import _backend
+
+        return _backend.is_pycomm_group(self.group)
+
     def make(self, case: Case, inplace: bool):
         """Returns (fn, input, output, fill) for one mode, or None if the mode does not exist."""
         import torch
@@ -84,6 +94,11 @@ class GroupRunner:
             if inplace:
                 def fn():
                     self._reduce(lambda o: dist.all_reduce(out, op=o, group=g), out, op, case.dtype_name)
+            elif self._native_out_of_place():
+                import pycomm
+
+                def fn():  # pycomm's own out-of-place call (as nccl-tests' sendbuff != recvbuff)
+                    self._reduce(lambda o: pycomm.all_reduce(inp, op=o, group=g, out=out), out, op, case.dtype_name)
             else:
                 def fn():  # torch's all_reduce is in-place: out-of-place = copy + all_reduce
                     out.copy_(inp)

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -142,6 +143,8 @@ struct AlgoCase {
 
 class ShmAllReduce : public ::testing::TestWithParam<AlgoCase> {};
 
+// Ranks alternate between the in-place and the out-of-place call (mixed within a call):
+// the same bits either way, and the out-of-place input left untouched.
 TEST_P(ShmAllReduce, SumIsExactAndBitwiseEqual) {
   const AlgoCase c = GetParam();
   MemStore store;
@@ -154,9 +157,17 @@ TEST_P(ShmAllReduce, SumIsExactAndBitwiseEqual) {
     for (uint64_t it = 1; it <= 5; ++it) {
       std::vector<float> v(c.count);
       for (size_t i = 0; i < c.count; ++i) v[i] = static_cast<float>((i % 1000) + r * it);
-      coll.allReduce(v.data(), c.count, DType::kFloat32, ReduceOp::kSum,
-                     makeDesc(CollType::kAllReduce, it, c.count, DType::kFloat32),
-                     Deadline::after(kTimeout));
+      const OpDesc d = makeDesc(CollType::kAllReduce, it, c.count, DType::kFloat32);
+      if ((r + it) % 2 == 1) {
+        const std::vector<float> in = v;
+        std::fill(v.begin(), v.end(), -1.0f);
+        coll.allReduce(in.data(), v.data(), c.count, DType::kFloat32, ReduceOp::kSum, d, Deadline::after(kTimeout));
+        for (size_t i = 0; i < c.count; ++i) {
+          ASSERT_EQ(in[i], static_cast<float>((i % 1000) + r * it)) << "input changed at i=" << i;
+        }
+      } else {
+        coll.allReduce(v.data(), c.count, DType::kFloat32, ReduceOp::kSum, d, Deadline::after(kTimeout));
+      }
       const float rs = static_cast<float>(c.ranks * (c.ranks - 1) / 2 * it);
       for (size_t i = 0; i < c.count; ++i) {
         ASSERT_EQ(v[i], static_cast<float>(c.ranks * (i % 1000)) + rs) << "i=" << i;

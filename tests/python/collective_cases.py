@@ -117,7 +117,13 @@ def red(op: str):
 
 
 def all_reduce_cases(rank: int, ws: int, sizes=SIZES, dtypes=DTYPES, ops=OPS) -> dict:
-    """Every dtype x op x size; returns digests so the caller checks bitwise equality across ranks."""
+    """Every dtype x op x size; returns digests so the caller checks bitwise equality across ranks.
+
+    The ranks of one call mix the forms (by case and rank): ``dist.all_reduce`` in place,
+    ``pycomm.all_reduce(x, out=y)`` out of place (the input must come back unchanged) and
+    ``pycomm.all_reduce(x, out=x)``; every form must give the same bits."""
+    import pycomm
+
     digests = {}
     seed = 0
     for dtype in dtypes:
@@ -128,8 +134,19 @@ def all_reduce_cases(rank: int, ws: int, sizes=SIZES, dtypes=DTYPES, ops=OPS) ->
                 seed += 1
                 inputs = [rounded(data(seed, r, n, dtype, op), dtype) for r in range(ws)]
                 t = to_torch(data(seed, rank, n, dtype, op), dtype)
-                dist.all_reduce(t, op=red(op))
-                check(t, reference(inputs, dtype, op), dtype, ws, f"all_reduce {dtype} {op} n={n}")
+                form = (seed + rank) % 3
+                what = f"all_reduce {dtype} {op} n={n} form {form}"
+                if form == 0:
+                    dist.all_reduce(t, op=red(op))
+                elif form == 1:
+                    before = t.clone()
+                    out = torch.full_like(t, 1)  # anything but the result
+                    pycomm.all_reduce(t, op=red(op), out=out)
+                    assert torch.equal(t, before), f"{what}: out-of-place all_reduce changed its input"
+                    t = out
+                else:
+                    pycomm.all_reduce(t, op=op.lower(), out=t)
+                check(t, reference(inputs, dtype, op), dtype, ws, what)
                 digests[(str(dtype), op, n)] = digest(t)
     return digests
 

@@ -93,6 +93,40 @@ def _body_api(rank, ws):
     dist.all_reduce(x)
     assert torch.all(x == ws)
 
+    # out of place: the input is left as it was; numpy and async too; bad calls are
+    # refused on the caller's rank before anything is sent (the group stays in step)
+    src = np.arange(100003, dtype=np.float32) + rank  # > 64 KiB: the shm direct algorithm
+    keep = src.copy()
+    dst = np.zeros_like(src)
+    before = pycomm.stats()
+    pycomm.all_reduce(src, out=dst)
+    assert np.array_equal(src, keep)
+    np.testing.assert_array_equal(dst, np.arange(100003, dtype=np.float32) * ws + ws * (ws - 1) // 2)
+    if pycomm.transport() == "shm" and ws > 1:
+        after = pycomm.stats()
+        assert after.get("algo_all_reduce_direct", 0) == before.get("algo_all_reduce_direct", 0) + 1
+    o = torch.empty(7)
+    w = pycomm.all_reduce(torch.full((7,), float(rank)), op="max", out=o, async_op=True)
+    w.wait()
+    assert torch.all(o == ws - 1)
+    with pytest.raises(ValueError, match=rf"pycomm rank {rank}: all_reduce out is \(6,\)"):
+        pycomm.all_reduce(torch.ones(5), out=torch.empty(6))
+    with pytest.raises(ValueError, match=rf"pycomm rank {rank}: all_reduce out is .*float64"):
+        pycomm.all_reduce(torch.ones(5), out=torch.empty(5, dtype=torch.float64))
+    both = torch.ones(10)
+    with pytest.raises(ValueError, match=rf"pycomm rank {rank}: all_reduce out overlaps its input"):
+        pycomm.all_reduce(both[:6], out=both[4:])
+    with pytest.raises(ValueError, match="takes no compression"):
+        pycomm.all_reduce(torch.ones(5), out=torch.empty(5), compression=object())
+    halves = torch.arange(10, dtype=torch.float32)
+    pycomm.all_reduce(halves[:5], out=halves[5:])  # one storage, no overlap: fine
+    assert torch.equal(halves[:5], torch.arange(5, dtype=torch.float32))
+    assert torch.equal(halves[5:], torch.arange(5, dtype=torch.float32) * ws)
+    g = dist.new_group(backend="gloo")  # another backend: a copy into `out`, then in place
+    o = torch.empty(3)
+    pycomm.all_reduce(torch.full((3,), 2.0), out=o, group=g)
+    assert torch.all(o == 2.0 * ws)
+
     # subgroups: even ranks and odd ranks reduce independently, and the world still works
     evens = list(range(0, ws, 2))
     odds = list(range(1, ws, 2))

@@ -159,8 +159,10 @@ def test_limit_bounds_arithmetic():
     s, n = 64 << 20, 4
     # single-copy all_reduce: 2(n-1) S over the host at the all-core process_vm_readv rate
     assert L.bound_seconds("all_reduce", s, n, True, lim) == pytest.approx(2 * 3 * s / 4e9)
-    # out of place adds the bench's copy: n S at the all-core memcpy rate
-    assert L.bound_seconds("all_reduce", s, n, False, lim) == pytest.approx(2 * 3 * s / 4e9 + 4 * s / 10e9)
+    # out of place: the same bytes (pycomm's own out-of-place call copies nothing more)
+    assert L.bound_seconds("all_reduce", s, n, False, lim) == pytest.approx(2 * 3 * s / 4e9)
+    # reduce out of place adds the bench's copy (torch's reduce is in place): n S at memcpy rate
+    assert L.bound_seconds("reduce", s, n, False, lim) == pytest.approx(3 * s / 2.5e9 + 4 * s / 10e9)
     # 4 KiB pages: half the rate here, twice the bound
     assert L.bound_seconds("all_reduce", s, n, True, lim, pages="cma_4k") == pytest.approx(2 * 3 * s / 2e9)
     # reduce: the root reads alone, at the one-core rate

@@ -52,6 +52,15 @@ def _collectives(rank, ws, mode):
         t = _tensor(_vals(rank, n).float(), registered)
         dist.all_reduce(t, op=dist.ReduceOp.AVG)
         torch.testing.assert_close(t.double(), ref / ws, rtol=1e-5, atol=1e-3)
+        # out of place (pycomm.all_reduce(x, out=y)), input and output each registered or
+        # not by rank: the input comes back unchanged
+        import pycomm
+
+        x = _tensor(_vals(rank, n).float(), registered)
+        y = _tensor(torch.zeros(n), (rank % 3 == 1) != registered)
+        pycomm.all_reduce(x, out=y)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(x, _vals(rank, n).float(), rtol=0, atol=0)
         # reduce_scatter: rank r's output is block r of the sum
         inp = _tensor(_vals(rank, n * ws, salt=3).float(), registered)
         out = torch.empty(n)
