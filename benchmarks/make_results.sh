@@ -25,7 +25,7 @@ run() {  # run NAME CMD...
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
-for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 spin_dp_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
             topology_bcast_reduce topology_bcast_tree topology_allgather_bruck dp_step_2x2 dp_step_4x1_onebit tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
@@ -46,6 +46,14 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
         PYCOMM_SPIN=\$s \"$PY\" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 8 -n 3000 -w 200 --limits 0 --no-progress; done; \
         echo \"# round \$r gloo\"; \"$PY\" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 8 -n 3000 -w 200 --limits 0 \
         --backend gloo --no-progress; done" ;;
+    # Issue 17 item 3, what a longer oversubscribed spin costs: per PYCOMM_SPIN, the 8 B latency
+    # and the DataParallel step (4 ranks on this host, exact, overlapped with backward), 3 rounds.
+    spin_dp_4)
+      run $name bash -c "echo '# 8 B lines: size count type redop root, out of place: time algbw busbw #wrong, in place: the same, then p50 p99 %lim out of place and in place (us)'; \
+        for r in 1 2 3; do for s in 64 2000 8000; do echo \"# round \$r PYCOMM_SPIN=\$s\"; \
+        PYCOMM_SPIN=\$s \"$PY\" -m pycomm.bench all_reduce --ranks 4 -b 8 -e 8 -n 3000 -w 200 --limits 0 --no-progress \
+        | grep -E '^ +8 '; PYCOMM_SPIN=\$s \"$PY\" benchmarks/bench_data_parallel.py --modes dp --steps 8 \
+        | grep -E '^dp |CPU per step'; done; done" ;;
     # The same with registered buffers off in the same run (before/after of issue 17 item 2)
     # and the loop on a tensor in the registered arena (as DataParallel's buckets are).
     # DataParallel (registered buckets) with registered buffers off, then on (issue 17 item 2).

@@ -16,7 +16,11 @@ void CollOp::run(Collectives& host, IpcCollectives* ipc, const void* in, void* o
   const bool isRoot = host.transport().rank() == root;
   switch (coll) {
     case CollType::kAllReduce:
-      if (ipc) return ipc->allReduce(out, count, dtype, op, host, desc, deadline);
+      if (ipc) {
+        PYCOMM_CHECK_ARG(!in || in == out, "pycomm: all_reduce over CUDA IPC runs in place (the backend "
+                         "copies an out-of-place call's input into its output first)");
+        return ipc->allReduce(out, count, dtype, op, host, desc, deadline);
+      }
       return host.allReduce(in ? in : out, out, count, dtype, op, desc, deadline);
     case CollType::kBroadcast:
       if (ipc) return ipc->broadcast(out, bytes, root, host, desc, deadline);
