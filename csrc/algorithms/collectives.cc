@@ -375,6 +375,11 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
     ran(Algo::kReduceScatterHier);
     return;
   }
+  if (hierUneven(blockBytes * n)) {
+    hierUnevenReduceScatter(in, out, countPerRank, dtype, op, desc, deadline);
+    ran(Algo::kReduceScatterHier);
+    return;
+  }
   if (blockBytes) memmove(o, src + rank_ * blockBytes, blockBytes);
   if (n == 1) {
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, 1);
@@ -441,6 +446,11 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
   char* o = static_cast<char*>(out);
   if (hierBlocks(bytesPerRank * n)) {
     hierAllGather(in, out, bytesPerRank, desc, deadline);
+    ran(Algo::kAllGatherHier);
+    return;
+  }
+  if (hierUneven(bytesPerRank * n)) {
+    hierUnevenAllGather(in, out, bytesPerRank, desc, deadline);
     ran(Algo::kAllGatherHier);
     return;
   }

@@ -238,6 +238,21 @@ class Collectives {
   void hierReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
                          const OpDesc& desc, const Deadline& deadline);
   void hierAllGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc, const Deadline& deadline);
+  // reduce_scatter / all_gather on hosts of unequal rank counts, each holding 2 or more
+  // (hier_uneven.cc): true if a call moving `bytes` in all goes that way.
+  bool hierUneven(size_t bytes) const;
+  void hierUnevenReduceScatter(const void* in, void* out, size_t countPerRank, DType dtype, ReduceOp op,
+                               const OpDesc& desc, const Deadline& deadline);
+  void hierUnevenAllGather(const void* in, void* out, size_t bytesPerRank, const OpDesc& desc,
+                           const Deadline& deadline);
+  // Each group rank's place in the host-by-host order; *perHost: ranks on each host.
+  std::vector<size_t> hostMajorPositions(std::vector<size_t>* perHost) const;
+  // Ring reduce-scatter / all-gather with blocks of unequal size (counts[i] elements /
+  // bytes[i] bytes for rank i, laid end to end): `out` gets block rank()'s reduction of
+  // every rank's `blocks`; the all-gather fills every block of `blocks` from its owner.
+  void ringReduceScatterV(const char* blocks, char* out, const std::vector<size_t>& counts, DType dtype,
+                          ReduceOp op, const OpDesc& desc, const Deadline& deadline);
+  void ringAllGatherV(char* blocks, const std::vector<size_t>& bytes, const OpDesc& desc, const Deadline& deadline);
   // Hierarchical compressed all-reduce: one chunk of the call and this rank's part of it
   // (hier_compressed.cc).
   struct HierPart {

@@ -33,6 +33,7 @@ constexpr milliseconds kTimeout{30000};
 struct RankTransport {
   std::unique_ptr<Transport> t;
   Transport* local = nullptr;
+  Transport* tcp = nullptr;  // the TCP part (bytes over this rank's host link)
 };
 
 RankTransport makeMixed(MemStore& store, const Topology& topo, int rank, milliseconds timeout = kTimeout) {
@@ -46,6 +47,7 @@ RankTransport makeMixed(MemStore& store, const Topology& topo, int rank, millise
                                            static_cast<int>(mine.size()), timeout);
   }
   auto tcp = std::make_unique<TcpTransport>(store, "t/", rank, n, timeout);
+  out.tcp = tcp.get();
   if (local) {
     out.local = local.get();
     out.t = std::make_unique<MixedTransport>(mine, std::move(local), std::move(tcp));
@@ -139,8 +141,12 @@ TEST_P(Layouts, HierarchicalAllReduceMatchesFloat64Reference) {
 TEST_P(Layouts, HierarchicalReduceScatterAndAllGather) {
   const Topology topo{GetParam()};
   const int n = static_cast<int>(topo.hostOf.size());
-  // Hierarchical on hosts holding equally many ranks; the flat ring otherwise.
-  const bool hier = topo.minPerHost() == topo.maxPerHost();
+  // Hierarchical when every host holds two or more ranks (equal or not: 2+2, 3+2); with a
+  // host of one rank (2+1+1, 1+2) the flat ring, already at that host link's bound.
+  const bool hier = topo.minPerHost() >= 2;
+  // Bytes each rank sent over TCP (its host's link) in the largest calls.
+  std::vector<uint64_t> rsSent(n, 0), agSent(n, 0);
+  const size_t largest = kCounts.back();
   MemStore store;
   runRanks(n, [&](int r) {
     RankTransport rt = makeMixed(store, topo, r);
@@ -153,7 +159,9 @@ TEST_P(Layouts, HierarchicalReduceScatterAndAllGather) {
         for (size_t i = 0; i < in.size(); ++i) in[i] = value(r, i);
         OpDesc d = testing::makeDesc(CollType::kReduceScatter, ++seq, count * n, DType::kFloat64);
         d.op = op;
+        const uint64_t before = rt.tcp->bytesSent();
         c.reduceScatter(in.data(), out.data(), count, DType::kFloat64, op, d, dl());
+        if (count == largest) rsSent[r] += rt.tcp->bytesSent() - before;
         for (size_t i = 0; i < count; ++i) {
           double ref = 0;
           for (int p = 0; p < n; ++p) ref += value(p, r * count + i);
@@ -164,11 +172,13 @@ TEST_P(Layouts, HierarchicalReduceScatterAndAllGather) {
       // all_gather, in place (this rank's block inside the output) and out of place.
       std::vector<float> all(count * n, -1.0f);
       for (size_t i = 0; i < count; ++i) all[r * count + i] = static_cast<float>(value(r, i));
+      const uint64_t before = rt.tcp->bytesSent();
       c.allGather(all.data() + r * count, all.data(), count * 4,
                   testing::makeDesc(CollType::kAllGather, ++seq, count * n), dl());
       std::vector<float> mine(count), all2(count * n);
       for (size_t i = 0; i < count; ++i) mine[i] = static_cast<float>(value(r, i));
       c.allGather(mine.data(), all2.data(), count * 4, testing::makeDesc(CollType::kAllGather, ++seq, count * n), dl());
+      if (count == largest) agSent[r] += rt.tcp->bytesSent() - before;
       for (int p = 0; p < n; ++p) {
         for (size_t i = 0; i < count; ++i) {
           ASSERT_EQ(all[p * count + i], static_cast<float>(value(p, i))) << "rank " << r << " block " << p;
@@ -180,6 +190,18 @@ TEST_P(Layouts, HierarchicalReduceScatterAndAllGather) {
     EXPECT_EQ(s.at("algo_reduce_scatter_hier"), hier ? kCounts.size() * 2 : 0u);
     EXPECT_EQ(s.at("algo_all_gather_hier"), hier ? kCounts.size() * 2 : 0u);
   });
+  // No host link carries more than the busiest one must: (n - L_min)/n of the buffer
+  // (two calls of `largest` elements per rank each). Hierarchical, every host sends
+  // exactly its own bound for reduce_scatter: its contribution to blocks owned elsewhere.
+  const size_t lmin = static_cast<size_t>(topo.minPerHost());
+  for (int h = 0; h < topo.numHosts(); ++h) {
+    uint64_t rs = 0, ag = 0;
+    for (int r : topo.ranksOn(h)) rs += rsSent[r], ag += agSent[r];
+    const size_t others = static_cast<size_t>(n) - topo.ranksOn(h).size();
+    EXPECT_LE(rs, 2 * (n - lmin) * largest * 8) << "host " << h;
+    EXPECT_LE(ag, 2 * (n - lmin) * largest * 4) << "host " << h;
+    if (hier) EXPECT_EQ(rs, 2 * others * largest * 8) << "host " << h;
+  }
 }
 
 TEST_P(Layouts, AutoPicksHierarchicalForLargeCallsOnly) {
@@ -431,7 +453,9 @@ TEST_P(Layouts, DeadRankFailsRootedAndSmallCollectivesFast) {
 INSTANTIATE_TEST_SUITE_P(Hier, Layouts,
                          ::testing::Values(std::vector<int>{0, 0, 1, 1}, std::vector<int>{0, 0, 1, 2},
                                            std::vector<int>{0, 0, 0, 1, 1}, std::vector<int>{0, 1, 1},
-                                           std::vector<int>{0, 1, 0, 1, 0, 1}));  // interleaved 3+3
+                                           std::vector<int>{0, 1, 0, 1, 0, 1},      // interleaved 3+3
+                                           std::vector<int>{0, 1, 0, 2, 1, 2, 0},   // interleaved 3+2+2
+                                           std::vector<int>{0, 0, 0, 0, 1, 1, 1}));  // 4+3: three pieces
 
 TEST(SubsetTransport, MapsRanksOntoTheParent) {
   MemStore store;
