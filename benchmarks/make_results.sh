@@ -27,7 +27,7 @@ ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 spin_dp_4 bench_limits_4_regbuf dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
-            topology_bcast_reduce topology_bcast_tree topology_allgather_bruck dp_step_2x2 dp_step_4x1_onebit tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
+            topology_bcast_reduce topology_bcast_tree topology_allgather_bruck topology_3p2 dp_step_2x2 dp_step_4x1_onebit tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -164,6 +164,13 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
         run "topology_${h}x1_allgather_bruck" "$PY" -m pycomm.bench all_gather --hosts "$h" --ranks-per-host 1 \
           --link 1gbit --threads 1 -b 64 -e 64K -f 8 -n 300 -w 30 --isolated --rounds 3 \
           --json "$OUT/topology_${h}x1_allgather_bruck.json" --no-progress
+      done ;;
+    # docs/USER_GUIDE.md (topology): reduce_scatter and all_gather on uneven hosts (3 + 2 ranks) at
+    # 1 Gbit/s: the hierarchical form ((n-L)/n * S per host link) vs the flat ring vs Gloo, 3 rounds.
+    topology_3p2)
+      for c in reduce_scatter all_gather; do
+        run "topology_3p2_1gbit_$c" "$PY" -m pycomm.bench $c --hosts 2 --ranks-per-host 3,2 --link 1gbit \
+          --thp 1 --threads 1 -b 64M -e 64M -n 3 -w 1 --rounds 3 --json "$OUT/topology_3p2_1gbit_$c.json" --no-progress
       done ;;
     # docs/USER_GUIDE.md (topology): DataParallel + OneBit step, 4 hosts x 1 rank at 1 Gbit/s, next to
     # DDP on Gloo and uncompressed dp (MomentumCorrection's reused buffers; the _before file

@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-progress", dest="progress", action="store_false")
     c = ap.add_argument_group("emulated cluster (pycomm.bench.netem; needs root)")
     c.add_argument("--hosts", type=int, default=None, help="network namespaces to spread the ranks over")
-    c.add_argument("--ranks-per-host", type=int, default=None,
-                   help="ranks on each host (sets --ranks to H*L) and measure all_reduce, all_gather, broadcast or reduce three ways: pycomm as it "
+    c.add_argument("--ranks-per-host", type=_ranks_per_host, default=None,
+                   help="ranks on each host: L (sets --ranks to H*L) or one count per host, e.g. 3,2 (uneven hosts); "
+                        "measures all_reduce, reduce_scatter, all_gather, broadcast or reduce three ways: pycomm as it "
                         "chooses (hierarchical), pycomm flat (ring) and Gloo, with each host link's bytes")
     c.add_argument("--link", default="1gbit", help="per-host link rate (tc syntax)")
     c.add_argument("--tcp-streams-compare", action="store_true",
@@ -126,18 +127,30 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.hosts is not None and args.hosts < 1:
         ap.error("--hosts must be >= 1")
     if args.ranks_per_host is not None:
-        if not args.hosts or args.ranks_per_host < 1:
+        counts = args.ranks_per_host if isinstance(args.ranks_per_host, list) else [args.ranks_per_host] * (args.hosts or 0)
+        if not args.hosts or min(counts, default=0) < 1:
             ap.error("--ranks-per-host needs --hosts and must be >= 1")
-        if args.collective not in ("all_reduce", "all_gather", "broadcast", "reduce"):
-            ap.error("--ranks-per-host measures all_reduce, all_gather, broadcast or reduce")
+        if len(counts) != args.hosts:
+            ap.error(f"--ranks-per-host {','.join(map(str, counts))} names {len(counts)} hosts, --hosts is {args.hosts}")
+        if args.collective not in ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce"):
+            ap.error("--ranks-per-host measures all_reduce, reduce_scatter, all_gather, broadcast or reduce")
         if args.compression not in (None, "onebit", "fp16", "bf16", "qsgd") or (args.compression and args.collective != "all_reduce"):
             ap.error("--ranks-per-host --compression: all_reduce with onebit, fp16, bf16 or qsgd (the codecs that compress "
                      "the cross-host hop only)")
         if args.tcp_streams_compare and args.collective != "all_reduce":
             ap.error("--tcp-streams-compare measures all_reduce")
-        if args.ranks is not None and args.ranks != args.hosts * args.ranks_per_host:
+        if args.ranks is not None and args.ranks != sum(counts):
             ap.error(f"--ranks {args.ranks} contradicts --hosts {args.hosts} x --ranks-per-host {args.ranks_per_host}")
-        args.ranks = args.hosts * args.ranks_per_host
+        args.ranks = sum(counts)
+
+
+def _ranks_per_host(text: str):
+    """--ranks-per-host: "L" (every host) -> int, "3,2" (one count per host) -> [3, 2]."""
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected L or L0,L1,... (ranks per host), got {text!r}") from None
+    return counts[0] if len(counts) == 1 else counts
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -104,7 +104,11 @@ def launch_cluster(args: argparse.Namespace, argv: Sequence[str]) -> int:
                  "PYCOMM_BENCH_NETEM": json.dumps(cluster.describe())}
         if args.transport:  # else pycomm picks: shm among a host's ranks, TCP between hosts
             extra["PYCOMM_TRANSPORT"] = args.transport
-        per_host = [[r for r in range(n) if r * args.hosts // n == h] for h in range(args.hosts)]
+        if isinstance(getattr(args, "ranks_per_host", None), list):  # uneven hosts: ranks in blocks
+            starts = [sum(args.ranks_per_host[:h]) for h in range(args.hosts + 1)]
+            per_host = [list(range(starts[h], starts[h + 1])) for h in range(args.hosts)]
+        else:
+            per_host = [[r for r in range(n) if r * args.hosts // n == h] for h in range(args.hosts)]
         procs = []
         for h, ranks in enumerate(per_host):
             for local, r in enumerate(ranks):

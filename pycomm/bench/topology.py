@@ -1,10 +1,12 @@
-"""``pycomm-bench [all_reduce|all_gather|broadcast|reduce] --hosts H --ranks-per-host L``: a
+"""``pycomm-bench [all_reduce|reduce_scatter|all_gather|broadcast|reduce] --hosts H --ranks-per-host L``
+(or ``L0,L1,...``, one count per host: uneven hosts, ranks placed in blocks): a
 collective on a multi-host layout, measured three ways in one run - pycomm as it
 chooses (hierarchical on such layouts), pycomm flat (``PYCOMM_ALGO=ring`` or, with
 ``--flat-algo rd``, recursive doubling over every rank) and Gloo - with the bytes each
 emulated host put on its link, read from the namespace's interface counters
 (``/proc/self/net/dev`` of the host's first rank) and printed next to the hierarchical
-limit (all_reduce 2(H-1)/H * S; all_gather (H-1)/H * S; broadcast and reduce S), the median and 99th percentile
+limit (all_reduce 2(H-1)/H * S; reduce_scatter and all_gather (n-L_min)/n * S, which is
+(H-1)/H * S on equal hosts; broadcast and reduce S), the median and 99th percentile
 of the per-call times (each call's slowest rank), and each variant's wire-time limit
 (its limit bytes at the link rate).
 
@@ -63,6 +65,8 @@ def _run(collective: str, t, group, root: int, out=None) -> None:
 
     if collective == "all_reduce":
         dist.all_reduce(t, group=group)
+    elif collective == "reduce_scatter":
+        dist.reduce_scatter_tensor(out, t, group=group)
     elif collective == "all_gather":
         dist.all_gather_into_tensor(out, t, group=group)
     elif collective == "broadcast":
@@ -98,11 +102,14 @@ def run_topology(args, rank: int, world: int) -> int:
     import pycomm
 
     hosts, per_host = args.hosts, args.ranks_per_host
+    layout = host_counts(args)
     coll = getattr(args, "collective", "all_reduce")
     root = getattr(args, "root", 0)
     flat = getattr(args, "flat_algo", "ring")
-    host = int(os.environ.get("GROUP_RANK", rank // per_host))
-    local_rank = int(os.environ.get("LOCAL_RANK", rank % per_host))
+    starts = [sum(layout[:h]) for h in range(hosts + 1)]
+    my_host = next(h for h in range(hosts) if starts[h] <= rank < starts[h + 1])
+    host = int(os.environ.get("GROUP_RANK", my_host))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank - starts[my_host]))
     ifname = os.environ.get("PYCOMM_SOCKET_IFNAME", "eth0")
     timeout = datetime.timedelta(seconds=args.timeout)
     if args.threads is not None:
@@ -135,19 +142,23 @@ def run_topology(args, rank: int, world: int) -> int:
                 os.environ["PYCOMM_TCP_STREAMS"] = saved
         rows = []
         gather = coll == "all_gather"
+        scatter = coll == "reduce_scatter"
         for size in _sizes(args.minbytes, args.maxbytes, args.stepfactor):
-            # all_gather: size is the gathered result (nccl-tests), each rank gives 1/world of it.
-            count = max(1, size // 4 // world) if gather else max(1, size // 4)
-            size = count * 4 * (world if gather else 1)
+            # all_gather: size is the gathered result (nccl-tests), each rank gives 1/world of
+            # it; reduce_scatter: size is each rank's input, each rank gets 1/world of it.
+            count = max(1, size // 4 // world) if gather or scatter else max(1, size // 4)
+            size = count * 4 * (world if gather or scatter else 1)
             def inp(r):
-                return (torch.arange(count, dtype=torch.float64) % 13) * 0.5 + r
+                return (torch.arange(count * (world if scatter else 1), dtype=torch.float64) % 13) * 0.5 + r
 
             # reduce: only the root's result is defined (Gloo overwrites other ranks' buffers).
             if gather:
                 ref = torch.cat([inp(r) for r in range(world)])
+            elif scatter:
+                ref = sum(inp(r) for r in range(world))[rank * count:(rank + 1) * count]
             else:
                 ref = inp(root) if coll == "broadcast" else sum(inp(r) for r in range(world))
-            gathered = torch.empty(count * world) if gather else None
+            gathered = torch.empty(count * world) if gather else (torch.empty(count) if scatter else None)
             # Several rounds, the variants interleaved in each, so that a load change on a
             # shared machine hits every variant alike; the summary takes medians.
             for label, backend, algo, _streams in [v for _ in range(max(1, args.rounds)) for v in variants]:
@@ -164,7 +175,7 @@ def run_topology(args, rank: int, world: int) -> int:
                     err = float((y.double() - ref).norm() / ref.norm())
                     call = lambda t: comp.all_reduce(t, key="bench", op="avg")  # noqa: E731 - bounded values
                 else:
-                    if gather:
+                    if gather or scatter:
                         gathered.fill_(-1.0)
                         _run(coll, y, g, root, out=gathered)
                         y = gathered
@@ -222,7 +233,7 @@ def run_topology(args, rank: int, world: int) -> int:
                 rows.append({"size": size, "variant": label, "time_s": float(tmax[0]), "algos": algos,
                              "cpu_s": float(tmax[1]),  # user + system CPU of the busiest rank process
                              "p50_s": float(torch.quantile(each, 0.5)), "p99_s": float(torch.quantile(each, 0.99)),
-                             "rel_err": err, "limit_per_host": lim_bytes,
+                             "rel_err": err, "limit_per_host": lim_bytes, "layout": layout,
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
                              "payload_per_host": [float(v[2 * hosts + h]) for h in range(hosts)] if backend == "pycomm"
@@ -244,13 +255,22 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _limit(size: int, hosts: int, collective: str = "all_reduce") -> float:
-    """Fewest bytes the busiest host link must carry: all_reduce 2(H-1)/H * S; all_gather
-    (H-1)/H * S (with equal hosts: every host receives the others' parts); broadcast (the
-    root's host sends S) and reduce (every other host sends S) S."""
+def host_counts(args) -> List[int]:
+    """Ranks on each host: --ranks-per-host L on every host, or its per-host list."""
+    rph = args.ranks_per_host
+    return list(rph) if isinstance(rph, list) else [rph] * args.hosts
+
+
+def _limit(size: int, hosts: int, collective: str = "all_reduce", layout=None) -> float:
+    """Fewest bytes the busiest host link must carry: all_reduce 2(H-1)/H * S;
+    reduce_scatter and all_gather (n - L_min)/n * S (a host of L of the n ranks sends its
+    contribution to every block owned elsewhere / receives every such block; equal hosts:
+    (H-1)/H * S); broadcast (the root's host sends S) and reduce (every other host sends S) S."""
     if hosts < 2:
         return 0.0
-    if collective == "all_gather":
+    if collective in ("all_gather", "reduce_scatter"):
+        if layout:
+            return (sum(layout) - min(layout)) / sum(layout) * size
         return (hosts - 1) / hosts * size
     return 2 * (hosts - 1) / hosts * size if collective == "all_reduce" else float(size)
 
@@ -267,7 +287,7 @@ def _row_limit(row, hosts: int, collective: str = "all_reduce") -> float:
     compressed variant the codec payload the host's ranks send (pycomm's plan)."""
     if row.get("limit_per_host"):
         return max(row["limit_per_host"])
-    return _limit(row["size"], hosts, collective)
+    return _limit(row["size"], hosts, collective, row.get("layout"))
 
 
 def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS, collective="all_reduce") -> None:
@@ -307,8 +327,11 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, coll
         meta["netem"] = json.loads(os.environ["PYCOMM_BENCH_NETEM"])
     if args.compression:
         meta["compression"] = f"{args.compression} scope=cross_host"
-    lim = {"all_reduce": "2(H-1)/H * S", "all_gather": "(H-1)/H * S"}.get(collective, "S")
-    print(f"# {collective}, {hosts} hosts x {per_host} ranks, link {args.link}; pycomm-flat = PYCOMM_ALGO={flat}; "
+    layout = host_counts(args)
+    lim = {"all_reduce": "2(H-1)/H * S", "all_gather": "(n-L_min)/n * S (equal hosts: (H-1)/H * S)",
+           "reduce_scatter": "(n-L_min)/n * S (equal hosts: (H-1)/H * S)"}.get(collective, "S")
+    hosts_txt = f"{hosts} hosts x {per_host}" if not isinstance(per_host, list) else "hosts of " + "+".join(map(str, per_host))
+    print(f"# {collective}, {hosts_txt} ranks, link {args.link}; pycomm-flat = PYCOMM_ALGO={flat}; "
           f"wire ms = limit at the link rate; "
           f"tx/host = bytes each host's link sent per call (interface counters: Ethernet/IP/TCP headers and ACKs "
           f"included); payload = TCP payload pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); "
@@ -341,8 +364,8 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, coll
                 print(f"# {human(size)}B CPU per call (user+sys of the busiest rank process, median): " + ", ".join(
                     f"{v} {statistics.median(c) * 1e3:.1f} ms = {statistics.median(c) / size * 1e9:.2f} ns/B"
                     for v, c in cpu.items()), flush=True)
-            wire = _wire_s(_limit(size, hosts, collective))
-            wire_txt = (f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts, collective))}B per host "
+            wire = _wire_s(_limit(size, hosts, collective, layout))
+            wire_txt = (f"; wire-time limit {wire * 1e3:.1f} ms ({human(_limit(size, hosts, collective, layout))}B per host "
                         f"link at {args.link})" if wire else "")
             print(f"# {human(size)}B: pycomm {t * 1e3:.3f} ms (p50 {p50 * 1e3:.3f}, p99 "
                   f"{by['pycomm']['p99_s'] * 1e3:.3f}); speed-up {others}{wire_txt}", flush=True)

@@ -523,6 +523,40 @@ def test_bench_ranks_per_host_compares_hierarchical_flat_and_gloo(tmp_path):
 
 @pytest.mark.skipif(bool(_NETNS_WHY), reason=_NETNS_WHY or "ok")
 @needs_pycomm
+@pytest.mark.parametrize("coll", ["reduce_scatter", "all_gather"])
+def test_bench_uneven_hosts_reduce_scatter_all_gather(tmp_path, coll):
+    """Hosts of 3 and 2 ranks: the hierarchical form sends (n - L)/n * S over each host's
+    link (reduce_scatter: exactly; all_gather: at most (n - L_min)/n * S), the flat ring
+    (n - 1)/n * S over the busiest."""
+    jp = tmp_path / "u.json"
+    p = run_bench(coll, "--hosts", "2", "--ranks-per-host", "3,2", "--link", "1gbit", "-b", "2M", "-e", "2M",
+                  "-n", "2", "-w", "1", "--json", str(jp), timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(jp.read_text())
+    assert data["meta"]["ranks_per_host"] == [3, 2] and data["meta"]["nranks"] == 5
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert all(r["wrong"] == 0 for r in rows.values()), rows
+    assert set(rows["pycomm"]["algos"]) == {"hier"} and set(rows["pycomm-flat"]["algos"]) == {"ring"}, rows
+    size = rows["pycomm"]["size"]
+    hier, flat = rows["pycomm"]["payload_per_host"], rows["pycomm-flat"]["payload_per_host"]
+    if coll == "reduce_scatter":
+        assert hier == pytest.approx([2 / 5 * size, 3 / 5 * size], rel=1e-6), hier
+    assert max(hier) == pytest.approx(3 / 5 * size, rel=1e-6), hier
+    assert max(flat) == pytest.approx(4 / 5 * size, rel=1e-6), flat
+    assert "limit = (n-L_min)/n * S" in p.stdout
+
+
+def test_bench_ranks_per_host_layout_checked():
+    p = run_bench("reduce_scatter", "--hosts", "3", "--ranks-per-host", "3,2", timeout=60)
+    assert p.returncode == 2 and "names 2 hosts, --hosts is 3" in p.stderr, p.stderr
+    p = run_bench("reduce_scatter", "--hosts", "2", "--ranks-per-host", "3,x", timeout=60)
+    assert p.returncode == 2 and "ranks per host" in p.stderr, p.stderr
+    p = run_bench("reduce_scatter", "--hosts", "2", "--ranks-per-host", "3,0", timeout=60)
+    assert p.returncode == 2 and "must be >= 1" in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(bool(_NETNS_WHY), reason=_NETNS_WHY or "ok")
+@needs_pycomm
 @pytest.mark.parametrize("coll,fast,flat,root_sends", [("broadcast", "tree", "chain", (2, 1)),
                                                      ("all_gather", "bruck", "ring", (0.75, 0.75))])
 def test_bench_isolated_small_collectives_log_rounds_vs_flat(tmp_path, coll, fast, flat, root_sends):
