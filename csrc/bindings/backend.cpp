@@ -123,13 +123,8 @@ c10::intrusive_ptr<c10d::Work> PycommBackend::allreduceOut(at::Tensor output, at
     std::vector<at::Tensor> t{output};
     return allreduce(t, opts);
   }
-  CollOp cop;
-  cop.coll = CollType::kAllReduce;
-  cop.count = static_cast<size_t>(input.numel());
-  cop.bytes = input.nbytes();
-  cop.dtype = toDType(input.scalar_type(), rank_);
-  cop.op = toReduceOp(opts.reduceOp, cop.dtype, rank_);
-  FlatCall call{c10d::OpType::ALLREDUCE, "pycomm:all_reduce", "all_reduce", input.numel(), cop};
+  FlatCall call{c10d::OpType::ALLREDUCE, "pycomm:all_reduce", "all_reduce", input.numel(),
+                allReduceOp(input, opts.reduceOp)};
   return outOfPlace(call, output, input, asyncOp);
 }
 

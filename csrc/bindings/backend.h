@@ -29,6 +29,7 @@
 #include "bindings/c10d_store.h"
 #include "bindings/cuda_collectives.h"
 #include "bindings/staging.h"
+#include "bindings/torch_types.h"
 #include "engine/coll_op.h"
 #include "engine/group.h"
 
@@ -240,6 +241,17 @@ class PycommBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> submitCoalesced(c10d::OpType type, const char* name, const CollOp& op, at::Tensor in,
                                                  at::Tensor out, std::vector<at::Tensor> outputs,
                                                  std::vector<Piece> pieces, bool asyncOp);
+
+  /// An all_reduce of all of `t`'s elements with `rop` (ValueError if `t`'s dtype lacks it).
+  CollOp allReduceOp(const at::Tensor& t, const c10d::ReduceOp& rop) const {
+    CollOp op;
+    op.coll = CollType::kAllReduce;
+    op.count = static_cast<size_t>(t.numel());
+    op.bytes = t.nbytes();
+    op.dtype = toDType(t.scalar_type(), rank_);
+    op.op = toReduceOp(rop, op.dtype, rank_);
+    return op;
+  }
 
   static CollOp allGatherOp(const at::Tensor& input) {
     CollOp op;

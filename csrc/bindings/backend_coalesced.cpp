@@ -11,12 +11,7 @@ c10::intrusive_ptr<c10d::Work> PycommBackend::allreduce_coalesced(std::vector<at
   const char* what = "all_reduce_coalesced";
   checkCoalesced(tensors, tensors, what);
   at::Tensor flat = flatOnHost(tensors);
-  CollOp op;
-  op.coll = CollType::kAllReduce;
-  op.count = static_cast<size_t>(flat.numel());
-  op.bytes = flat.nbytes();
-  op.dtype = toDType(flat.scalar_type(), rank_);
-  op.op = toReduceOp(opts.reduceOp, op.dtype, rank_);
+  const CollOp op = allReduceOp(flat, opts.reduceOp);
   std::vector<Piece> back;
   int64_t off = 0;
   for (auto& t : tensors) {
