@@ -112,12 +112,13 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
           --modes ddp_gloo,dp,postlocalsgd_h8,localsgd_h8,diloco_h8,diloco_h8_onebit,dp_slow,balanced_dp_slow,async_slow \
           --out "$OUT/local_sgd_$l"
       done ;;
-    # docs/USER_GUIDE.md (topology): hierarchical vs flat vs Gloo, 2 hosts x 2 ranks and 4 x 1.
+    # docs/USER_GUIDE.md (topology): hierarchical vs flat vs Gloo, 2 hosts x 2 ranks and 4 x 1, 3
+    # interleaved rounds, default settings (no THP), the frames' link time next to each.
     topology)
       for lay in "2 2" "4 1"; do
         set -- $lay
         run "topology_${1}x${2}_1gbit" "$PY" -m pycomm.bench all_reduce --hosts "$1" --ranks-per-host "$2" --link 1gbit \
-          --thp 1 --threads 1 -b 16M -e 64M -f 4 -n 5 -w 1 --json "$OUT/topology_${1}x${2}_1gbit.json" --no-progress
+          --threads 1 -b 16M -e 64M -f 4 -n 5 -w 1 --rounds 3 --json "$OUT/topology_${1}x${2}_1gbit.json" --no-progress
       done ;;
     # docs/USER_GUIDE.md (topology): the same at 10 Gbit/s (where the 2-core VM's CPU, not the
     # link, may be the limit).

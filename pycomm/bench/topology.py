@@ -86,6 +86,24 @@ def link_bytes(ifname: str) -> Dict[str, int]:
     raise RuntimeError(f"pycomm-bench: interface {ifname!r} not found in /proc/self/net/dev")
 
 
+def shaped_bytes(ifname: str):
+    """Bytes the link's shaper (the tbf / netem qdisc on `ifname` in this process's
+    network namespace) has charged: every frame it sent with its Ethernet, IP and TCP
+    headers counted once per wire packet (a GSO super-packet counts as the packets it is
+    cut into), so bytes * 8 / rate is the least time the frames needed on the link. None
+    where tc is missing or the device has no such qdisc."""
+    import subprocess
+
+    try:
+        p = subprocess.run(["tc", "-s", "-j", "qdisc", "show", "dev", ifname], capture_output=True, text=True,
+                           timeout=10)
+        rows = json.loads(p.stdout) if p.returncode == 0 and p.stdout.strip() else []
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    shaper = [r for r in rows if r.get("kind") in ("tbf", "netem") and "bytes" in r]
+    return int(shaper[0]["bytes"]) if shaper else None
+
+
 def _sizes(lo: int, hi: int, factor: int) -> List[int]:
     out, s = [], lo
     while s <= hi:
@@ -189,6 +207,7 @@ def run_topology(args, rank: int, world: int) -> int:
                     call(x)
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
+                q0 = shaped_bytes(ifname) if local_rank == 0 else None
                 p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 each = torch.zeros(args.iters, dtype=torch.float64)
                 cpu0 = _cpu_s()
@@ -205,15 +224,19 @@ def run_topology(args, rank: int, world: int) -> int:
                 p1 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 dist.barrier(group=side)
                 c1 = link_bytes(ifname) if local_rank == 0 else None
+                q1 = shaped_bytes(ifname) if local_rank == 0 else None
                 # Per host: tx and rx bytes per call on its link, and the TCP payload its
                 # ranks sent (pycomm's counters); per rank: #wrong.
-                v = torch.zeros(4 * hosts + 1, dtype=torch.float64)
+                # (and the shaper's charged bytes per call on the host's egress: -1 unknown).
+                v = torch.zeros(5 * hosts + 1, dtype=torch.float64)
                 if compressed:  # the codec payload this rank must send across hosts (pycomm's plan)
                     v[3 * hosts + host] = comp.wire_bytes_on(count)["cross_host"]
                 if c0 is not None:
                     v[2 * host] = (c1["tx"] - c0["tx"]) / args.iters
                     v[2 * host + 1] = (c1["rx"] - c0["rx"]) / args.iters
                 v[2 * hosts + host] = (p1 - p0) / args.iters
+                if c0 is not None:
+                    v[4 * hosts + host] = (q1 - q0) / args.iters if q0 is not None and q1 is not None else -1.0
                 v[-1] = wrong
                 dist.all_reduce(v, group=side)
                 dist.all_reduce(each, op=dist.ReduceOp.MAX, group=side)  # each call's slowest rank
@@ -236,6 +259,8 @@ def run_topology(args, rank: int, world: int) -> int:
                              "rel_err": err, "limit_per_host": lim_bytes, "layout": layout,
                              "tx_per_host": [float(v[2 * h]) for h in range(hosts)],
                              "rx_per_host": [float(v[2 * h + 1]) for h in range(hosts)],
+                             "shaped_per_host": [float(v[4 * hosts + h]) for h in range(hosts)]
+                             if all(v[4 * hosts + h] >= 0 for h in range(hosts)) else None,
                              "payload_per_host": [float(v[2 * hosts + h]) for h in range(hosts)] if backend == "pycomm"
                              else None,
                              "wrong": int(v[-1])})
@@ -282,6 +307,14 @@ def _wire_s(nbytes: float):
     return nbytes * 8 / rate if rate else None
 
 
+def _frames_s(row):
+    """Seconds the frames this row's calls put on the busiest host link (the shaper's
+    charged bytes per call, headers included) need at the link rate: the time no
+    algorithm sending those bytes can beat (None without netem or without the counter)."""
+    shaped = row.get("shaped_per_host")
+    return _wire_s(max(shaped)) if shaped else None
+
+
 def _row_limit(row, hosts: int, collective: str = "all_reduce") -> float:
     """Bytes the busiest host link must carry for this row's variant: _limit, or for the
     compressed variant the codec payload the host's ranks send (pycomm's plan)."""
@@ -293,7 +326,7 @@ def _row_limit(row, hosts: int, collective: str = "all_reduce") -> float:
 def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS, collective="all_reduce") -> None:
     first = variants[0][0]
     if row["variant"] == first and len([r for r in rows if r["variant"] == first]) == 1:
-        print(f"# {'size':>10} {'variant':>15} {'time ms':>9} {'p50 ms':>8} {'p99 ms':>8} {'wire ms':>8} "
+        print(f"# {'size':>10} {'variant':>15} {'time ms':>9} {'p50 ms':>8} {'p99 ms':>8} {'wire ms':>8} {'frames ms':>9} "
               f"{'algbw GB/s':>10} {'tx/host MB (max)':>16} {'limit MB':>9} {'tx/limit':>8} {'payload/limit':>13} "
               f"{'vs pycomm':>9} {'#wrong':>6} algorithm", flush=True)
     base = next(r for r in rows if r["size"] == row["size"] and r["variant"] == first)
@@ -302,9 +335,11 @@ def _print_row(row, hosts, rows, variants=TOPOLOGY_VARIANTS, collective="all_red
     payload = f"{max(row['payload_per_host']) / lim:.3f}" if row["payload_per_host"] and lim else "-"
     wire = _wire_s(lim)
     wire_ms = f"{wire * 1e3:8.1f}" if wire else f"{'-':>8}"
+    frames = _frames_s(row)
+    frames_ms = f"{frames * 1e3:9.1f}" if frames else f"{'-':>9}"
     extra = f" rel_err={row['rel_err']:.3g}" if row.get("rel_err") is not None else ""
     print(f"  {row['size']:>10} {row['variant']:>15} {row['time_s'] * 1e3:9.3f} {row['p50_s'] * 1e3:8.3f} "
-          f"{row['p99_s'] * 1e3:8.3f} {wire_ms} {row['size'] / row['time_s'] / 1e9:10.3f} "
+          f"{row['p99_s'] * 1e3:8.3f} {wire_ms} {frames_ms} {row['size'] / row['time_s'] / 1e9:10.3f} "
           f"{tx / 1e6:16.2f} {lim / 1e6:9.2f} {tx / lim if lim else float('nan'):8.3f} {payload:>13} "
           f"{row['time_s'] / base['time_s']:8.2f}x {row['wrong']:>6} {','.join(row['algos']) or '-'}{extra}",
           flush=True)
@@ -332,7 +367,9 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, coll
            "reduce_scatter": "(n-L_min)/n * S (equal hosts: (H-1)/H * S)"}.get(collective, "S")
     hosts_txt = f"{hosts} hosts x {per_host}" if not isinstance(per_host, list) else "hosts of " + "+".join(map(str, per_host))
     print(f"# {collective}, {hosts_txt} ranks, link {args.link}; pycomm-flat = PYCOMM_ALGO={flat}; "
-          f"wire ms = limit at the link rate; "
+          f"wire ms = limit at the link rate; frames ms = the frames this variant's call put on the busiest "
+          f"host link (the shaper's qdisc byte counter: every wire packet's Ethernet/IP/TCP headers counted) at "
+          f"the link rate; "
           f"tx/host = bytes each host's link sent per call (interface counters: Ethernet/IP/TCP headers and ACKs "
           f"included); payload = TCP payload pycomm's ranks on that host sent (bytes_sent_tcp, max over hosts); "
           f"limit = {lim}; p50/p99 = percentiles over the timed calls of each call's slowest rank"
@@ -369,6 +406,19 @@ def _finish(args, rows, world, hosts, per_host, variants=TOPOLOGY_VARIANTS, coll
                         f"link at {args.link})" if wire else "")
             print(f"# {human(size)}B: pycomm {t * 1e3:.3f} ms (p50 {p50 * 1e3:.3f}, p99 "
                   f"{by['pycomm']['p99_s'] * 1e3:.3f}); speed-up {others}{wire_txt}", flush=True)
+            frames = {}
+            for r in rows:
+                if r["size"] == size and _frames_s(r):
+                    frames.setdefault(r["variant"], []).append(_frames_s(r))
+            if "pycomm" in frames:
+                fp = statistics.median(frames["pycomm"])
+                print(f"# {human(size)}B link time of the frames each variant sent (shaper bytes at the link rate, "
+                      f"medians): " + ", ".join(
+                          f"{v} {statistics.median(f) * 1e3:.1f} ms ({statistics.median(f) / by[v]['time_s']:.1%} "
+                          f"of its time)" for v, f in frames.items() if v in by)
+                      + "; speed-up of pycomm if every variant ran at that limit: " + ", ".join(
+                          f"vs {v} {statistics.median(f) / fp:.3f}x" for v, f in frames.items()
+                          if v != "pycomm"), flush=True)
         for label in by:
             if args.compression and label == f"pycomm-{args.compression}":
                 tc = by[label]["time_s"]

@@ -519,6 +519,14 @@ def test_bench_ranks_per_host_compares_hierarchical_flat_and_gloo(tmp_path):
         assert pay > 1.4 * limit, rows["pycomm-flat"]
     # The interface counters see the same (headers and ACKs add a few percent).
     assert max(rows["pycomm"]["tx_per_host"]) < 1.1 * limit < 1.1 * max(rows["pycomm-flat"]["tx_per_host"]), rows
+    # The shaper charges every wire packet's headers: its bytes exceed the payload by
+    # 3-8 % (66 header bytes per 1448-byte segment, plus ACKs), and the time they need at
+    # the link rate bounds every variant's call from below.
+    for r in rows.values():
+        pay = max(rows["pycomm"]["payload_per_host"]) * (1.5 if r["variant"] != "pycomm" else 1.0)
+        assert r["shaped_per_host"] and 1.03 * pay < max(r["shaped_per_host"]) < 1.08 * pay, r
+        assert max(r["shaped_per_host"]) * 8 / 1e9 < r["time_s"], r
+    assert "frames ms" in p.stdout and "speed-up of pycomm if every variant ran at that limit" in p.stdout, p.stdout
 
 
 @pytest.mark.skipif(bool(_NETNS_WHY), reason=_NETNS_WHY or "ok")
