@@ -208,6 +208,10 @@ def run_topology(args, rank: int, world: int) -> int:
                 dist.barrier(group=side)
                 c0 = link_bytes(ifname) if local_rank == 0 else None
                 q0 = shaped_bytes(ifname) if local_rank == 0 else None
+                # Nobody sends until every host has read its counters (reading the
+                # shaper's takes a `tc` process: its host's other ranks would otherwise
+                # be sending already, and those bytes went uncounted).
+                dist.barrier(group=side)
                 p0 = pycomm.stats(g).get("bytes_sent_tcp", 0) if backend == "pycomm" else 0
                 each = torch.zeros(args.iters, dtype=torch.float64)
                 cpu0 = _cpu_s()

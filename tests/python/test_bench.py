@@ -520,12 +520,14 @@ def test_bench_ranks_per_host_compares_hierarchical_flat_and_gloo(tmp_path):
     # The interface counters see the same (headers and ACKs add a few percent).
     assert max(rows["pycomm"]["tx_per_host"]) < 1.1 * limit < 1.1 * max(rows["pycomm-flat"]["tx_per_host"]), rows
     # The shaper charges every wire packet's headers: its bytes exceed the payload by
-    # 3-8 % (66 header bytes per 1448-byte segment, plus ACKs), and the time they need at
+    # ~4.6 % (66 header bytes per 1448-byte segment, plus ACKs), and the time they need at
     # the link rate bounds every variant's call from below.
     for r in rows.values():
         pay = max(rows["pycomm"]["payload_per_host"]) * (1.5 if r["variant"] != "pycomm" else 1.0)
-        assert r["shaped_per_host"] and 1.03 * pay < max(r["shaped_per_host"]) < 1.08 * pay, r
-        assert max(r["shaped_per_host"]) * 8 / 1e9 < r["time_s"], r
+        assert r["shaped_per_host"] and 1.02 * pay < min(r["shaped_per_host"]) <= max(r["shaped_per_host"]) < 1.08 * pay, r
+        # (less the shaper's burst, 1 ms of traffic: the bucket is full when the timed
+        # calls start, so their first millisecond of frames goes at once.)
+        assert max(r["shaped_per_host"]) * 8 / 1e9 - 1e-3 < r["time_s"], r
     assert "frames ms" in p.stdout and "speed-up of pycomm if every variant ran at that limit" in p.stdout, p.stdout
 
 
