@@ -331,6 +331,9 @@ void Collectives::shmDirectAllReduce(const void* in, void* out, size_t count, DT
       acc = red + off * es;
     }
   }
+  for (int p = 0; p < n; ++p) {
+    if (mapped[p] && hi > lo) direct_->countMappedRead(p, (hi - lo) * es);
+  }
   if (op == ReduceOp::kAvg) finalizeAvg(red + lo * es, hi - lo, dtype, n);
   // The reduced blocks, published: a peer's record of them also says its block is
   // final (and that it has finished reading this rank's input).
@@ -351,6 +354,7 @@ void Collectives::shmDirectAllReduce(const void* in, void* out, size_t count, DT
       if (red != user) memcpy(user + plo * es, red + plo * es, (phi - plo) * es);
     } else if (mapped[p]) {
       memcpy(user + plo * es, mapped[p] + plo * es, (phi - plo) * es);
+      direct_->countMappedRead(p, (phi - plo) * es);
     } else {
       direct_->readPeer(p, addr[p] + plo * es, user + plo * es, (phi - plo) * es);
     }
@@ -409,6 +413,9 @@ void Collectives::reduceScatter(const void* in, void* out, size_t countPerRank, 
         }
       }
     }
+    for (int p = 0; p < n; ++p) {
+      if (mapped[p] && blockBytes) direct_->countMappedRead(p, blockBytes);
+    }
     if (op == ReduceOp::kAvg) finalizeAvg(o, countPerRank, dtype, n);
     direct_->barrier(desc, deadline);  // peers are done reading our input
     ran(Algo::kReduceScatterDirect);
@@ -466,6 +473,7 @@ void Collectives::allGather(const void* in, void* out, size_t bytesPerRank, cons
       if (p == rank_ || !bytesPerRank) continue;
       if (rec[p].mapped) {
         memcpy(o + p * bytesPerRank, rec[p].mapped, bytesPerRank);  // a registered peer
+        direct_->countMappedRead(p, bytesPerRank);
       } else {
         direct_->readPeer(p, rec[p].addr, o + p * bytesPerRank, bytesPerRank);
       }

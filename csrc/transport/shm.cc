@@ -389,12 +389,16 @@ void ShmTransport::readPeer(int peer, uint64_t remote, void* local, size_t bytes
     const PeerSegment& ps = peerSegs_[peer][si];
     if (ps.local && remote >= ps.remoteBase && remote - ps.remoteBase + bytes <= ps.bytes) {
       if (bytes) memcpy(local, static_cast<const char*>(ps.local) + (remote - ps.remoteBase), bytes);
-      stats_.bytesRecv.fetch_add(bytes, std::memory_order_relaxed);
-      slot(peer)->served.fetch_add(bytes, std::memory_order_relaxed);
+      countMappedRead(peer, bytes);
       return;
     }
   }
   readPeerCma(peer, remote, local, bytes);
+}
+
+void ShmTransport::countMappedRead(int peer, size_t bytes) {
+  stats_.bytesRecv.fetch_add(bytes, std::memory_order_relaxed);
+  slot(peer)->served.fetch_add(bytes, std::memory_order_relaxed);
 }
 
 size_t ShmTransport::mappedSegments() const {

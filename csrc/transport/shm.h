@@ -80,6 +80,7 @@ class ShmTransport : public Transport, public DirectAccess {
   Peer peerRecord(int peer, uint64_t dseq, const OpDesc& desc, size_t bytes,
                   const Deadline& deadline) override;
   void readPeer(int peer, uint64_t remote, void* local, size_t bytes) override;
+  void countMappedRead(int peer, size_t bytes) override;
   /// Peers' registered segments this rank has mapped (for tests and stats).
   size_t mappedSegments() const;
   /// Counted per transport.

@@ -100,6 +100,10 @@ class DirectAccess {
   /// Copies `bytes` from address `remote` in `peer`'s process into `local`.
   virtual void readPeer(int peer, uint64_t remote, void* local, size_t bytes) = 0;
 
+  /// Counts `bytes` this rank read straight out of `peer`'s mapping (Peer::mapped, no
+  /// readPeer call), so pycomm.stats() reports every byte moved between ranks.
+  virtual void countMappedRead(int peer, size_t bytes) = 0;
+
   /// Returns once every rank has reached the same barrier.
   virtual void barrier(const OpDesc& desc, const Deadline& deadline) = 0;
 };

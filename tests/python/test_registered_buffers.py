@@ -41,21 +41,33 @@ def _collectives(rank, ws, mode):
 
     from pycomm import _C
 
+    import pycomm
+
     registered = mode == "all" or (mode == "some" and rank % 2 == 0)
     checked = 0
+
+    def moved(call):
+        """Runs call(); returns the bytes every rank's peers read from it (pycomm.stats'
+        bytes_sent), summed over the group: mapped reads and process_vm_readv alike."""
+        s0 = pycomm.stats()["bytes_sent"]
+        call()
+        d = torch.tensor([float(pycomm.stats()["bytes_sent"] - s0)], dtype=torch.float64)
+        dist.all_reduce(d)
+        return int(d.item())
+
     for n in LENGTHS:
         ref = sum(_vals(r, n) for r in range(ws)) if ws > 1 else _vals(0, n)
         # all_reduce (SUM and AVG)
         t = _tensor(_vals(rank, n).float(), registered)
-        dist.all_reduce(t)
+        sent = moved(lambda: dist.all_reduce(t))
         torch.testing.assert_close(t.double(), ref, rtol=1e-5, atol=1e-3)
+        if n == LENGTHS[-1]:  # the single-copy algorithm: every block read by every peer, twice
+            assert sent == 2 * (ws - 1) * n * 4, (mode, rank, sent)
         t = _tensor(_vals(rank, n).float(), registered)
         dist.all_reduce(t, op=dist.ReduceOp.AVG)
         torch.testing.assert_close(t.double(), ref / ws, rtol=1e-5, atol=1e-3)
         # out of place (pycomm.all_reduce(x, out=y)), input and output each registered or
         # not by rank: the input comes back unchanged
-        import pycomm
-
         x = _tensor(_vals(rank, n).float(), registered)
         y = _tensor(torch.zeros(n), (rank % 3 == 1) != registered)
         pycomm.all_reduce(x, out=y)
@@ -64,13 +76,17 @@ def _collectives(rank, ws, mode):
         # reduce_scatter: rank r's output is block r of the sum
         inp = _tensor(_vals(rank, n * ws, salt=3).float(), registered)
         out = torch.empty(n)
-        dist.reduce_scatter_tensor(out, inp)
+        sent = moved(lambda: dist.reduce_scatter_tensor(out, inp))
+        if n == LENGTHS[-1]:  # each rank reads its block from every peer
+            assert sent == ws * (ws - 1) * n * 4, (mode, rank, sent)
         full = sum(_vals(r, n * ws, salt=3) for r in range(ws))
         torch.testing.assert_close(out.double(), full[rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-3)
         # all_gather
         g = _tensor(_vals(rank, n, salt=5).float(), registered)
         allg = torch.empty(n * ws)
-        dist.all_gather_into_tensor(allg, g)
+        sent = moved(lambda: dist.all_gather_into_tensor(allg, g))
+        if n == LENGTHS[-1]:  # each rank reads every peer's block
+            assert sent == ws * (ws - 1) * n * 4, (mode, rank, sent)
         want = torch.cat([_vals(r, n, salt=5) for r in range(ws)])
         torch.testing.assert_close(allg.double(), want.float().double(), rtol=0, atol=0)
         # broadcast from the last rank
