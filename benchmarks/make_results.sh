@@ -101,7 +101,11 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
       "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
         --compressors none,OneBit,TopK,PowerSGD --seeds 0 --epochs 8 --out "$OUT/convergence_charlm"
       "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
-        --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 8 --out "$OUT/convergence_charlm_3seeds" ;;
+        --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 8 --out "$OUT/convergence_charlm_3seeds"
+      # The LM run until the uncompressed baseline's held-out loss has flattened (64 epochs,
+      # 1024 steps; ~35 s a cell, ~40 min on the quiet 2-core VM), same recipe otherwise.
+      "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
+        --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 64 --out "$OUT/convergence_charlm_64ep" ;;
     # docs/MODEL_PARALLEL.md: balanced vs equal pipeline split.
     pipeline_balance) "$PY" benchmarks/bench_pipeline_balance.py --out "$OUT/pipeline_balance.txt" ;;
     # docs/DATA_PARALLEL.md: local SGD / DiLoCo / async, on one host and on emulated links.
