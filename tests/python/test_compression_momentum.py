@@ -536,3 +536,53 @@ def _body_buffers(rank, world, async_op):
 @pytest.mark.parametrize("async_op", [False, True])
 def test_velocity_buffers_and_in_place_bare_path(async_op):
     run_ranks(3, _body_buffers, async_op, backend="pycomm", timeout=90)
+
+
+def _body_exact_params_quantised(rank, world):
+    import torch.distributed as dist
+
+    import pycomm.compression as C
+
+    net = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Linear(7, 3))
+    q = C.QSGD(bits=8, error_feedback=True)
+    comp = C.MomentumCorrection(C.OneBit(), momentum=0.9, warmup_steps=0, exact=lambda p: p.dim() == 1,
+                                exact_compression=q)
+    layout, off = [], 0
+    for p in net.parameters():
+        layout.append((p, off))
+        off += p.numel()
+    comp.set_layout(5, layout)
+    n_exact = sum(p.numel() for p in net.parameters() if p.dim() == 1)
+    gen = torch.Generator().manual_seed(11 + rank)
+    v_ref = torch.zeros(off, dtype=torch.float64)
+    for step in range(3):
+        g = torch.randn(off, generator=gen)
+        allg = [torch.zeros_like(g) for _ in range(world)]
+        dist.all_gather(allg, g)
+        avg = torch.stack(allg).double().mean(0)
+        out = g.clone()
+        comp.all_reduce(out, key=5)
+        res = [torch.zeros_like(out) for _ in range(world)]
+        dist.all_gather(res, out)
+        assert all(torch.equal(x, out) for x in res), "ranks differ"
+        v_new = comp._states[5]["v"].double()
+        # The biases through 8-bit QSGD with error feedback: within a few quantisation
+        # steps (max / 127 each) of the velocity, not exact; the weights through OneBit.
+        idx = torch.cat([torch.arange(o, o + p.numel()) for p, o in layout if p.dim() == 1])
+        ref = 0.9 * v_ref + avg
+        err = float((v_new[idx] - ref[idx]).abs().max())
+        assert 1e-4 < err < 0.1 * float(ref[idx].abs().max()), (step, err)
+        v_ref = v_new.clone()
+    # QSGD holds error feedback for the biases only; the state goes with the wrapper's.
+    assert q._states[(5, "exact")]["worker"].numel() == n_exact
+    sd = comp.state_dict()
+    assert "exact_inner" in sd
+    fresh = C.MomentumCorrection(C.OneBit(), momentum=0.9, warmup_steps=0, exact=lambda p: p.dim() == 1,
+                                 exact_compression=C.QSGD(bits=8, error_feedback=True))
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.exact_compression._states[(5, "exact")]["worker"], q._states[(5, "exact")]["worker"])
+    return True
+
+
+def test_exact_parameters_through_their_own_compressor():
+    run_ranks(3, _body_exact_params_quantised, backend="pycomm", timeout=60)

@@ -119,7 +119,10 @@ def _body_hooks(rank, world, trace_dir):
         assert st2.calls == st.calls and len(sizes) > 1 and set(sd["compression"]["states"]) == set(sizes), sd
         assert_same_state(st2.state_dict(), sd, name)
         # ... and it continues exactly as the original: the next call of every bucket gives
-        # the same bits from both.
+        # the same bits from both (the hook hands each bucket's layout to the compressor on
+        # every call; these direct calls get it the same way).
+        for key, layout in getattr(st.compression, "_layout", {}).items():
+            st2.compression.set_layout(key, layout)
         for key, numel in sorted(sizes.items()):
             g = torch.randn(numel, generator=torch.Generator().manual_seed(rank + 17))
             a, b = g.clone(), g.clone()

@@ -39,9 +39,8 @@ def _collectives(rank, ws, mode):
     import torch
     import torch.distributed as dist
 
-    from pycomm import _C
-
     import pycomm
+    from pycomm import _C
 
     registered = mode == "all" or (mode == "some" and rank % 2 == 0)
     checked = 0
