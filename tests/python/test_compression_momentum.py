@@ -428,6 +428,16 @@ def test_onebit_default_sends_25x_fewer_bytes_over_a_short_run():
     assert ratio >= 25.0, ratio
 
 
+def _layout(net, gap=0):
+    """[(param, offset)] of net's parameters back to back (``gap`` elements between them)
+    and the flat length."""
+    layout, off = [], 0
+    for p in net.parameters():
+        layout.append((p, off))
+        off += p.numel() + gap
+    return layout, off
+
+
 def _body_exact_params(rank, world, name, async_op):
     import torch.distributed as dist
 
@@ -436,10 +446,7 @@ def _body_exact_params(rank, world, name, async_op):
     inner = {"OneBit": C.OneBit(), "TopK": C.TopK(0.05)}[name]
     net = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.Linear(7, 3))
     comp = C.MomentumCorrection(inner, momentum=0.9, warmup_steps=1, exact=lambda p: p.dim() == 1)
-    layout, off = [], 0
-    for p in net.parameters():
-        layout.append((p, off))
-        off += p.numel() + 2  # gaps between parameters (compressed with the rest)
+    layout, off = _layout(net, gap=2)  # gaps between parameters (compressed with the rest)
     comp.set_layout(5, layout)
     gen = torch.Generator().manual_seed(11 + rank)
     v_ref = torch.zeros(off, dtype=torch.float64)
@@ -547,10 +554,7 @@ def _body_exact_params_quantised(rank, world):
     q = C.QSGD(bits=8, error_feedback=True)
     comp = C.MomentumCorrection(C.OneBit(), momentum=0.9, warmup_steps=0, exact=lambda p: p.dim() == 1,
                                 exact_compression=q)
-    layout, off = [], 0
-    for p in net.parameters():
-        layout.append((p, off))
-        off += p.numel()
+    layout, off = _layout(net)
     comp.set_layout(5, layout)
     n_exact = sum(p.numel() for p in net.parameters() if p.dim() == 1)
     gen = torch.Generator().manual_seed(11 + rank)
