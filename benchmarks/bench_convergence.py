@@ -16,8 +16,9 @@ Extra cells:
   (what DataParallel did before issue 15: error feedback on raw gradients, no warm-up);
   ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``; ``<C>-nofreeze``: the default
   wrapping without the Adam path's frozen variance (``freeze_variance=False``);
-  ``<C>-kw:name=value;...``: the default wrapping's warm-up with these ``MomentumCorrection``
-  arguments (values are Python expressions, ``C`` = ``pycomm.compression``, ``|`` for a
+  ``<C>-kw:name=value;...``: the default wrapping (its warm-up, ``exact``,
+  ``exact_compression``, ``nesterov_step``) with these ``MomentumCorrection`` arguments
+  changed (before 2026-12-05 only the warm-up was kept; values are Python expressions, ``C`` = ``pycomm.compression``, ``|`` for a
   comma; ``exact=<expression of p>``; ``inner.name=value`` sets the compressor's
   attribute), e.g. ``TopK-kw:warmup_steps=40``, ``OneBit-kw:exact=p.dim()<=1`` (side runs);
 - optimizer ``1bit-adam`` / ``1bit-sgd``: :class:`pycomm.compression.OneBitAdam` /
@@ -98,8 +99,8 @@ def make_compressor(name: str) -> Any:
             else:
                 kwargs[k] = val
         base = C.for_training(comp)
-        kwargs.setdefault("warmup_compression", base.warmup_compression)
-        kwargs.setdefault("warmup_steps", base.warmup_steps)
+        for name in ("warmup_compression", "warmup_steps", "exact", "exact_compression", "nesterov_step"):
+            kwargs.setdefault(name, getattr(base, name))
         comp = C.MomentumCorrection(comp, **kwargs)
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
@@ -190,6 +191,18 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
     t0 = time.perf_counter()
     finite = True
     loss_v = float("nan")
+    # Held-out loss after every epoch and this rank's training-shard loss every 4th (the
+    # LM's end point is past its best: a faster method over-fits more by then); their
+    # time is left out of ``seconds``.
+    curve: List[float] = []
+    train_curve: List[float] = []
+    eval_s = 0.0
+
+    def evaluate(x: Any, y: Any) -> float:
+        with torch.no_grad():
+            out = net(x)
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).item()
+
     for epoch in range(epochs):
         perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed * 100003 + epoch * 1000 + rank))
         for s in range(steps):
@@ -201,7 +214,12 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
             opt.step()
             loss_v = loss.item()
         finite = finite and all(bool(torch.isfinite(p).all()) for p in net.parameters())
-    elapsed = time.perf_counter() - t0
+        te = time.perf_counter()
+        curve.append(evaluate(xte, yte))
+        if (epoch + 1) % 4 == 0 or epoch + 1 == epochs:
+            train_curve.append(evaluate(xtr, ytr))
+        eval_s += time.perf_counter() - te
+    elapsed = time.perf_counter() - t0 - eval_s
     sent = (pycomm.stats("all")["bytes_sent"] - before) if dist.get_backend() == "pycomm" else None
     with torch.no_grad():
         out = net(xte)
@@ -214,7 +232,8 @@ def train_cell(rank: int, world: int, model_name: str, opt_name: str, comp_name:
     identical = all(torch.equal(d, digests[0]) for d in digests)
     ring = C.ring_all_reduce_bytes(numel, world) * steps * epochs
     return {"model": model_name, "optimizer": opt_name, "compressor": comp_name, "seed": seed,
-            "test_acc": acc, "test_loss": test_loss, "final_train_loss": loss_v, "finite": finite, "ranks_identical": identical,
+            "test_acc": acc, "test_loss": test_loss, "final_train_loss": loss_v, "test_loss_curve": curve,
+            "train_loss_curve": train_curve, "finite": finite, "ranks_identical": identical,
             "bytes_sent_rank0": sent, "fp32_ring_bytes": ring, "params": numel, "steps": steps * epochs,
             "seconds": elapsed}
 
@@ -337,7 +356,42 @@ def summarize(doc: Dict[str, Any]) -> str:
                      f"{min(accs):.2f}..{max(accs):.2f} | {loss} | {dloss} | {ratio} | "
                      f"{'none' if all(c['finite'] for c in cs) else 'YES'} | "
                      f"{'yes' if all(c['ranks_identical'] for c in cs) else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _best_table(groups)) + "\n"
+
+
+def _best_table(groups: Dict[tuple, List[Dict[str, Any]]]) -> List[str]:
+    """The held-out loss at its best epoch (cells with a per-epoch curve): a method that
+    converges faster reaches its best earlier and over-fits more by the last epoch, which
+    the final loss alone reads as a loss. Also the training-shard loss at the end."""
+    # Only files whose every cell has a curve (older files have them on re-run cells only,
+    # which could not be compared with their baseline).
+    if not groups or not all(c.get("test_loss_curve") for cs in groups.values() for c in cs):
+        return []
+    curved = groups
+    base = {(m, o): statistics.mean(min(c["test_loss_curve"]) for c in cs)
+            for (m, o, comp), cs in curved.items() if comp == "none"}
+    base_train = {(m, o): statistics.mean(c["train_loss_curve"][-1] for c in cs)
+                  for (m, o, comp), cs in curved.items() if comp == "none" and all(c.get("train_loss_curve") for c in cs)}
+    out = ["", "Held-out loss at its best epoch (evaluated after every epoch): mean +- std over seeds, change vs "
+           "none's best; the epoch of the best per seed; the final held-out loss minus the best (mean: how much "
+           "the run over-fits after its best); rank 0's training-shard loss at the end vs none's.", "",
+           "| model | optimizer | compression | best test loss | best vs none | epoch of best | final - best | "
+           "train loss at end | train vs none |", "|---|---|---|---|---|---|---|---|---|"]
+    for (m, o, comp), cs in curved.items():
+        best = [min(c["test_loss_curve"]) for c in cs]
+        bm = statistics.mean(best)
+        b = base.get((m, o))
+        epochs = ", ".join(str(1 + c["test_loss_curve"].index(min(c["test_loss_curve"]))) for c in cs)
+        over = statistics.mean(c["test_loss_curve"][-1] - min(c["test_loss_curve"]) for c in cs)
+        tr, dtr = "n/a", "n/a"
+        if all(c.get("train_loss_curve") for c in cs):
+            tm = statistics.mean(c["train_loss_curve"][-1] for c in cs)
+            tr = f"{tm:.3f}"
+            bt = base_train.get((m, o))
+            dtr = f"{100.0 * (tm - bt) / bt:+.1f} %" if bt else "n/a"
+        out.append(f"| {m} | {o} | {comp} | {bm:.3f} +- {statistics.pstdev(best) if len(best) > 1 else 0.0:.3f} | "
+                   f"{f'{100.0 * (bm - b) / b:+.1f} %' if b else 'n/a'} | {epochs} | {over:+.3f} | {tr} | {dtr} |")
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:

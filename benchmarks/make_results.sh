@@ -103,7 +103,8 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
       "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
         --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 8 --out "$OUT/convergence_charlm_3seeds"
       # The LM run until the uncompressed baseline's held-out loss has flattened (64 epochs,
-      # 1024 steps; ~35 s a cell, ~40 min on the quiet 2-core VM), same recipe otherwise.
+      # 1024 steps, held-out loss after every epoch; ~3 min a cell, ~3 h on the 2-core VM),
+      # same recipe otherwise.
       "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
         --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 64 --out "$OUT/convergence_charlm_64ep" ;;
     # docs/MODEL_PARALLEL.md: balanced vs equal pipeline split.
@@ -180,6 +181,8 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
     # docs/USER_GUIDE.md (topology): DataParallel + OneBit step, 4 hosts x 1 rank at 1 Gbit/s, next to
     # DDP on Gloo and uncompressed dp (MomentumCorrection's reused buffers; the _before file
     # is the same command at commit d21aefe, before them).
+    # (dp_step_4x1_onebit_split_index.txt: the same command with commit 31263cd's data_parallel.py and
+    # compression/momentum.py over the build, from a copy of the tree; USER_GUIDE says so.)
     dp_step_4x1_onebit) run $name "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit \
         --modes dp_onebit,ddp_gloo,dp --steps 5 --warmup 3 --json "$OUT/$name.json" ;;
     # docs/USER_GUIDE.md (topology): DataParallel step, 2 hosts x 2 ranks at 1 Gbit/s,

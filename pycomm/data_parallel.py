@@ -43,6 +43,7 @@ import torch.distributed as dist
 from pycomm import _C
 from pycomm import compression as _compression
 from pycomm import timeline as _tl
+from pycomm.compression.momentum import exact_last
 
 __all__ = ["DataParallel"]
 
@@ -212,9 +213,25 @@ class DataParallel(torch.nn.Module):
         tensors += [b.detach() for b in self.module.buffers()]
         self._broadcast_tensors(tensors)
 
-    def _plan(self, order: Optional[List[int]]) -> None:
+    def _planned(self, order: Optional[List[int]]) -> List[Tuple[List[int], List[int], int, int]]:
+        """The buckets (parameter indices, offsets, numel, key): DDP's rule
+        (``_C.bucket_plan``), then inside each bucket the parameters the compression keeps
+        apart (OneBit's vectors, ``MomentumCorrection(exact=)``) moved to the end, so that
+        its exact and compressed parts are two views of the bucket."""
         planned = _C.bucket_plan([p.numel() for p in self._params], [p.element_size() for p in self._params],
                                  self._keys, self.bucket_cap_bytes, self.first_bucket_bytes, order)
+        out = []
+        for params, _offsets, numel, key in planned:
+            params = [params[j] for j in exact_last(self.compression, [self._params[i] for i in params])]
+            offsets, off = [], 0
+            for i in params:
+                offsets.append(off)
+                off += self._params[i].numel()
+            out.append((params, offsets, numel, key))
+        return out
+
+    def _plan(self, order: Optional[List[int]]) -> None:
+        planned = self._planned(order)
         self._buckets: List[_Bucket] = []
         self._slot: List[Tuple[int, int]] = [(0, 0)] * len(self._params)  # param -> (bucket, offset)
         for bi, (params, offsets, numel, _key) in enumerate(planned):
@@ -492,8 +509,7 @@ class DataParallel(torch.nn.Module):
             dist.broadcast(t, src=self._src, group=self.group)
             order = t.tolist()
         old = [b.params for b in self._buckets]
-        planned = _C.bucket_plan([p.numel() for p in self._params], [p.element_size() for p in self._params],
-                                 self._keys, self.bucket_cap_bytes, self.first_bucket_bytes, order)
+        planned = self._planned(order)
         if [list(p[0]) for p in planned] != old:
             self._plan(order)
             if self.gradient_as_bucket_view:

@@ -75,3 +75,21 @@ def test_kw_variant_builds_the_wrapping_with_those_arguments():
     assert b.make_compressor("OneBit-kw:exact=p.dim() == 1").warmup_steps == C.ONEBIT_WARMUP_STEPS  # its default
     d = b.make_compressor("TopK-kw:inner.ratio=0.1")
     assert d.compressor.ratio == 0.1 and isinstance(d.warmup_compression, C.QSGD)  # TopK's default warm-up kept
+
+
+def test_summary_reports_the_best_epoch_next_to_the_final_loss():
+    b = _bench()
+    # none: best 0.30 at epoch 3 of 4 for both seeds; OneBit: best 0.27 / 0.29 at epoch 2,
+    # then over-fits to 0.33 / 0.31 by the end.
+    cells = [dict(_cell("adam", "none", s, 80.0), test_loss=0.31, test_loss_curve=[0.5, 0.4, 0.30, 0.31],
+                  train_loss_curve=[0.28]) for s in (0, 1)]
+    cells += [dict(_cell("adam", "OneBit", 0, 80.0), test_loss=0.33, test_loss_curve=[0.4, 0.27, 0.30, 0.33],
+                   train_loss_curve=[0.252]),
+              dict(_cell("adam", "OneBit", 1, 80.0), test_loss=0.31, test_loss_curve=[0.4, 0.29, 0.30, 0.31],
+                   train_loss_curve=[0.252])]
+    table = b.summarize(_doc(cells))
+    assert "| mlp | adam | OneBit | 0.280 +- 0.010 | -6.7 % | 2, 2 | +0.040 | 0.252 | -10.0 % |" in table
+    assert "| mlp | adam | none | 0.300 +- 0.000 | +0.0 % | 3, 3 | +0.010 | 0.280 | +0.0 % |" in table
+    # A file where some cells have no curve (re-run cells of an older file): no second table.
+    assert b.summarize(_doc(cells + [_cell("adam", "TopK", 0, 80.0)])).count("best") == 0
+    assert b.summarize(_doc([_cell("adam", "none", 0, 80.0)])).count("best") == 0  # no curves: no second table

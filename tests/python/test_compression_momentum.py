@@ -75,16 +75,20 @@ def _body_math(rank, world):
         ref = DataParallel(_mlp())
         opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
         _fit(ref, opt, xtr, ytr, rank, epochs=2)
-        for beta in (0.9, 0.5, "auto"):
-            comp = C.MomentumCorrection(None, momentum=beta, warmup_steps=0)
+        # The Nesterov-step form (nesterov_step: learned, or forced with a given beta) too.
+        for beta, nstep in ((0.9, False), (0.5, False), ("auto", False), ("auto", "auto"), (0.9, True)):
+            if nstep is True and not nesterov:
+                continue
+            comp = C.MomentumCorrection(None, momentum=beta, warmup_steps=0, nesterov_step=nstep)
             ours = DataParallel(_mlp(), compression=comp, bucket_cap_mb=0.01, first_bucket_mb=0.005)
             opt = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=nesterov)
             _fit(ours, opt, xtr, ytr, rank, epochs=2)
             if beta == "auto":
                 assert comp.momentum == 0.9, comp.momentum
+            assert comp.nesterov == (nesterov and nstep is not False), (nesterov, nstep)
             diff = float((_flat(ours) - _flat(ref)).abs().max())
-            assert diff < 2e-5, (nesterov, beta, diff)  # 20 steps; a wrong inverse is off by ~1e-1
-            out[(nesterov, beta)] = diff
+            assert diff < 2e-5, (nesterov, beta, nstep, diff)  # 20 steps; a wrong inverse is off by ~1e-1
+            out[(nesterov, beta, nstep)] = diff
 
     # Lossy (OneBit, default wrapping): the optimizer's momentum buffer re-integrates the
     # returned gradients into exactly the communicated velocity V.
@@ -102,6 +106,33 @@ def _body_math(rank, world):
     for pi, off in zip(b.params, b.offsets):
         p = model._params[pi]
         torch.testing.assert_close(bufs[id(p)], v[off:off + p.numel()], atol=1e-5, rtol=1e-4)
+
+    # SGD-Nesterov, OneBit with nesterov_step="auto": it communicates the Nesterov step, and
+    # the optimizer's buffer still re-integrates the returned gradients into the kept V.
+    comp = C.MomentumCorrection(C.OneBit(), warmup_steps=2, nesterov_step="auto")
+    model = DataParallel(_mlp(), compression=comp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    _fit(model, opt, xtr, ytr, rank, epochs=2)
+    assert comp.nesterov and comp.momentum == 0.9
+    v = comp._states[next(iter(comp._states))]["v"]
+    b = model._buckets[0]
+    for pi, off in zip(b.params, b.offsets):
+        p = model._params[pi]
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"].reshape(-1), v[off:off + p.numel()],
+                                   atol=1e-5, rtol=1e-4)
+
+    # op="sum": the common V_prev is carried once in the reduced value (velocity and
+    # Nesterov forms): the sum of the ranks' gradients, momentum-integrated.
+    for nstep in (False, True):
+        comp = C.MomentumCorrection(None, momentum=0.9, warmup_steps=0, nesterov_step=nstep)
+        buf = None
+        for step in range(4):
+            g = torch.arange(7, dtype=torch.float32) * (rank + 1) + step
+            total = sum(torch.arange(7, dtype=torch.float64) * (r + 1) + step for r in range(world))
+            got = comp.all_reduce(g.clone(), key="sum", op="sum")
+            torch.testing.assert_close(got.double(), total, atol=1e-4, rtol=1e-5)
+            buf = total if buf is None else 0.9 * buf + total
+        torch.testing.assert_close(comp._states["sum"]["v"].double(), buf, atol=1e-4, rtol=1e-5)
 
     # Adam: auto learns the optimizer (its variance is frozen after the warm-up); OneBit
     # compresses Adam's momentum (beta = beta1), TopK / PowerSGD the gradient (beta = 0).
@@ -487,6 +518,97 @@ def test_exact_parameters_travel_uncompressed(name, async_op):
     run_ranks(3, _body_exact_params, name, async_op, backend="pycomm", timeout=60)
 
 
+def _body_exact_tail(rank, world, async_op):
+    """A layout with the exact parameters at the end (what DataParallel builds) takes the
+    two-view path and gives bitwise the results of the same parameters interleaved (the
+    gather / scatter path), call by call, on compressed calls: OneBit's default wrapping
+    (vectors through a OneBit of their own). (Its warm-up carries the whole bucket through
+    one QSGD call, whose blocks then differ with the order.)"""
+    import pycomm.compression as C
+    from pycomm.compression.momentum import exact_last
+
+    net = torch.nn.Sequential(torch.nn.Linear(61, 37), torch.nn.Linear(37, 11), torch.nn.LayerNorm(11))
+    params = list(net.parameters())
+    inter, n = _layout(net)
+    order = exact_last(C.for_training(C.OneBit()), params)
+    assert [params[i].dim() for i in order] == [2, 2, 1, 1, 1, 1]
+    tail, off = [], 0
+    for i in order:
+        tail.append((params[i], off))
+        off += params[i].numel()
+    perm = torch.cat([torch.arange(o, o + p.numel()) for p, o in (inter[i] for i in order)])
+
+    for beta in (0.9, 0.0):  # 0: the bare compressor, in the tensor's own storage
+        def wrap():
+            return C.MomentumCorrection(C.OneBit(), momentum=beta, warmup_steps=0,
+                                        exact=lambda p: p.dim() <= 1, exact_compression=C.OneBit())
+
+        a, b = wrap(), wrap()
+        a.set_layout(3, inter)
+        b.set_layout(3, tail)
+        gen = torch.Generator().manual_seed(5 + rank)
+        for step in range(6):
+            g = torch.randn(n, generator=gen)
+            ta, tb = g.clone(), g[perm].clone()
+            for comp, t in ((a, ta), (b, tb)):
+                r = comp.all_reduce(t, key=3, async_op=async_op)
+                if async_op:
+                    r.wait()
+            assert torch.equal(ta[perm], tb), (beta, step, float((ta[perm] - tb).abs().max()))
+        assert a._split[3].tail is None and b._split[3].tail == n - sum(p.numel() for p in params if p.dim() == 1)
+        # beta 0 with the exact part at the end: nothing kept but the velocity's zeros
+        # (no second buffer: the compressor worked in the tensor itself).
+        assert ("x" in b._states[3]) == (beta != 0.0), (beta, sorted(b._states[3]))
+    return True
+
+
+@pytest.mark.parametrize("async_op", [False, True])
+def test_exact_parameters_at_the_end_are_views_with_the_same_results(async_op):
+    run_ranks(3, _body_exact_tail, async_op, backend="pycomm", timeout=60)
+
+
+def _body_dp_tail(rank, world):
+    import pycomm.compression as C
+    from pycomm.data_parallel import DataParallel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10))
+    # ~16.6 KB per 64x64 layer: one layer per bucket (DDP's order: bias before weight).
+    model = DataParallel(net, compression=C.OneBit(), bucket_cap_mb=0.01, first_bucket_mb=0.01)
+    layouts = model.bucket_layout()
+    assert len(layouts) > 1, layouts
+    for names in layouts:
+        dims = [dict(net.named_parameters())[nm].dim() for nm in names]
+        assert dims == sorted(dims, reverse=True), (names, dims)  # vectors last
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(8):
+        opt.zero_grad()
+        x = torch.randn(16, 64, generator=gen)
+        torch.nn.functional.cross_entropy(model(x), torch.arange(16) % 10).backward()
+        opt.step()
+    splits = model.compression._split
+    assert splits and all(sp is not None and sp.tail is not None for sp in splits.values()), splits
+    # The default wrapping learns the Nesterov-step form from SGD(nesterov=True) only.
+    assert model.compression.nesterov_step == "auto" and model.compression.nesterov is False
+    nest = DataParallel(copy.deepcopy(net), compression=C.OneBit())
+    nopt = torch.optim.SGD(nest.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    for _ in range(2):
+        nopt.zero_grad()
+        nest(torch.randn(4, 64, generator=gen)).sum().backward()
+        nopt.step()
+    assert nest.compression.nesterov is True
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    assert bool(torch.isfinite(flat).all())
+    return flat.tolist()
+
+
+def test_dataparallel_puts_the_exact_parameters_at_the_end_of_each_bucket():
+    res = run_ranks(3, _body_dp_tail, backend="pycomm", timeout=60)
+    assert all(r == res[0] for r in res), "ranks diverged"
+
+
 def _body_buffers(rank, world, async_op):
     """The wrapper's buffer handling, call by call against references it cannot share code
     with: beta 0 is the bare compressor bitwise and works in the tensor's own storage;
@@ -590,3 +712,33 @@ def _body_exact_params_quantised(rank, world):
 
 def test_exact_parameters_through_their_own_compressor():
     run_ranks(3, _body_exact_params_quantised, backend="pycomm", timeout=60)
+
+
+def test_bad_arguments_are_refused_with_what_was_given():
+    import pycomm.compression as C
+
+    cases = [(dict(momentum=1.0), "momentum must be 'auto' or in \\[0, 1\\), got 1.0"),
+             (dict(warmup_steps=-1), "warmup_steps must be >= 0, got -1"),
+             (dict(freeze_variance="yes"), "freeze_variance must be 'auto', True or False, got 'yes'"),
+             (dict(nesterov_step="on"), "nesterov_step must be 'auto', True or False, got 'on'"),
+             (dict(nesterov_step=True, local_velocity=True), "nesterov_step needs local_velocity=False"),
+             (dict(masking=True), "masking needs local_velocity=True and a TopK compressor")]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            C.MomentumCorrection(C.OneBit(), **kw)
+    with pytest.raises(ValueError, match="already wrapped"):
+        C.MomentumCorrection(C.MomentumCorrection(C.OneBit()))
+
+
+def test_learned_nesterov_form_is_restored_by_load_state_dict():
+    import pycomm.compression as C
+
+    mc = C.MomentumCorrection(C.OneBit(), momentum=0.9, nesterov_step="auto")
+    mc.nesterov = True  # as _learn sets it from SGD(nesterov=True)
+    fresh = C.MomentumCorrection(C.OneBit(), momentum=0.5, nesterov_step="auto")
+    assert not fresh.nesterov
+    fresh.load_state_dict(mc.state_dict())
+    assert fresh.nesterov and fresh.momentum == 0.9  # before the optimizer's first step
+    off = C.MomentumCorrection(C.OneBit(), nesterov_step=False)
+    off.load_state_dict(mc.state_dict())
+    assert not off.nesterov
