@@ -103,7 +103,7 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
       "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
         --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 8 --out "$OUT/convergence_charlm_3seeds"
       # The LM run until the uncompressed baseline's held-out loss has flattened (64 epochs,
-      # 1024 steps, held-out loss after every epoch; ~3 min a cell, ~3 h on the 2-core VM),
+      # 1024 steps, held-out loss after every epoch; ~1 min a cell, ~1 h on the 2-core VM),
       # same recipe otherwise.
       "$PY" benchmarks/bench_convergence.py --models charlm --optimizers sgd,sgdm,nesterov,adam,adamw \
         --compressors none,OneBit,TopK,PowerSGD --seeds 0,1,2 --epochs 64 --out "$OUT/convergence_charlm_64ep" ;;
