@@ -54,7 +54,6 @@ import multiprocessing as mp
 import os
 import platform
 import socket
-import statistics
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -311,17 +310,12 @@ def merge(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def summarize(doc: Dict[str, Any]) -> str:
-    cells = doc["cells"]
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for c in cells:
-        groups.setdefault((c["model"], c["optimizer"], c["compressor"]), []).append(c)
-    base: Dict[tuple, float] = {}
-    base_loss: Dict[tuple, float] = {}
-    for (m, o, comp), cs in groups.items():
-        if comp == "none":
-            base[(m, o)] = statistics.mean(c["test_acc"] for c in cs)
-            if all("test_loss" in c for c in cs):
-                base_loss[(m, o)] = statistics.mean(c["test_loss"] for c in cs)
+    """The ``.md`` summary of a raw file: one line per (model, optimizer, compressor)
+    from :func:`pycomm.evaluation.convergence.aggregate` (the evaluation report reads
+    the same rows), and the best-epoch table where every cell has its curves."""
+    from pycomm.evaluation.convergence import aggregate
+
+    rows = aggregate(doc["cells"])
     lines = [f"# Convergence matrix ({doc['date']})", "",
              f"`{doc['command']}`", "",
              f"Machine: {doc['machine']['cpu']} ({doc['machine']['cores']} cores), torch {doc['torch']}, "
@@ -337,60 +331,37 @@ def summarize(doc: Dict[str, Any]) -> str:
     lines += [
              "| model | optimizer | compression | seeds | test acc % | delta vs none | min..max | test loss | "
              "loss vs none | fp32 ring / sent | NaN/inf | ranks identical |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (m, o, comp), cs in groups.items():
-        accs = [c["test_acc"] for c in cs]
-        mean = statistics.mean(accs)
-        sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-        b = base.get((m, o))
-        delta = f"{mean - b:+.2f}" if b is not None else "n/a"
-        sent = [c["bytes_sent_rank0"] for c in cs if c["bytes_sent_rank0"]]
-        ratio = f"{statistics.mean(c['fp32_ring_bytes'] for c in cs) / statistics.mean(sent):.1f}x" if sent else "n/a"
-        loss, dloss = "n/a", "n/a"
-        if all("test_loss" in c for c in cs):
-            ls = [c["test_loss"] for c in cs]
-            lm = statistics.mean(ls)
-            loss = f"{lm:.3f} +- {statistics.pstdev(ls) if len(ls) > 1 else 0.0:.3f}"
-            bl = base_loss.get((m, o))
-            dloss = f"{100.0 * (lm - bl) / bl:+.1f} %" if bl else "n/a"
-        lines.append(f"| {m} | {o} | {comp} | {len(cs)} | {mean:.2f} +- {sd:.2f} | {delta} | "
-                     f"{min(accs):.2f}..{max(accs):.2f} | {loss} | {dloss} | {ratio} | "
-                     f"{'none' if all(c['finite'] for c in cs) else 'YES'} | "
-                     f"{'yes' if all(c['ranks_identical'] for c in cs) else 'NO'} |")
-    return "\n".join(lines + _best_table(groups)) + "\n"
+    for r in rows:
+        delta = "n/a" if r["acc_delta"] is None else f"{r['acc_delta']:+.2f}"
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+        loss = "n/a" if r["loss"] is None else f"{r['loss']:.3f} +- {r['loss_sd']:.3f}"
+        dloss = "n/a" if r["loss_pct"] is None else f"{r['loss_pct']:+.1f} %"
+        lines.append(f"| {r['model']} | {r['optimizer']} | {r['compressor']} | {r['seeds']} | "
+                     f"{r['acc']:.2f} +- {r['acc_sd']:.2f} | {delta} | {r['acc_min']:.2f}..{r['acc_max']:.2f} | "
+                     f"{loss} | {dloss} | {ratio} | {'none' if r['finite'] else 'YES'} | "
+                     f"{'yes' if r['identical'] else 'NO'} |")
+    return "\n".join(lines + _best_table(rows)) + "\n"
 
 
-def _best_table(groups: Dict[tuple, List[Dict[str, Any]]]) -> List[str]:
+def _best_table(rows: List[Dict[str, Any]]) -> List[str]:
     """The held-out loss at its best epoch (cells with a per-epoch curve): a method that
     converges faster reaches its best earlier and over-fits more by the last epoch, which
     the final loss alone reads as a loss. Also the training-shard loss at the end."""
     # Only files whose every cell has a curve (older files have them on re-run cells only,
     # which could not be compared with their baseline).
-    if not groups or not all(c.get("test_loss_curve") for cs in groups.values() for c in cs):
+    if not rows or any(r["best"] is None for r in rows):
         return []
-    curved = groups
-    base = {(m, o): statistics.mean(min(c["test_loss_curve"]) for c in cs)
-            for (m, o, comp), cs in curved.items() if comp == "none"}
-    base_train = {(m, o): statistics.mean(c["train_loss_curve"][-1] for c in cs)
-                  for (m, o, comp), cs in curved.items() if comp == "none" and all(c.get("train_loss_curve") for c in cs)}
     out = ["", "Held-out loss at its best epoch (evaluated after every epoch): mean +- std over seeds, change vs "
            "none's best; the epoch of the best per seed; the final held-out loss minus the best (mean: how much "
            "the run over-fits after its best); rank 0's training-shard loss at the end vs none's.", "",
            "| model | optimizer | compression | best test loss | best vs none | epoch of best | final - best | "
            "train loss at end | train vs none |", "|---|---|---|---|---|---|---|---|---|"]
-    for (m, o, comp), cs in curved.items():
-        best = [min(c["test_loss_curve"]) for c in cs]
-        bm = statistics.mean(best)
-        b = base.get((m, o))
-        epochs = ", ".join(str(1 + c["test_loss_curve"].index(min(c["test_loss_curve"]))) for c in cs)
-        over = statistics.mean(c["test_loss_curve"][-1] - min(c["test_loss_curve"]) for c in cs)
-        tr, dtr = "n/a", "n/a"
-        if all(c.get("train_loss_curve") for c in cs):
-            tm = statistics.mean(c["train_loss_curve"][-1] for c in cs)
-            tr = f"{tm:.3f}"
-            bt = base_train.get((m, o))
-            dtr = f"{100.0 * (tm - bt) / bt:+.1f} %" if bt else "n/a"
-        out.append(f"| {m} | {o} | {comp} | {bm:.3f} +- {statistics.pstdev(best) if len(best) > 1 else 0.0:.3f} | "
-                   f"{f'{100.0 * (bm - b) / b:+.1f} %' if b else 'n/a'} | {epochs} | {over:+.3f} | {tr} | {dtr} |")
+    for r in rows:
+        tr = "n/a" if r["train"] is None else f"{r['train']:.3f}"
+        dtr = "n/a" if r["train_pct"] is None else f"{r['train_pct']:+.1f} %"
+        best = "n/a" if r["best_pct"] is None else f"{r['best_pct']:+.1f} %"
+        out.append(f"| {r['model']} | {r['optimizer']} | {r['compressor']} | {r['best']:.3f} +- {r['best_sd']:.3f} | "
+                   f"{best} | {', '.join(map(str, r['best_epochs']))} | {r['overfit']:+.3f} | {tr} | {dtr} |")
     return out
 
 

@@ -20,6 +20,10 @@ train charlm --models charlm --links shm --worlds 1,2,4 --strategies dp,ddp-gloo
 # The 25.5M-parameter model, where communication matters: on one host and over 1 Gbit/s.
 train large --models large --links shm,1gbit --worlds 1,4 --strategies dp,dp-onebit,ddp-gloo,localsgd,tp,pp-1f1b
 
-"$PY" -m pycomm.bench train --render "$RUNS"/{mlp,cnn,charlm,large}/results.json --out "$OUT"
+# The compression x optimizer matrix (bench_convergence.py, measured apart: make_results.sh
+# convergence*) goes into the same report, with its own stamp.
+CONV=(benchmarks/results/convergence_digits_mlp.json benchmarks/results/convergence_digits_cnn.json
+      benchmarks/results/convergence_charlm_64ep.json)
+"$PY" -m pycomm.bench train --render "$RUNS"/{mlp,cnn,charlm,large}/results.json --out "$OUT" --convergence "${CONV[@]}"
 # The per-model reports are parts of the combined one; their raw results.json stay.
 rm -rf "$RUNS"/*/plots "$RUNS"/*/report.md "$RUNS"/*/report.html

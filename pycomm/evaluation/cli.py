@@ -4,6 +4,8 @@
     pycomm-bench train                               # the full matrix (hours on 2 cores)
     pycomm-bench train --models mlp,large --links shm,1gbit --worlds 1,2,4 --repeats 3
     pycomm-bench train --render results.json         # re-render a report, measure nothing
+    pycomm-bench train --quick --convergence benchmarks/results/convergence_*.json
+                                                     # and show the compression matrix measured apart
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from pycomm.evaluation.models import MODELS
 from pycomm.evaluation.runner import FULL, QUICK, SHM, Plan, command_line, run
@@ -71,13 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--render", metavar="RESULTS_JSON", nargs="+", default=None,
                     help="only re-render the report of existing results.json files (several: one report of "
                          "all their cells, with every run's stamp; into --out, default the first's folder)")
+    ap.add_argument("--convergence", metavar="JSON", nargs="+", default=None,
+                    help="raw files of benchmarks/bench_convergence.py (the compression x optimizer matrix) to "
+                         "show in the report, stamped as measured apart from this run")
     return ap
+
+
+def _convergence(ap: argparse.ArgumentParser, paths: Sequence[str]) -> List[Dict[str, Any]]:
+    from pycomm.evaluation.convergence import ConvergenceFileError, load
+
+    docs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                docs.append(load(json.load(f), path))
+        except (OSError, ValueError) as e:  # ConvergenceFileError is a ValueError
+            ap.error(f"--convergence: cannot read {path}: {e}")
+    return docs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     args = ap.parse_args(argv)
+    convergence = _convergence(ap, args.convergence) if args.convergence else None
     if args.render:
         from pycomm.evaluation import report
         from pycomm.evaluation.runner import combine, write_json
@@ -91,7 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ap.error(f"cannot read {path}: {e}")
         results = combine(parts)
         out = args.out or os.path.dirname(os.path.abspath(args.render[0]))
-        if len(parts) > 1:
+        if convergence is not None:
+            results["convergence"] = convergence
+        if len(parts) > 1 or convergence is not None:
             os.makedirs(out, exist_ok=True)
             write_json(os.path.join(out, "results.json"), results)
         paths = report.write_report(results, out)
@@ -115,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import datetime
 
     out = args.out or f"pycomm-eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    results = run(plan, out, command_line(argv), progress=not args.no_progress)
+    results = run(plan, out, command_line(argv), progress=not args.no_progress,
+                  extra={"convergence": convergence} if convergence else None)
     cells = results["cells"]
     ok = sum(c["status"] == "ok" for c in cells)
     print(f"{ok} of {len(cells)} cells measured; report: {os.path.abspath(os.path.join(out, 'report.md'))} "

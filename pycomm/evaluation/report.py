@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from pycomm.evaluation import convergence as conv
 from pycomm.evaluation.metrics import BASELINE, _fmt_bytes, aggregate, recommend
 
 Cell = Dict[str, Any]
@@ -498,6 +499,130 @@ PLOTS = (
 )
 
 
+# --- the compression convergence matrix (results["convergence"]) -----------------------------------
+
+def _conv_cell(r: Row) -> str:
+    """One matrix cell: the model's criterion, mean ± std, change vs none, ✓/✗ against
+    the target where one applies."""
+    v = conv.verdict(r)
+    mark = "" if v is None else (" ✓" if v[0] else " ✗")
+    if r["model"] in conv.LOSS_MODELS and r["loss"] is not None:
+        change = "" if r["loss_pct"] is None or r["compressor"] == conv.BASE else f" ({r['loss_pct']:+.1f} %)"
+        return f"{r['loss']:.3f} ± {r['loss_sd']:.3f}{change}, {r['acc']:.1f} %{mark}"
+    change = "" if r["acc_delta"] is None or r["compressor"] == conv.BASE else f" ({r['acc_delta']:+.2f})"
+    return f"{r['acc']:.2f} ± {r['acc_sd']:.2f}{change}{mark}"
+
+
+def _conv_best_cell(r: Row) -> str:
+    change = "" if r["best_pct"] is None or r["compressor"] == conv.BASE else f" ({r['best_pct']:+.1f} %)"
+    return f"{r['best']:.3f} ± {r['best_sd']:.3f}{change}, epoch {', '.join(map(str, r['best_epochs']))}"
+
+
+def _conv_ratio(rows: Sequence[Row]) -> str:
+    ratios = sorted(r["ratio"] for r in rows if r["ratio"] is not None)
+    if not ratios:
+        return NA
+    lo, hi = ratios[0], ratios[-1]
+    return f"{lo:.1f}×" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}–{hi:.1f}×"
+
+
+def _conv_plot(model: str, rows: Sequence[Row]) -> Tuple[Optional[bytes], str]:
+    """Change against uncompressed vs bytes saved, one point per default cell."""
+    pts = [r for r in rows if conv.is_default(r["compressor"]) and r["ratio"] is not None]
+    lm = model in conv.LOSS_MODELS
+    key = "loss_pct" if lm else "acc_delta"
+    pts = [r for r in pts if r[key] is not None]
+    if not pts:
+        return None, "no cell with both bytes and an uncompressed baseline"
+    fig, ax = _figure(f"{model}: change vs uncompressed against bytes saved",
+                      "fp32 ring bytes / bytes sent (log)",
+                      "held-out loss vs none (%, lower is better)" if lm else "test accuracy vs none (points)")
+    opts = _ordered([r["optimizer"] for r in pts], [])
+    comps = _ordered([r["compressor"] for r in pts], [conv.BASE])
+    for r in pts:
+        i, j = opts.index(r["optimizer"]), comps.index(r["compressor"])
+        ax.plot([r["ratio"]], [r[key]], linestyle="", color=f"C{i % 10}", marker=MARKERS[j % len(MARKERS)],
+                markersize=7)
+    for i, o in enumerate(opts):
+        ax.plot([], [], linestyle="", color=f"C{i % 10}", marker="o", label=o)
+    for j, c in enumerate(comps):
+        ax.plot([], [], linestyle="", color="grey", marker=MARKERS[j % len(MARKERS)], label=c)
+    bound = conv.LOSS_PCT if lm else -conv.ACC_POINTS
+    ax.axhline(bound, color="black", linestyle="--", linewidth=1,
+               label=f"target {'≤ +' if lm else '≥ '}{bound:g}{' %' if lm else ' points'}")
+    ax.axhline(0.0, color="grey", linewidth=1)
+    ax.set_xscale("log")
+    ax.legend(fontsize=8, ncol=2)
+    return _png(fig), "colour: optimizer, marker: compressor; every compressor at its defaults"
+
+
+def _convergence_section(doc: Dict[str, Any], index: int) -> List[Block]:
+    """One raw file of ``benchmarks/bench_convergence.py``: its stamp, per model the
+    optimizer × compressor matrix with the bytes saved, the targets met and missed, the
+    best-epoch matrix where the per-epoch curves were recorded, and a plot."""
+    rows = conv.aggregate(doc["cells"])
+    models = _ordered([r["model"] for r in rows], [])
+    mach = doc.get("machine") or {}
+    seeds = sorted({c["seed"] for c in doc["cells"]})
+    what = []
+    if set(models) & set(conv.LOSS_MODELS):
+        what.append("LM: held-out loss (change vs none), next-character accuracy")
+    if set(models) - set(conv.LOSS_MODELS):
+        what.append("classifiers: test accuracy % (points vs none)")
+    targets = ", ".join(f"{k} ≥ {v:g}× fewer bytes" for k, v in conv.MIN_RATIO.items())
+    blocks: List[Block] = [
+        Heading(2, f"Compression convergence: {', '.join(models)}"),
+        Para(f"Measured by `benchmarks/bench_convergence.py`, **not in this run** (its own stamp below): "
+             f"{doc['ranks']} ranks ({doc['backend']}), {doc['epochs']} epochs, batch {doc['batch']} per rank, "
+             f"no schedule, seeds {', '.join(map(str, seeds))}; every cell trains "
+             f"`pycomm.DataParallel(model, compression=C)` with a stock torch optimizer and the recipe chosen for "
+             f"the uncompressed run, reused unchanged. Cells: mean ± std over seeds ({'; '.join(what)}); "
+             f"✓ / ✗: the compressor's default cell meets / misses the target (classifiers within "
+             f"{conv.ACC_POINTS:g} point of none, the LM's held-out loss at most {conv.LOSS_PCT:g} % above, "
+             f"{targets}, no NaN/inf, ranks bitwise identical; judged with the stock optimizers "
+             f"{', '.join(conv.JUDGED_OPTIMIZERS)} — a `1bit-adam` / `1bit-sgd` row is the compressed optimizer, "
+             f"the column naming its momentum's compressor, whose exact warm-up is its own setting)."),
+        Fields([("machine", f"{mach.get('cpu', NA)}, {mach.get('cores', NA)} cores, {mach.get('platform', NA)}",
+                 False),
+                ("torch", str(doc.get("torch", NA)), False), ("date", str(doc.get("date", NA)), False),
+                ("load average at start", _loadavg(doc.get("loadavg_start")), False),
+                ("load average at end", _loadavg(doc.get("loadavg_now")), False),
+                ("command", str(doc.get("command", NA)), True)])]
+    merged = doc.get("merged") or []
+    if merged:
+        blocks.append(Para(f"{len(merged)} later run(s) re-ran some cells into this file (each replaced its cells):"))
+        blocks.append(Bullets([f"{m.get('date', NA)}: `{m.get('command', NA)}`" for m in merged]))
+    for model in models:
+        mrows = [r for r in rows if r["model"] == model]
+        comps = _ordered([r["compressor"] for r in mrows], [conv.BASE])
+        opts = _ordered([r["optimizer"] for r in mrows], [])
+        at = {(r["optimizer"], r["compressor"]): r for r in mrows}
+        table = [[o] + [_conv_cell(at[(o, c)]) if (o, c) in at else "" for c in comps] for o in opts]
+        table.append(["fp32 ring bytes / sent"] + [_conv_ratio([r for r in mrows if r["compressor"] == c])
+                                                   for c in comps])
+        blocks += [Heading(3, f"{model}: final {'held-out loss' if model in conv.LOSS_MODELS else 'test accuracy'}"),
+                   Table(["optimizer"] + comps, table)]
+        judged = [(r, conv.verdict(r)) for r in mrows]
+        judged = [(r, v) for r, v in judged if v is not None]
+        missed = [(r, v[1]) for r, v in judged if not v[0]]
+        if judged:
+            blocks.append(Para(f"**Targets: met by {len(judged) - len(missed)} of {len(judged)}** default "
+                               f"compressor cells" + (":" if missed else ".")))
+        if missed:
+            blocks.append(Bullets([f"{r['optimizer']} + {r['compressor']}: {'; '.join(why)}" for r, why in missed]))
+        if all(r["best"] is not None for r in mrows):
+            best = [[o] + [_conv_best_cell(at[(o, c)]) if (o, c) in at else "" for c in comps] for o in opts]
+            blocks += [Para(f"{model}: the held-out loss at its best epoch (evaluated after every epoch; mean ± std "
+                            "of the seeds' minima, change vs none's, the epoch of each seed's best). A method that "
+                            "fits faster reaches its best sooner and over-fits more by the last epoch."),
+                       Table(["optimizer"] + comps, best)]
+        png, note = _conv_plot(model, mrows)
+        blocks.append(Plot(f"plot-conv{index}-{_slug(model)}", f"{model}: accuracy against bytes",
+                           f"{model}: change against the uncompressed run vs bytes saved, per optimizer and "
+                           f"compressor", png, note if png is not None else f"no plot — {note}."))
+    return blocks
+
+
 def _model_section(run: _Run, model: str) -> List[Block]:
     info = run.model_info(model)
     params = f"{info['params']:,} parameters" if info.get("params") else "parameters n/a"
@@ -522,6 +647,13 @@ def build(results: Dict[str, Any]) -> List[Block]:
         blocks += _model_section(run, model)
     if not run.models:
         blocks.append(Para("No cells were recorded.", "warning"))
+    for i, doc in enumerate(results.get("convergence") or []):
+        try:
+            doc = conv.load(doc, f"results.json convergence[{i}]")
+        except conv.ConvergenceFileError as e:
+            blocks.append(Para(f"**Compression convergence not shown**: {e}.", "warning"))
+            continue
+        blocks += _convergence_section(doc, i)
     blocks += _not_run(run)
     blocks += [Heading(2, "Definitions"), Bullets(DEFINITIONS)]
     return blocks

@@ -274,9 +274,12 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run(plan: Plan, out_dir: str, command: str, progress: bool = True) -> Dict[str, Any]:
+def run(plan: Plan, out_dir: str, command: str, progress: bool = True,
+        extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Runs the plan into ``out_dir`` (results.json rewritten after every cell; the
-    report rendered at the end, and also when interrupted). Returns the results."""
+    report rendered at the end, and also when interrupted). ``extra``: more top-level
+    keys of results.json (``convergence``: the raw files of bench_convergence.py the
+    report shows). Returns the results."""
     from tqdm import tqdm
 
     from pycomm.evaluation import report
@@ -287,6 +290,7 @@ def run(plan: Plan, out_dir: str, command: str, progress: bool = True) -> Dict[s
                "matrix": {"models": plan.models, "strategies": plan.strategies, "worlds": plan.worlds,
                           "links": plan.links, "repeats": plan.repeats},
                "cells": []}
+    results.update(extra or {})
     cells = expand(plan)
     todo = [c for c in cells if c["status"] == "pending"]
     results["cells"] = [c for c in cells if c["status"] != "pending"]
@@ -343,7 +347,11 @@ def combine(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                 matrix[k] = matrix.get(k, []) + [x for x in v if x not in matrix.get(k, [])]
             else:
                 matrix[k] = max(matrix.get(k, v), v)
-    return {"meta": meta, "matrix": matrix, "cells": [c for p in parts for c in p["cells"]]}
+    out = {"meta": meta, "matrix": matrix, "cells": [c for p in parts for c in p["cells"]]}
+    docs = {(d.get("command"), d.get("date")): d for p in parts for d in p.get("convergence") or []}
+    if docs:
+        out["convergence"] = list(docs.values())
+    return out
 
 
 def command_line(argv: Sequence[str]) -> str:
