@@ -17,7 +17,7 @@ Extra cells:
   ``<C>-mcN``: ``MomentumCorrection(C, warmup_steps=N)``; ``<C>-nofreeze``: the default
   wrapping without the Adam path's frozen variance (``freeze_variance=False``);
   ``<C>-kw:name=value;...``: the default wrapping (its warm-up, ``exact``,
-  ``exact_compression``, ``nesterov_step``) with these ``MomentumCorrection`` arguments
+  ``exact_compression``, ``nesterov_step``, ``variance_refresh``) with these ``MomentumCorrection`` arguments
   changed (before 2026-12-05 only the warm-up was kept; values are Python expressions, ``C`` = ``pycomm.compression``, ``|`` for a
   comma; ``exact=<expression of p>``; ``inner.name=value`` sets the compressor's
   attribute), e.g. ``TopK-kw:warmup_steps=40``, ``OneBit-kw:exact=p.dim()<=1`` (side runs);
@@ -98,7 +98,8 @@ def make_compressor(name: str) -> Any:
             else:
                 kwargs[k] = val
         base = C.for_training(comp)
-        for name in ("warmup_compression", "warmup_steps", "exact", "exact_compression", "nesterov_step"):
+        for name in ("warmup_compression", "warmup_steps", "exact", "exact_compression", "nesterov_step",
+                     "variance_refresh"):
             kwargs.setdefault(name, getattr(base, name))
         comp = C.MomentumCorrection(comp, **kwargs)
     if mc and comp is not None:

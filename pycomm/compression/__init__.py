@@ -47,7 +47,8 @@ import types
 from pycomm.compression import engine
 from pycomm.compression.compressors import BF16, FP16, QSGD, OneBit, PowerSGD, TopK
 from pycomm.compression.engine import Compressor, compressed_all_reduce, ring_all_reduce_bytes
-from pycomm.compression.momentum import DEFAULT_WARMUP_STEPS, ONEBIT_WARMUP_STEPS, MomentumCorrection, for_training
+from pycomm.compression.momentum import (DEFAULT_WARMUP_STEPS, ONEBIT_WARMUP_STEPS, VARIANCE_REFRESH,
+                                        MomentumCorrection, for_training)
 from pycomm.compression.optim import OneBitAdam, OneBitSGD
 
 __all__ = [

@@ -41,7 +41,11 @@ its ``v_hat`` (read from the optimizer's state over the key's parameters, which
 DataParallel and the DDP hook pass through :meth:`MomentumCorrection.set_layout`) becomes
 ``F``, and a step pre-hook on the optimizer sets ``exp_avg_sq`` before every step so that
 after Adam's own update ``v_hat == F`` (coordinates whose root-variance is below 10 % of
-their parameter's mean stay Adam's). The first moment needs nothing: with OneBit
+their parameter's mean stay Adam's). ``F`` is refreshed after 256 compressed calls of
+the key and at every doubling (``variance_refresh``): from the ranks' averaged local
+second moments (each rank's ``beta2`` average of its own gradient squared; one exact
+all-reduce per refresh), since a variance frozen after a few steps keeps their gradient
+scale for the whole run. The first moment needs nothing: with OneBit
 ``beta = beta1`` and Adam's ``m = (1 - beta1) * sum beta1**k g'`` re-integrates the
 returned gradients into ``(1 - beta1) * V``, the compressed momentum (1-bit Adam); with
 TopK / PowerSGD ``beta = 0`` and Adam's momentum averages the error-fed gradient
@@ -68,7 +72,7 @@ import torch.distributed as dist
 from pycomm.compression.compressors import QSGD, OneBit, PowerSGD, TopK
 from pycomm.compression.engine import _NONE, _completed, _divisor, _write_back
 
-__all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS", "ONEBIT_WARMUP_STEPS"]
+__all__ = ["MomentumCorrection", "for_training", "DEFAULT_WARMUP_STEPS", "ONEBIT_WARMUP_STEPS", "VARIANCE_REFRESH"]
 
 #: Adam preconditioner floor, as a fraction of a parameter's mean sqrt(v_hat).
 _FLOOR = 0.1
@@ -78,6 +82,10 @@ DEFAULT_WARMUP_STEPS: int = 10
 
 #: OneBit's warm-up under :func:`for_training` (through QSGD-8 with error feedback).
 ONEBIT_WARMUP_STEPS: int = 5
+
+#: Compressed calls per key before the frozen Adam variance is first refreshed (then at
+#: every doubling of the count): see ``variance_refresh``.
+VARIANCE_REFRESH: int = 256
 
 
 class MomentumCorrection:
@@ -103,6 +111,16 @@ class MomentumCorrection:
         freeze_variance: with an Adam-like optimizer (learned by ``momentum="auto"`` or
             given to :meth:`set_optimizer`), keep its ``v_hat`` at the warm-up's value while
             compressing (module docstring). ``"auto"``/``True``: on; ``False``: off.
+        variance_refresh: with the frozen variance, re-estimate it after this many
+            compressed calls of a key and again at every doubling (256, 512, 1024, ...):
+            each rank keeps ``s``, the optimizer's ``beta2`` average of its own local
+            gradient squared (one pass per call, no bytes), and at a refresh ``s`` is
+            averaged over the ranks (one exact float32 all-reduce of the bucket) and
+            becomes the new F (bias-corrected, same floor). Frozen at the warm-up's end
+            alone, F holds the first steps' gradient scale for the whole run (on the
+            character LM, whose gradients grow after the first steps, Adam then took
+            larger steps and over-fitted: docs/COMPRESSION.md). ``None``: never
+            (1-bit Adam's single freeze). Only with ``op="avg"``.
         scale_by_variance: also compress ``u / (sqrt(F) + eps)`` (clamped to
             ``1 / sqrt(1 - beta2)``) and scale back after the exchange, as
             :class:`OneBitAdam` does: the error is then the size of an Adam step on every
@@ -134,11 +152,17 @@ class MomentumCorrection:
                  local_velocity: bool = False, masking: Optional[bool] = None,
                  freeze_variance: Union[bool, str] = "auto", scale_by_variance: bool = False,
                  warmup_compression: Any = None, exact: Any = None, exact_compression: Any = None,
-                 nesterov_step: Union[bool, str] = False) -> None:
+                 nesterov_step: Union[bool, str] = False,
+                 variance_refresh: Optional[int] = VARIANCE_REFRESH) -> None:
         if momentum != "auto" and not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"MomentumCorrection momentum must be 'auto' or in [0, 1), got {momentum!r}")
         if warmup_steps < 0:
             raise ValueError(f"MomentumCorrection warmup_steps must be >= 0, got {warmup_steps}")
+        if variance_refresh is not None and (isinstance(variance_refresh, bool) or not isinstance(variance_refresh, int)
+                                             or variance_refresh < 1):
+            raise ValueError("MomentumCorrection variance_refresh must be None or an int >= 1, "
+                             f"got {variance_refresh!r}")
+        self.variance_refresh = variance_refresh
         if isinstance(compressor, MomentumCorrection):
             raise ValueError("MomentumCorrection: the compressor is already wrapped")
         self.compressor = compressor
@@ -263,10 +287,52 @@ class MomentumCorrection:
             st["F"], st["F_frozen"] = d, mask
         return st["F"]
 
+    def _track_variance(self, st: Dict[str, Any], g: torch.Tensor) -> None:
+        """``s = beta2 * s + (1 - beta2) * g**2`` of this rank's own gradient (no bytes)."""
+        opt = self._adam() if self._adam is not None else None
+        if opt is None:
+            return
+        b2 = max(grp["betas"][1] for grp in opt.param_groups)
+        s = st.get("s")
+        if s is None or s.numel() != g.numel() or s.device != g.device:
+            s = st["s"] = torch.zeros(g.numel(), dtype=torch.float32, device=g.device)
+            st["s_n"] = 0
+        gf = g if g.dtype == torch.float32 else g.float()
+        s.mul_(b2).addcmul_(gf, gf, value=1.0 - b2)
+        st["s_n"] = int(st["s_n"]) + 1
+        st["s_beta2"] = b2
+
+    def _refresh_due(self, compressed_calls: int) -> bool:
+        """At variance_refresh compressed calls and every doubling after."""
+        r = self.variance_refresh
+        if r is None or compressed_calls < r or compressed_calls % r:
+            return False
+        q = compressed_calls // r
+        return q & (q - 1) == 0
+
+    def _refresh_variance(self, key: Hashable, st: Dict[str, Any], n: int,
+                          group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        """F from the ranks' averaged local second moments (one exact float32 all-reduce,
+        identical on every rank), bias-corrected, with the same floor as the first
+        freeze; the step pre-hook holds Adam's ``v_hat`` at it from the next step on."""
+        if "s" not in st or int(st.get("s_n", 0)) < 1:
+            return st["F"]
+        sbar = st["s"].clone()
+        _NONE.all_reduce(sbar, group=group, key=(key, "variance"), op="avg", async_op=False)
+        sbar.div_(1.0 - float(st["s_beta2"]) ** int(st["s_n"]))
+        mask = torch.zeros(n, dtype=torch.bool, device=sbar.device)
+        d = self._preconditioner(key, n, sbar.device, mask, source=sbar)
+        if d is not None:
+            st["F"], st["F_frozen"] = d, mask
+            st["refreshes"] = int(st.get("refreshes", 0)) + 1
+        return st["F"]
+
     def _preconditioner(self, key: Hashable, n: int, device: torch.device,
-                        frozen_mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                        frozen_mask: Optional[torch.Tensor] = None,
+                        source: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """``sqrt(v_hat) + eps`` of the Adam-like optimizer over ``key``'s layout (1 where a
-        parameter has no state yet), or None when there is no Adam state to read.
+        parameter has no state yet), or None when there is no Adam state to read;
+        ``source`` (flat, bias-corrected) replaces ``v_hat`` (a refresh).
         Read before the optimizer's step: the same on every rank (every rank's optimizer saw
         the same averaged gradients)."""
         if self.freeze_variance is False or self._adam is None or key not in self._layout:
@@ -283,10 +349,13 @@ class MomentumCorrection:
             g = groups.get(id(p))
             if not st or g is None or "exp_avg_sq" not in st or off + p.numel() > n:
                 continue
-            step = float(st["step"]) if "step" in st else 1.0
-            bc2 = 1.0 - g["betas"][1] ** max(step, 1.0)
             seg = d[off:off + p.numel()]
-            seg.copy_(st["exp_avg_sq"].detach().reshape(-1).to(torch.float32)).div_(bc2).sqrt_()
+            if source is not None:  # a second-moment estimate, bias-corrected (variance_refresh)
+                seg.copy_(source[off:off + p.numel()]).sqrt_()
+            else:
+                step = float(st["step"]) if "step" in st else 1.0
+                bc2 = 1.0 - g["betas"][1] ** max(step, 1.0)
+                seg.copy_(st["exp_avg_sq"].detach().reshape(-1).to(torch.float32)).div_(bc2).sqrt_()
             # Coordinates with (almost) no gradient so far get a floor: a fraction of the
             # parameter's mean root-variance (else u / d explodes there the first time one
             # arrives); they are not frozen (_freeze_variance leaves them to Adam).
@@ -335,6 +404,10 @@ class MomentumCorrection:
         nest = self.nesterov and beta != 0.0 and not self.local_velocity
         prev = st["v"]
         g = tensor.detach().reshape(-1)
+        track = (self.variance_refresh is not None and self._adam is not None and self.freeze_variance is not False
+                 and not self.local_velocity and share == 1.0)
+        if track:
+            self._track_variance(st, g)
         # Beta known to be 0 (the bare compressor after the warm-up, e.g. plain SGD): the
         # inner compressor works in place on the tensor itself -- no copy in, none out; the
         # last result is not kept (nothing reads it with beta 0).
@@ -380,6 +453,8 @@ class MomentumCorrection:
         # compressed in the units of its step, x / (sqrt(F) + eps), and scaled back after
         # the exchange (same d on every rank).
         d = self._frozen(key, st, n, x.device) if compressing and not self.local_velocity else None
+        if track and compressing and d is not None and self._refresh_due(step - self.warmup_steps + 1):
+            d = self._refresh_variance(key, st, n, group)
         if d is not None and not self.scale_by_variance:
             d = None  # the variance is frozen (step pre-hook) but the values go unscaled
         if d is not None:
@@ -611,8 +686,9 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
     params=params)``: with torch's SGD they then communicate the
     momentum-corrected velocity (error feedback on raw gradients under momentum 0.9 lost
     up to 50 points here); with Adam / AdamW the optimizer's variance is frozen after
-    the warm-up and OneBit compresses Adam's momentum (1-bit Adam through the user's
-    Adam); with any other optimizer they run bare after the warm-up. OneBit's warm-up
+    the warm-up (and, except for TopK, refreshed after 256, 512, ... compressed steps)
+    and OneBit compresses Adam's momentum (1-bit Adam through the user's Adam); with
+    any other optimizer they run bare after the warm-up. OneBit's warm-up
     is 5 steps through ``QSGD(bits=8, error_feedback=True)`` (>= 25x fewer bytes than
     the fp32 ring even over a 165-step run), and the vectors of each bucket (biases,
     norm weights; from the layout DataParallel and the DDP hook pass) go through a OneBit
@@ -630,8 +706,12 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
         # 4-bit: Adam's variance, frozen at the end of the warm-up, then carried 4-bit noise
         # (the LM with Adam, 64 epochs: +11 % held-out loss vs -2 % with 8 bits;
         # docs/COMPRESSION.md).
+        # Its frozen variance is not refreshed: TopK's sparse error feedback holds back
+        # each update for many steps, and the refreshed (larger) variance slowed it further
+        # (the LM with Adam, 64 epochs, 3 seeds: +7.8 % held-out loss vs -1.7 % frozen once;
+        # docs/COMPRESSION.md).
         return MomentumCorrection(compression, params=params,
-                                  warmup_compression=QSGD(bits=8, error_feedback=True))
+                                  warmup_compression=QSGD(bits=8, error_feedback=True), variance_refresh=None)
     if type(compression) is OneBit:
         # A short warm-up through 8-bit QSGD with error feedback: 5 steps cost ~1.3 float32
         # steps, so OneBit sends >= 25x fewer bytes than the fp32 ring over a 165-step run

@@ -75,6 +75,7 @@ def test_kw_variant_builds_the_wrapping_with_those_arguments():
     assert b.make_compressor("OneBit-kw:exact=p.dim() == 1").warmup_steps == C.ONEBIT_WARMUP_STEPS  # its default
     d = b.make_compressor("TopK-kw:inner.ratio=0.1")
     assert d.compressor.ratio == 0.1 and isinstance(d.warmup_compression, C.QSGD)  # TopK's default warm-up kept
+    assert d.variance_refresh is None and c.variance_refresh == C.VARIANCE_REFRESH  # each one's default refresh
 
 
 def test_summary_reports_the_best_epoch_next_to_the_final_loss():

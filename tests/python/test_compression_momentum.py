@@ -429,6 +429,66 @@ def test_adam_through_dataparallel():
     assert acc["OneBit"] >= acc["none"] - 1.5, acc
 
 
+def _body_variance_refresh(rank, world, refresh):
+    import torch.distributed as dist
+
+    import pycomm.compression as C
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 4)
+    params = list(net.parameters())
+    opt = torch.optim.Adam(params, lr=1e-2)
+    mc = C.MomentumCorrection(C.OneBit(), warmup_steps=2, variance_refresh=refresh, params=params)
+    mc.set_layout(0, [(params[0], 0), (params[1], 32)])
+    gen = torch.Generator().manual_seed(100 + rank)
+    s_ref, n_ref, first = torch.zeros(36, dtype=torch.float64), 0, None
+    for step in range(14):
+        loss = net(torch.randn(16, 8, generator=gen)).pow(2).mean() * (1 + step)  # gradients grow
+        opt.zero_grad()
+        loss.backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if mc._adam is not None:  # learned at the optimizer's first step: tracked from the next call
+            s_ref = 0.999 * s_ref + 0.001 * flat.double() ** 2
+            n_ref += 1
+        mc.all_reduce(flat, key=0)
+        params[0].grad.copy_(flat[:32].view(4, 8))
+        params[1].grad.copy_(flat[32:])
+        opt.step()
+        if first is None and "F" in mc._states[0]:
+            first = mc._states[0]["F"].clone()
+    st = mc._states[0]
+    out = {"refreshes": st.get("refreshes", 0), "tracked": "s" in st}
+    fs = [torch.zeros_like(st["F"]) for _ in range(world)]
+    dist.all_gather(fs, st["F"])
+    out["identical"] = all(torch.equal(f, st["F"]) for f in fs)
+    if refresh is None:
+        out["unchanged"] = torch.equal(st["F"], first)
+        return out
+    # The last refresh (compressed call 12 = this last call): the ranks' averaged local
+    # second moments, bias-corrected, with the first freeze's per-parameter floor.
+    allr = [torch.zeros_like(s_ref) for _ in range(world)]
+    dist.all_gather(allr, s_ref)
+    v = torch.stack(allr).mean(0) / (1 - 0.999 ** n_ref)
+    want = torch.empty(36, dtype=torch.float64)
+    for a, b in ((0, 32), (32, 36)):
+        seg = v[a:b].sqrt()
+        want[a:b] = seg.clamp(min=float(seg.mean()) * 0.1) + 1e-8
+    out["err"] = float(((st["F"].double() - want).abs() / want).max())
+    out["moved"] = float(((st["F"] - first).abs() / first).max())
+    return out
+
+
+@pytest.mark.parametrize("refresh", [3, None])
+def test_the_frozen_variance_is_refreshed_from_the_ranks_local_second_moments(refresh):
+    res = run_ranks(3, _body_variance_refresh, refresh, backend="pycomm", timeout=60)
+    for r in res:
+        assert r["identical"], r
+        if refresh is None:
+            assert r["refreshes"] == 0 and not r["tracked"] and r["unchanged"], r
+        else:  # compressed calls 1..12: refreshed at 3, 6 and 12
+            assert r["refreshes"] == 3 and r["err"] < 1e-5 and r["moved"] > 0.5, r
+
+
 # --------------------------------------------------------------------------- OneBit's default warm-up, exact parameters
 
 
@@ -722,7 +782,9 @@ def test_bad_arguments_are_refused_with_what_was_given():
              (dict(freeze_variance="yes"), "freeze_variance must be 'auto', True or False, got 'yes'"),
              (dict(nesterov_step="on"), "nesterov_step must be 'auto', True or False, got 'on'"),
              (dict(nesterov_step=True, local_velocity=True), "nesterov_step needs local_velocity=False"),
-             (dict(masking=True), "masking needs local_velocity=True and a TopK compressor")]
+             (dict(masking=True), "masking needs local_velocity=True and a TopK compressor"),
+             (dict(variance_refresh=0), "variance_refresh must be None or an int >= 1, got 0"),
+             (dict(variance_refresh=True), "variance_refresh must be None or an int >= 1, got True")]
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             C.MomentumCorrection(C.OneBit(), **kw)
