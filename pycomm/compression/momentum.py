@@ -290,9 +290,12 @@ class MomentumCorrection:
     def _track_variance(self, st: Dict[str, Any], g: torch.Tensor) -> None:
         """``s = beta2 * s + (1 - beta2) * g**2`` of this rank's own gradient (no bytes)."""
         opt = self._adam() if self._adam is not None else None
-        if opt is None:
+        if opt is not None:
+            b2 = max(grp["betas"][1] for grp in opt.param_groups)
+        elif "s_beta2" in st:
+            b2 = float(st["s_beta2"])
+        else:
             return
-        b2 = max(grp["betas"][1] for grp in opt.param_groups)
         s = st.get("s")
         if s is None or s.numel() != g.numel() or s.device != g.device:
             s = st["s"] = torch.zeros(g.numel(), dtype=torch.float32, device=g.device)
@@ -310,22 +313,28 @@ class MomentumCorrection:
         q = compressed_calls // r
         return q & (q - 1) == 0
 
-    def _refresh_variance(self, key: Hashable, st: Dict[str, Any], n: int,
-                          group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-        """F from the ranks' averaged local second moments (one exact float32 all-reduce,
-        identical on every rank), bias-corrected, with the same floor as the first
-        freeze; the step pre-hook holds Adam's ``v_hat`` at it from the next step on."""
+    def _refresh_variance(self, key: Hashable, st: Dict[str, Any], group: Optional[dist.ProcessGroup]) -> None:
+        """The ranks' averaged local second moments (one exact float32 all-reduce,
+        identical on every rank), bias-corrected, left in ``F_pending``: the optimizer's
+        step pre-hook turns them into F (same floor as the first freeze) before this
+        step's update -- there, not here, because a wrapper restored from a checkpoint
+        knows its optimizer again only from that step on."""
         if "s" not in st or int(st.get("s_n", 0)) < 1:
-            return st["F"]
+            return
         sbar = st["s"].clone()
         _NONE.all_reduce(sbar, group=group, key=(key, "variance"), op="avg", async_op=False)
-        sbar.div_(1.0 - float(st["s_beta2"]) ** int(st["s_n"]))
-        mask = torch.zeros(n, dtype=torch.bool, device=sbar.device)
-        d = self._preconditioner(key, n, sbar.device, mask, source=sbar)
+        st["F_pending"] = sbar.div_(1.0 - float(st["s_beta2"]) ** int(st["s_n"]))
+
+    def _apply_refresh(self, key: Hashable, st: Dict[str, Any]) -> None:
+        """F from a refresh's ``F_pending`` (called by the step pre-hook)."""
+        pending = st.pop("F_pending", None)
+        if pending is None:
+            return
+        mask = torch.zeros(pending.numel(), dtype=torch.bool, device=pending.device)
+        d = self._preconditioner(key, pending.numel(), pending.device, mask, source=pending)
         if d is not None:
             st["F"], st["F_frozen"] = d, mask
             st["refreshes"] = int(st.get("refreshes", 0)) + 1
-        return st["F"]
 
     def _preconditioner(self, key: Hashable, n: int, device: torch.device,
                         frozen_mask: Optional[torch.Tensor] = None,
@@ -404,8 +413,9 @@ class MomentumCorrection:
         nest = self.nesterov and beta != 0.0 and not self.local_velocity
         prev = st["v"]
         g = tensor.detach().reshape(-1)
-        track = (self.variance_refresh is not None and self._adam is not None and self.freeze_variance is not False
-                 and not self.local_velocity and share == 1.0)
+        # (A restored state tracks on before the optimizer is learned again at its next step.)
+        track = (self.variance_refresh is not None and self.freeze_variance is not False and not self.local_velocity
+                 and share == 1.0 and (self._adam is not None or "s_beta2" in st))
         if track:
             self._track_variance(st, g)
         # Beta known to be 0 (the bare compressor after the warm-up, e.g. plain SGD): the
@@ -454,7 +464,7 @@ class MomentumCorrection:
         # the exchange (same d on every rank).
         d = self._frozen(key, st, n, x.device) if compressing and not self.local_velocity else None
         if track and compressing and d is not None and self._refresh_due(step - self.warmup_steps + 1):
-            d = self._refresh_variance(key, st, n, group)
+            self._refresh_variance(key, st, group)  # F changes at the optimizer's step
         if d is not None and not self.scale_by_variance:
             d = None  # the variance is frozen (step pre-hook) but the values go unscaled
         if d is not None:
@@ -630,6 +640,7 @@ def _freeze_variance(ref: "weakref.ReferenceType[MomentumCorrection]", optimizer
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     with torch.no_grad():
         for key, st in mc._states.items():
+            mc._apply_refresh(key, st)
             d = st.get("F")
             if d is None:
                 continue
@@ -708,8 +719,8 @@ def for_training(compression: Any, params: Optional[Iterable[torch.Tensor]] = No
         # docs/COMPRESSION.md).
         # Its frozen variance is not refreshed: TopK's sparse error feedback holds back
         # each update for many steps, and the refreshed (larger) variance slowed it further
-        # (the LM with Adam, 64 epochs, 3 seeds: +7.8 % held-out loss vs -1.7 % frozen once;
-        # docs/COMPRESSION.md).
+        # (the LM with Adam, 64 epochs, 3 seeds, one machine: +7.8 % held-out loss vs +1.3 %
+        # frozen once; docs/COMPRESSION.md).
         return MomentumCorrection(compression, params=params,
                                   warmup_compression=QSGD(bits=8, error_feedback=True), variance_refresh=None)
     if type(compression) is OneBit:

@@ -429,9 +429,11 @@ def test_adam_through_dataparallel():
     assert acc["OneBit"] >= acc["none"] - 1.5, acc
 
 
-def _body_variance_refresh(rank, world, refresh):
-    import torch.distributed as dist
-
+def _refresh_run(refresh, rank, steps, state=None):
+    """A Linear(8, 4) under Adam through MomentumCorrection(OneBit, warm-up 2) as one
+    key, gradients growing with the step; resumes from ``state`` (a checkpoint of this
+    function's): returns (net, opt, mc, the float64 local second moments, their count,
+    F after the first freeze, checkpoint after ``steps[0]`` steps)."""
     import pycomm.compression as C
 
     torch.manual_seed(0)
@@ -441,8 +443,18 @@ def _body_variance_refresh(rank, world, refresh):
     mc = C.MomentumCorrection(C.OneBit(), warmup_steps=2, variance_refresh=refresh, params=params)
     mc.set_layout(0, [(params[0], 0), (params[1], 32)])
     gen = torch.Generator().manual_seed(100 + rank)
-    s_ref, n_ref, first = torch.zeros(36, dtype=torch.float64), 0, None
-    for step in range(14):
+    s_ref, n_ref, first, ck = torch.zeros(36, dtype=torch.float64), 0, None, None
+    start = 0
+    if state is not None:
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        mc.load_state_dict(state["mc"])
+        gen.set_state(state["gen"])
+        start = state["step"]
+    for step in range(start, steps[1]):
+        if step == steps[0]:
+            ck = copy.deepcopy({"net": net.state_dict(), "opt": opt.state_dict(), "mc": mc.state_dict(),
+                                "gen": gen.get_state(), "step": step})
         loss = net(torch.randn(16, 8, generator=gen)).pow(2).mean() * (1 + step)  # gradients grow
         opt.zero_grad()
         loss.backward()
@@ -456,7 +468,21 @@ def _body_variance_refresh(rank, world, refresh):
         opt.step()
         if first is None and "F" in mc._states[0]:
             first = mc._states[0]["F"].clone()
+    return net, opt, mc, s_ref, n_ref, first, ck
+
+
+def _body_variance_refresh(rank, world, refresh):
+    import torch.distributed as dist
+
+    net, opt, mc, s_ref, n_ref, first, ck = _refresh_run(refresh, rank, (7, 14))
     st = mc._states[0]
+    if refresh is not None:
+        # Resumed from step 7 (before the refreshes at compressed calls 6 and 12 are both
+        # done): the same F and parameters bit for bit, although the restored wrapper
+        # learns the optimizer again only at its first step.
+        net2, _, mc2, *_ = _refresh_run(refresh, rank, (7, 14), state=ck)
+        assert torch.equal(mc2._states[0]["F"], st["F"]) and torch.equal(mc2._states[0]["s"], st["s"])
+        assert torch.equal(net2.weight, net.weight) and torch.equal(net2.bias, net.bias)
     out = {"refreshes": st.get("refreshes", 0), "tracked": "s" in st}
     fs = [torch.zeros_like(st["F"]) for _ in range(world)]
     dist.all_gather(fs, st["F"])
