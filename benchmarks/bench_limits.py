@@ -43,7 +43,7 @@ def _worker(backend: str, big: int, iters_big: int, iters_small: int, out: str, 
     import torch
     import torch.distributed as dist
 
-    import pycomm  # noqa: F401  (registers the backend, as a user's script would)
+    import pycomm  # registers the backend, as a user's script would
     from pycomm.bench.timing import percentile
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -74,6 +74,8 @@ def _worker(backend: str, big: int, iters_big: int, iters_small: int, out: str, 
         res[name] = {"size": numel * 4, "time_us": vals[iters] * 1e6, "p50_us": percentile(per, 50) * 1e6,
                      "p99_us": percentile(per, 99) * 1e6}
     if rank == 0:
+        if backend == "pycomm":
+            res["binding"] = pycomm.binding()  # what the library's default placement did
         with open(out, "w") as f:
             json.dump(res, f)
     dist.destroy_process_group()
@@ -216,6 +218,12 @@ def _print_round(rec, n, fb, args, L) -> None:
     f = _figures(rec, n, fb, args, L)
     print(f"# round {rec['round']} (load {rec['load']} -> {rec['load_after']}); bounds: {args.big >> 20} MiB in place "
           f"{f['bound_big_ip_us']:.0f} us, out of place {f['bound_big_oop_us']:.0f} us; 8 B {f['bound_small_us']:.1f} us")
+    for k in ("plain_pycomm", "plain_pycomm_baseline"):
+        b = rec.get(k, {}).get("binding")
+        if b:
+            print(f"# {k.replace('_', ' ')}: ranks {'bound to CPUs' if b['bound'] else 'not bound'} ({b['reason']}"
+                  + (f"; torch threads {b['torch_threads_before']} -> {len(b['cpus'])}" if b.get("torch_threads_before")
+                     else "") + ")")
     print(f"{'variant':<50} {'time(us)':>10} {'busbw':>7} {'%lim':>5} {'p50(us)':>9} {'p99(us)':>9}")
     for k, label in (("plain_pycomm_big", "plain loop, pycomm (in place)"),
                      ("plain_gloo_big", "plain loop, gloo (in place)"),

@@ -18,7 +18,42 @@ def _create(opts: Any, backend_options: Any = None) -> Any:
     ranks = list(opts.global_ranks_in_group) or list(range(opts.group_size))
     desc = "default_pg" if not opts.global_ranks_in_group else "undefined"
     _C._flight_recorder_next_group(str(opts.group_id), desc, ranks)
-    return _C.create_backend(opts.store, opts.group_rank, opts.group_size, opts.timeout)
+    backend = _C.create_backend(opts.store, opts.group_rank, opts.group_size, opts.timeout)
+    _fit_torch_threads()
+    return backend
+
+
+_THREADS_BEFORE: Optional[int] = None
+
+
+def _fit_torch_threads() -> None:
+    """A rank pycomm bound to fewer CPUs than torch's intra-op threads (an oversubscribed
+    host, core/affinity.h) runs that many threads: more would share its cores and wait on
+    each other (torchrun sets OMP_NUM_THREADS=1 for several ranks per node alike)."""
+    global _THREADS_BEFORE
+    b = _C.binding()
+    if b["bound"] and _THREADS_BEFORE is None and torch.get_num_threads() > len(b["cpus"]):
+        _THREADS_BEFORE = torch.get_num_threads()
+        torch.set_num_threads(len(b["cpus"]))
+
+
+def binding() -> Dict[str, Any]:
+    """How pycomm placed this process on the host's CPUs (``PYCOMM_BIND``).
+
+    When a host runs more ranks than the CPUs they may use, the first pycomm group binds
+    each local rank's process (all its threads) to one of those CPUs, round robin by its
+    position among the host's ranks, and lowers torch's intra-op threads to match: the
+    scheduler then stops moving ranks between cores while they wait for each other
+    (docs/USER_GUIDE.md, "Ranks and cores"). ``PYCOMM_BIND=0`` leaves the placement to the
+    OS; ``PYCOMM_BIND=1`` binds even when not oversubscribed (contiguous shares).
+
+    Keys: ``decided`` (a group ran the policy), ``bound``, ``cpus`` (bound to), ``before``
+    (the CPUs the process had), ``local_index``, ``local_size``, ``mode``, ``reason``, and
+    ``torch_threads_before`` (None unless pycomm lowered ``torch.get_num_threads()``).
+    """
+    out = dict(_C.binding())
+    out["torch_threads_before"] = _THREADS_BEFORE
+    return out
 
 
 def register() -> None:

@@ -3,6 +3,7 @@
 // that pycomm applies to buffers it owns.
 #include <torch/extension.h>
 
+#include "core/affinity.h"
 #include "core/huge_pages.h"
 #include "transport/probe.h"
 
@@ -67,7 +68,26 @@ void initProbeBindings(pybind11::module_& m) {
         return d;
       },
       py::arg("iters") = 2000, "futex wake-up round trip between this process and a child (microseconds)");
-  m.def("available_cpus", &availableCpus, "CPUs this process may run on (sched_getaffinity)");
+  m.def("available_cpus", &availableCpus,
+        "CPUs this process may run on (sched_getaffinity; before pycomm bound it, core/affinity.h)");
+  m.def(
+      "binding",
+      [] {
+        const BindResult r = bindingResult();
+        py::dict d;
+        d["decided"] = r.decided;
+        d["bound"] = r.bound;
+        d["cpus"] = r.cpus;
+        d["before"] = r.before;
+        d["local_index"] = r.localIndex;
+        d["local_size"] = r.localSize;
+        d["mode"] = r.mode;
+        d["reason"] = r.reason;
+        return d;
+      },
+      "what pycomm's rank-to-core binding decided in this process (PYCOMM_BIND; core/affinity.h)");
+  m.def("_cpu_share", &cpuShare, py::arg("allowed"), py::arg("local_index"), py::arg("local_size"),
+        "the CPUs a local rank is bound to out of `allowed` (the policy's arithmetic, for tests)");
   m.def("huge_pages_available", &hugePagesAvailable,
         "whether the kernel gives anonymous memory huge pages where advised (THP always or madvise)");
   m.def(

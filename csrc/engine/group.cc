@@ -1,10 +1,13 @@
 #include "engine/group.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <thread>
 
+#include "core/affinity.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "engine/flight_recorder.h"
@@ -19,6 +22,16 @@ std::string groupHostKey() {
   return over.empty() ? localHostKey() : strCat(over, "#", localHostKey());
 }
 
+std::string kernelKeyOf(const std::string& hostKey) {
+  // localHostKey() is "hostname|boot id|namespaces...", behind "override#" when
+  // PYCOMM_HOST_KEY is set: the first two fields name the machine's running kernel.
+  const size_t hash = hostKey.rfind('#');
+  const std::string k = hash == std::string::npos ? hostKey : hostKey.substr(hash + 1);
+  const size_t bar = k.find('|');
+  const size_t bar2 = bar == std::string::npos ? std::string::npos : k.find('|', bar + 1);
+  return k.substr(0, bar2);
+}
+
 GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, int rank, int size,
                                   std::chrono::milliseconds timeout) {
   const std::string want = envStr("PYCOMM_TRANSPORT", "auto");
@@ -27,10 +40,11 @@ GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, in
   // Every rank learns every rank's host key through the store, so all compute the
   // same topology.
   store.setString(strCat(keyPrefix, "host/", rank), groupHostKey());
+  std::vector<std::string> rawKeys;
   auto readKeys = [&] {
-    std::vector<std::string> keys(size);
-    for (int r = 0; r < size; ++r) keys[r] = store.getString(strCat(keyPrefix, "host/", r), timeout);
-    return Topology::fromKeys(keys);
+    rawKeys.assign(size, std::string());
+    for (int r = 0; r < size; ++r) rawKeys[r] = store.getString(strCat(keyPrefix, "host/", r), timeout);
+    return Topology::fromKeys(rawKeys);
   };
   GroupTransport g;
   // hostShare: how many of the group's ranks share this rank's host (and its link).
@@ -42,14 +56,44 @@ GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, in
     for (int r = 0; r < size; ++r) h[r] = r;
     return Topology{h};
   };
+  // Ranks of one host that outnumber its cores are bound to them (once per process; before
+  // any transport starts a thread, which then inherits the mask): core/affinity.h.
+  try {
+    bindMode();  // a bad PYCOMM_BIND fails here, before any rank waits on the store
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(strCat("pycomm: rank ", rank, ": ", e.what()));
+  }
+  const std::string pid = std::to_string(getpid());
+  store.setString(strCat(keyPrefix, "pid/", rank), pid);
+  // The ranks that share this rank's CPUs are those on its kernel: a host in the group's
+  // sense (namespaces, PYCOMM_HOST_KEY) may be one of several emulated on one machine.
+  auto bind = [&] {
+    std::vector<std::string> kernels(size);
+    for (int r = 0; r < size; ++r) kernels[r] = kernelKeyOf(rawKeys[r]);
+    const Topology t = Topology::fromKeys(kernels);
+    const std::vector<int> local = t.ranksOn(t.hostOf[rank]);
+    auto sharesProcess = [&] {
+      for (int r : local) {
+        if (r != rank && store.getString(strCat(keyPrefix, "pid/", r), timeout) == pid) return true;
+      }
+      return false;
+    };
+    try {
+      bindLocalRank(t.localIndex(rank), static_cast<int>(local.size()), sharesProcess);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(strCat("pycomm: rank ", rank, ": ", e.what()));
+    }
+  };
   if (want == "tcp") {
     // The mesh first: ranks listen (and refuse strangers) while late ranks arrive; every
     // host key is in the store once the mesh is up.
     g.transport = tcp();
     g.topology = readKeys();
+    bind();
     return g;
   }
   const Topology keyed = readKeys();
+  bind();
   if (keyed.numHosts() == 1) {
     try {
       auto shm = std::make_unique<ShmTransport>(store, keyPrefix + "s/", rank, size, timeout);

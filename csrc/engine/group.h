@@ -31,6 +31,11 @@ struct GroupTransport {
 /// never join separate ones).
 std::string groupHostKey();
 
+/// The machine part of a host key (hostname and boot id, without namespaces or the
+/// PYCOMM_HOST_KEY prefix): ranks with equal kernel keys share CPUs, whatever hosts they
+/// act as. Rank-to-core binding (core/affinity.h) counts those.
+std::string kernelKeyOf(const std::string& hostKey);
+
 /// Creates the transport of a group (collectively). Ranks with equal host keys that pass
 /// the shared-memory probe (cross-memory attach) are one host: shared memory between
 /// them, TCP between hosts (a MixedTransport when both are in use). A host whose probe

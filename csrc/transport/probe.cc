@@ -21,6 +21,7 @@
 #include <fstream>
 #include <thread>
 
+#include "core/affinity.h"
 #include "core/huge_pages.h"
 
 namespace pycomm {
@@ -157,13 +158,7 @@ struct Child {
 
 }  // namespace
 
-int availableCpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  const long n = sysconf(_SC_NPROCESSORS_ONLN);
-  return n > 0 ? static_cast<int>(n) : 1;
-}
+int availableCpus() { return processCpuCount(); }
 
 // Records a bandwidth probe's settings in `r`; false (with r.error) if its buffers
 // could not be mapped.
@@ -182,6 +177,7 @@ bool setUp(BandwidthProbe& r, size_t bytes, int threads, int reps, bool hugePage
 }
 
 BandwidthProbe probeMemcpy(size_t bytes, int threads, int reps, bool hugePages) {
+  const UnboundScope machine;  // the machine, not this rank's share of it (core/affinity.h)
   BandwidthProbe r;
   Buffer src(bytes, hugePages), dst(bytes, hugePages);
   if (!setUp(r, bytes, threads, reps, hugePages, src, dst)) return r;
@@ -198,6 +194,7 @@ BandwidthProbe probeMemcpy(size_t bytes, int threads, int reps, bool hugePages) 
 }
 
 BandwidthProbe probeCrossMemory(size_t bytes, int threads, int reps, bool hugePages) {
+  const UnboundScope machine;  // the machine, not this rank's share of it (core/affinity.h)
   BandwidthProbe r;
   // The child inherits the source mapping (copy-on-write, never written again, so its
   // pages stay the parent's pages): the parent reads them out of the child's address
@@ -266,6 +263,7 @@ void pongLoop(void* arg) {
 }  // namespace
 
 LatencyProbe probeFutexRoundTrip(int iters) {
+  const UnboundScope machine;  // the machine, not this rank's share of it (core/affinity.h)
   LatencyProbe r;
   r.iters = std::max(1, iters);
   void* m = mmap(nullptr, sizeof(PingPong), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);

@@ -46,7 +46,8 @@ BandwidthProbe probeCrossMemory(size_t bytes, int threads, int reps, bool hugePa
 /// Futex round trip between this process and a forked child, `iters` round trips.
 LatencyProbe probeFutexRoundTrip(int iters);
 
-/// CPUs this process may run on (sched_getaffinity), at least 1.
+/// CPUs this process may run on (sched_getaffinity; before pycomm bound it to a share,
+/// core/affinity.h), at least 1.
 int availableCpus();
 
 }  // namespace pycomm

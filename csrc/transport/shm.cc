@@ -19,6 +19,7 @@
 #include <fstream>
 #include <thread>
 
+#include "core/affinity.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "core/huge_pages.h"
@@ -158,7 +159,7 @@ ShmTransport::ShmTransport(Store& store, const std::string& keyPrefix, int rank,
   // while the rank it waits for runs on another core: with more ranks on the host than
   // cores it can use, the spin steals the core that rank needs, so the wait yields the
   // core at every step and sleeps soon (PYCOMM_SPIN / PYCOMM_SPIN_YIELD override).
-  const int cpus = availableCpus();
+  const int cpus = processCpuCount();  // the host's CPUs, not the share pycomm bound this rank to
   oversubscribed_ = size > cpus;
   spinIters_ = static_cast<int>(envInt("PYCOMM_SPIN", oversubscribed_ ? kSpinOversubscribed : kSpinDefault));
   yieldEvery_ = static_cast<int>(std::max<int64_t>(

@@ -95,6 +95,26 @@ def run_rank(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
 
 
+def _binding() -> Optional[dict]:
+    """pycomm.binding() where this process has a pycomm group (else None)."""
+    try:
+        import pycomm
+
+        b = pycomm.binding()
+    except Exception:  # noqa: BLE001 - no pycomm here (a Gloo-only run)
+        return None
+    return b if b.get("decided") else None
+
+
+def _binding_words(b: dict) -> str:
+    """What the library's default placement did, for the header."""
+    if b["bound"]:
+        threads = (f", torch threads {b['torch_threads_before']} -> {len(b['cpus'])}"
+                   if b.get("torch_threads_before") else "")
+        return f"each rank bound to its CPU share ({b['reason'].split(';')[0]}{threads})"
+    return f"not bound ({b['reason']})"
+
+
 def _settings(args) -> str:
     """Every setting the bench changed in the ranks, or "none"."""
     changed = os.environ.get("PYCOMM_BENCH_SET", "").split()
@@ -144,6 +164,7 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp, limits=None) -> i
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": os.environ.get("PYCOMM_BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
         "load": load(), "settings_changed": _settings(args), "torch_threads": torch.get_num_threads(),
+        "binding": _binding(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "limits": limits,
         "pycomm_env": {k: v for k, v in os.environ.items() if k.startswith("PYCOMM_") and not k.startswith("PYCOMM_BENCH")},
     }
@@ -163,7 +184,9 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp, limits=None) -> i
               + f", load average {meta['load']}", file=out)
         print(f"# settings changed by pycomm-bench: {meta['settings_changed']}; in effect: THP_MEM_ALLOC_ENABLE="
               f"{meta['THP_MEM_ALLOC_ENABLE'] or 'unset'}, torch threads per rank {meta['torch_threads']}"
-              + "".join(f", {k}={v}" for k, v in sorted(meta["pycomm_env"].items())), file=out)
+              + "".join(f", {k}={v}" for k, v in sorted(meta["pycomm_env"].items()))
+              + (f"; pycomm's rank placement (PYCOMM_BIND): {_binding_words(meta['binding'])}"
+                 if meta["binding"] else ""), file=out)
         if limits:
             for line in limits_mod.header_lines(limits):
                 print(line, file=out)
