@@ -99,9 +99,9 @@ def make_compressor(name: str) -> Any:
                 kwargs[k] = val
         base = C.for_training(comp)
         for name in ("warmup_compression", "warmup_steps", "exact", "exact_compression", "nesterov_step",
-                     "variance_refresh"):
+                     "variance_refresh", "delta"):
             kwargs.setdefault(name, getattr(base, name))
-        comp = C.MomentumCorrection(comp, **kwargs)
+        comp = C.MomentumCorrection(base.compressor if isinstance(base, C.MomentumCorrection) else comp, **kwargs)
     if mc and comp is not None:
         comp = C.MomentumCorrection(comp, warmup_steps=int(variant[2:]) if variant[2:] else C.DEFAULT_WARMUP_STEPS)
     return comp

@@ -103,16 +103,26 @@ class OneBit(Compressor):
         scope: where to compress on a group spanning several hosts: "auto" (default:
             the cross-host hop only where the group has several hosts with several ranks
             on some), "cross_host" or "all" (see :meth:`Compressor.route`).
+        error_feedback: keep the worker and server errors for the next call (default).
+            ``False``: each call is a plain scaled sign of what it is given (the error
+            buffers are zeroed before every call; same bytes) -- for a caller that feeds
+            the error back itself (``MomentumCorrection(delta=...)`` zeroes them itself).
     """
 
-    def __init__(self, scope: str = "auto") -> None:
+    def __init__(self, scope: str = "auto", error_feedback: bool = True) -> None:
         super().__init__(scope)
+        self.error_feedback = bool(error_feedback)
 
     def __repr__(self) -> str:
-        return f"OneBit({_scope_repr(self)[2:]})"
+        ef = "" if self.error_feedback else "error_feedback=False"
+        sc = _scope_repr(self)[2:]
+        return f"OneBit({', '.join(x for x in (sc, ef) if x)})"
 
     def _codec_name(self):
         return ("onebit", 0)
+
+    def _errors_reset(self) -> bool:
+        return not self.error_feedback
 
     def _codec(self, state, rank):
         return dict(codec="onebit", bits=0, error_feedback=True)
@@ -125,9 +135,13 @@ class OneBit(Compressor):
     def _native(self, tensor, state, world_size, rank, divisor):
         n = tensor.numel()
         chunk = _chunk(n, world_size, _ALIGN)
-        return dict(codec="onebit", bits=0, error_feedback=True, chunk=chunk,
-                    worker=self._buffer(state, "worker", n, tensor),
-                    server=self._buffer(state, "server", chunk, tensor))
+        worker = self._buffer(state, "worker", n, tensor)
+        server = self._buffer(state, "server", chunk, tensor)
+        if self._errors_reset():
+            # The kernels always write their error into these; zeroed, none carries over.
+            worker.zero_()
+            server.zero_()
+        return dict(codec="onebit", bits=0, error_feedback=True, chunk=chunk, worker=worker, server=server)
 
     def _reduce(self, tensor, state, world_size, rank, divisor):
         a = self._native(tensor, state, world_size, rank, divisor)  # the same state use as the C++ path

@@ -401,6 +401,9 @@ class Compressor:
             if args["error_feedback"]:
                 args["worker"] = self._buffer(state, "worker", plan["worker"], tensor)
                 args["server"] = self._buffer(state, "server", plan["server"], tensor)
+                if self._errors_reset():  # a codec whose kernels always keep errors, asked not to
+                    args["worker"].zero_()
+                    args["server"].zero_()
             else:
                 args["worker"] = args["server"] = None
             return _run_native_hier(backend, tensor, args, divisor, async_op)
@@ -539,6 +542,22 @@ class Compressor:
     def _reduce(self, tensor: torch.Tensor, state: Dict[str, Any], world_size: int, rank: int,
                 divisor: int) -> _Reduction:
         raise NotImplementedError
+
+    def reset_errors(self, key: Hashable) -> None:
+        """Zeroes ``key``'s error-feedback buffers (worker and server), so that the next
+        call compresses exactly what it is given: for a caller that feeds the error back
+        itself (``MomentumCorrection(delta=...)``)."""
+        st = self._states.get(key)
+        if st:
+            for name in ("worker", "server"):
+                buf = st.get(name)
+                if isinstance(buf, torch.Tensor):
+                    buf.zero_()
+
+    def _errors_reset(self) -> bool:
+        """True when the codec's error buffers must be zeroed before every call (OneBit
+        with ``error_feedback=False``: its kernels always write an error)."""
+        return False
 
     @staticmethod
     def _buffer(state: Dict[str, Any], name: str, numel: int, like: torch.Tensor) -> torch.Tensor:

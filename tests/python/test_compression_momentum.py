@@ -830,3 +830,123 @@ def test_learned_nesterov_form_is_restored_by_load_state_dict():
     off = C.MomentumCorrection(C.OneBit(), nesterov_step=False)
     off.load_state_dict(mc.state_dict())
     assert not off.nesterov
+
+
+def _body_delta(rank, world):
+    import torch.distributed as dist
+
+    import pycomm.compression as C
+
+    g = torch.Generator().manual_seed(100 + rank)
+    out = {}
+    # OneBit(error_feedback=False): a plain scaled sign each call -- nothing carried over.
+    x = torch.randn(3001, generator=g)
+    first = C.OneBit(error_feedback=False)
+    a, b = x.clone(), x.clone()
+    first.all_reduce(a, key="k")
+    first.all_reduce(b, key="k")
+    c = x.clone()
+    C.OneBit().all_reduce(c, key="k")  # error feedback on, first call: no error yet
+    out["no_ef_repeats"] = torch.equal(a, b) and torch.equal(a, c)
+
+    # The delta algebra, exactly: FP16 without error feedback is lossless on these values
+    # (multiples of 1/4 below 15, 2 ranks: every partial result fits fp16's 11 bits), so
+    # G + all_reduce(x - share * G) must be the float64 average or sum, call after call
+    # (the first call is the exact warm-up, which only sets G).
+    assert world == 2
+    for op in ("avg", "sum"):
+        mc = C.MomentumCorrection(C.FP16(), momentum=0.0, warmup_steps=1, delta=True)
+        for step in range(6):
+            xi = torch.randint(-60, 60, (40,), generator=g).double() / 4
+            all_x = [torch.zeros_like(xi) for _ in range(world)]
+            dist.all_gather(all_x, xi)
+            red = sum(all_x) / (world if op == "avg" else 1)
+            t = xi.float()
+            mc.all_reduce(t, key="d", op=op)
+            assert torch.equal(t.double(), red), (op, step, (t.double() - red).abs().max())
+            assert torch.equal(mc._states["d"]["G"], t)
+
+    # The estimate contracts: a value the ranks agree on, sent through OneBit without error
+    # feedback, is approached geometrically (each call compresses what is still missing).
+    # (Where the ranks' values differ, what each rank sends keeps its deviation from the
+    # mean, and the error stays at that deviation's compression error, averaged.)
+    n = 5000
+    xi = torch.randn(n, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3, n)
+    ref = xi.double()
+    mc = C.MomentumCorrection(C.OneBit(error_feedback=False), momentum=0.0, warmup_steps=0, delta=True)
+    errs = []
+    for step in range(40):
+        t = xi.clone()
+        mc.all_reduce(t, key="c")
+        errs.append(float((t.double() - ref).norm() / ref.norm()))
+    out["errs"] = errs
+    # OneBit's own error feedback, by contrast, gets the average right only over calls:
+    # each call's result stays one sign per coordinate away.
+    ef = C.MomentumCorrection(C.OneBit(), momentum=0.0, warmup_steps=0)
+    for step in range(40):
+        e = xi.clone()
+        ef.all_reduce(e, key="c")
+    out["ef_err"] = float((e.double() - ref).norm() / ref.norm())
+    outs = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(outs, t)
+    out["identical"] = all(torch.equal(o, outs[0]) for o in outs)
+
+    # A resumed wrapper continues bit for bit (G is state).
+    def run(mc, steps, seed):
+        gg = torch.Generator().manual_seed(seed + rank)
+        res = []
+        for _ in range(steps):
+            t = torch.randn(700, generator=gg)
+            mc.all_reduce(t, key="r")
+            res.append(t)
+        return res
+
+    # delta resets the inner compressor's own errors: OneBit with error feedback on then
+    # gives the bits of OneBit without it.
+    ef_on = run(C.MomentumCorrection(C.OneBit(), momentum=0.9, warmup_steps=1, delta=True), 4, 3)
+    ef_off = run(C.MomentumCorrection(C.OneBit(error_feedback=False), momentum=0.9, warmup_steps=1, delta=True), 4, 3)
+    out["reset"] = all(torch.equal(p, q) for p, q in zip(ef_on, ef_off))
+    # delta="nesterov": only where the Nesterov step is communicated.
+    has_g = {}
+    for nstep in (True, False):
+        mc = C.MomentumCorrection(C.OneBit(), momentum=0.9, warmup_steps=1, nesterov_step=nstep, delta="nesterov")
+        run(mc, 2, 5)
+        has_g[nstep] = "G" in mc._states["r"]
+    out["nesterov_only"] = has_g == {True: True, False: False}
+    mc = C.MomentumCorrection(C.OneBit(error_feedback=False), momentum=0.9, warmup_steps=1, delta=True)
+    run(mc, 3, 7)
+    buf = io.BytesIO()
+    torch.save(mc.state_dict(), buf)
+    after = run(mc, 3, 8)
+    buf.seek(0)
+    fresh = C.MomentumCorrection(C.OneBit(error_feedback=False), momentum=0.9, warmup_steps=1, delta=True)
+    fresh.load_state_dict(torch.load(buf, weights_only=False))
+    again = run(fresh, 3, 8)
+    out["resumed"] = all(torch.equal(p, q) for p, q in zip(after, again))
+    return out
+
+
+def test_delta_error_feedback_exact_algebra_contraction_and_resume():
+    for r in run_ranks(RANKS, _body_delta):
+        assert r["no_ef_repeats"]
+        errs = r["errs"]
+        assert errs[0] > 0.2, errs[0]  # one sign per coordinate is coarse ...
+        assert errs[-1] < 0.15 * errs[0] and errs[-1] < errs[19] < errs[9] < errs[0], errs  # ... the estimate closes in
+        assert r["ef_err"] > 3 * errs[-1], (r["ef_err"], errs[-1])
+        assert r["identical"] and r["resumed"] and r["reset"] and r["nesterov_only"]
+
+
+def test_for_training_runs_onebit_with_delta_on_the_nesterov_step():
+    import pycomm.compression as C
+
+    one = C.OneBit(scope="all")
+    mc = C.for_training(one)
+    assert isinstance(mc, C.MomentumCorrection) and mc.delta == "nesterov" and mc.nesterov_step == "auto"
+    assert mc.compressor is one and isinstance(mc.exact_compression, C.OneBit)
+    assert mc.exact_compression.scope == "all"
+    assert repr(C.OneBit(scope="all", error_feedback=False)) == "OneBit(scope='all', error_feedback=False)"
+    assert repr(C.OneBit()) == "OneBit()"
+    assert not C.for_training(C.TopK(0.01)).delta
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="delta must be True, False or 'nesterov', got"):
+            C.MomentumCorrection(C.OneBit(), delta=bad)
