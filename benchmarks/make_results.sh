@@ -25,7 +25,7 @@ run() {  # run NAME CMD...
 want() { [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
-for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 spin_dp_4 bench_limits_4_regbuf bench_limits_4_bind bind_dp_4 dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
+for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 spin_dp_4 bench_limits_4_regbuf bench_limits_4_bind bench_limits_4_bind_rerun bind_dp_4 dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
             topology_bcast_reduce topology_bcast_tree topology_allgather_bruck topology_3p2 dp_step_2x2 dp_step_4x1_onebit tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
@@ -65,6 +65,9 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
     # Ranks bound to cores on an oversubscribed host (PYCOMM_BIND, the default since issue 17's
     # 8-byte work) vs the OS's placement (PYCOMM_BIND=0) in the same rounds, Gloo next to both.
     bench_limits_4_bind) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 \
+        --baseline-env "PYCOMM_BIND=0" --json "$OUT/$name.json" ;;
+    # The same command rerun later (issue 17: "the same ratios when rerun later"; keep both runs).
+    bench_limits_4_bind_rerun) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 \
         --baseline-env "PYCOMM_BIND=0" --json "$OUT/$name.json" ;;
     # What binding does to a training step: DataParallel (exact) and torch DDP on pycomm, 4 ranks
     # on this host, bound (default) and PYCOMM_BIND=0 alternating, 3 rounds.
