@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/work_queue.h"
 #include "kernels/compress.h"
+#include "kernels/payload_finite.h"
 
 namespace pycomm {
 
@@ -37,6 +38,9 @@ class HalfCodec : public PieceCodec {
   void decompress(const uint8_t* in, size_t, size_t valid, float* out) override {
     halfDecompress(reinterpret_cast<const uint16_t*>(in), valid, bf16_, out);
   }
+  bool finite(const uint8_t* in, size_t, size_t valid) const override {
+    return halfPayloadFinite(reinterpret_cast<const uint16_t*>(in), valid, bf16_);
+  }
   uint32_t id() const override { return (bf16_ ? 2u : 1u) | (ef_ ? 0x100u : 0u); }
 
  private:
@@ -58,6 +62,7 @@ class OneBitCodec : public PieceCodec {
   void decompress(const uint8_t* in, size_t elems, size_t valid, float* out) override {
     oneBitDecompress(in, 1, elems, valid, out, false);
   }
+  bool finite(const uint8_t* in, size_t, size_t valid) const override { return oneBitPayloadFinite(in, valid); }
   uint32_t id() const override { return 3u; }
 };
 
@@ -78,6 +83,9 @@ class QsgdCodec : public PieceCodec {
   }
   void decompress(const uint8_t* in, size_t elems, size_t valid, float* out) override {
     qsgdDecompress(in, 1, elems, valid, bits_, out, false);
+  }
+  bool finite(const uint8_t* in, size_t, size_t valid) const override {
+    return qsgdPayloadFinite(in, valid, bits_);
   }
   uint32_t id() const override { return (bits_ == 8 ? 4u : 5u) | (ef_ ? 0x100u : 0u); }
 
@@ -102,6 +110,9 @@ class FloatCodec : public PieceCodec {
   }
   void decompress(const uint8_t* in, size_t, size_t valid, float* out) override {
     if (valid) std::memcpy(out, in, valid * 4);
+  }
+  bool finite(const uint8_t* in, size_t, size_t valid) const override {
+    return floatPayloadFinite(reinterpret_cast<const float*>(in), valid);
   }
   uint32_t id() const override { return 6u; }
 };
@@ -207,7 +218,10 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& codecThread, 
                    "compressed all_reduce: piece of ", a.pieceElems, " elements is not a multiple of ",
                    kPieceAlign);
   PYCOMM_CHECK_ARG(a.divisor >= 1, "compressed all_reduce: divisor must be >= 1");
-  if (w == 1 || a.n == 0) return;
+  if (w == 1 || a.n == 0) {  // the tensor is the result
+    if (a.nonfinite) *a.nonfinite = floatPayloadFinite(a.data, a.n) ? 0 : 1;
+    return;
+  }
 
   const size_t P = a.pieceElems;
   const long pieces = static_cast<long>((a.chunk + P - 1) / P);
@@ -232,6 +246,7 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& codecThread, 
 
   Progress prog;
   using S = Progress;
+  bool nonfinite = false;  // written by the codec thread, read here after it is done
 
   // Codec thread: compress piece t, reduce piece t-1, decode piece t-2, in that order.
   auto codecLoop = [&] {
@@ -266,7 +281,10 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& codecThread, 
           const uint8_t* in = gatherBuf(j);
           for (int r = 0; r < w; ++r) {
             const size_t v = validOf(r, j);
-            if (v) codec.decompress(in + static_cast<size_t>(r) * pb, e, v, a.data + at(r, j));
+            if (!v) continue;
+            const uint8_t* payload = in + static_cast<size_t>(r) * pb;
+            codec.decompress(payload, e, v, a.data + at(r, j));
+            if (a.nonfinite && !nonfinite && !codec.finite(payload, e, v)) nonfinite = true;
           }
           prog.done(S::kDecoded);
         }
@@ -363,6 +381,7 @@ void pipelinedCompressedAllReduce(Transport& transport, WorkQueue& codecThread, 
   if (mine) std::rethrow_exception(mine);
   if (auto err = recvDone->error()) std::rethrow_exception(err);
   if (auto err = codecDone->error()) std::rethrow_exception(err);
+  if (a.nonfinite) *a.nonfinite = nonfinite ? 1 : 0;
 }
 
 }  // namespace pycomm

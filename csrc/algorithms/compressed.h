@@ -54,6 +54,10 @@ class PieceCodec {
   /// Decodes a payload into out[0:valid).
   virtual void decompress(const uint8_t* in, size_t elems, size_t valid, float* out) = 0;
 
+  /// True if the payload decodes to finite values only in out[0:valid) (read off the
+  /// payload: block scales, or exponents; kernels/payload_finite.h).
+  virtual bool finite(const uint8_t* in, size_t elems, size_t valid) const = 0;
+
   /// Wire identifier (carried in the message header, so ranks using different codecs
   /// fail with a mismatch instead of decoding garbage).
   virtual uint32_t id() const = 0;
@@ -85,6 +89,9 @@ struct CompressedArgs {
   int divisor = 1;              ///< 1 for SUM, world size for AVG
   float* workerResidual = nullptr;  ///< n floats, or null when the codec keeps none
   float* serverResidual = nullptr;  ///< chunk floats, or null when the codec keeps none
+  /// When set, receives 1 if the result holds an inf or NaN, else 0 (every rank the same:
+  /// all decode the same payloads); read off the payloads as they are decoded.
+  uint8_t* nonfinite = nullptr;
 };
 
 /// Pieces are a multiple of this many elements (whole OneBit and QSGD blocks).

@@ -351,8 +351,10 @@ void initBackendBindings(pybind11::module_& m) {
       .def("compressed_all_reduce", &PycommBackend::compressedAllReduce, py::arg("tensor"), py::arg("codec"),
            py::arg("bits"), py::arg("error_feedback"), py::arg("chunk"), py::arg("divisor"), py::arg("worker"),
            py::arg("server"), py::arg("worker_seed"), py::arg("server_seed"), py::arg("async_op"),
-           py::call_guard<py::gil_scoped_release>(),
-           "Pipelined compressed all-reduce in place (native path of pycomm.compression); returns a Work")
+           py::arg("nonfinite") = py::none(), py::call_guard<py::gil_scoped_release>(),
+           "Pipelined compressed all-reduce in place (native path of pycomm.compression); returns a Work. "
+           "nonfinite: a one-element uint8 CPU tensor that receives 1 if the result holds an inf or NaN "
+           "(the same on every rank), else 0, read off the payloads")
       .def("hier_compressed_plan", &PycommBackend::hierCompressedPlan, py::arg("n"), py::arg("codec"), py::arg("bits"),
            "What a compressed all-reduce on the cross-host hop only needs and sends on this rank")
       .def("hier_compressed_all_reduce", &PycommBackend::hierCompressedAllReduce, py::arg("tensor"), py::arg("codec"),

@@ -101,7 +101,8 @@ class PycommBackend : public c10d::Backend {
                                                      bool errorFeedback, int64_t chunk, int64_t divisor,
                                                      std::optional<at::Tensor> worker,
                                                      std::optional<at::Tensor> server, int64_t workerSeed,
-                                                     int64_t serverSeed, bool asyncOp);
+                                                     int64_t serverSeed, bool asyncOp,
+                                                     std::optional<at::Tensor> nonfinite = std::nullopt);
 
   /// Compression on the cross-host hop only (algorithms/hier_compressed.cc): what a call
   /// of `n` float32 elements with `codecName` needs on this rank. Keys: hierarchical,

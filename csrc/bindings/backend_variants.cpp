@@ -52,7 +52,8 @@ c10::intrusive_ptr<c10d::Work> PycommBackend::compressedAllReduce(at::Tensor t, 
                                                                   bool errorFeedback, int64_t chunk, int64_t divisor,
                                                                   std::optional<at::Tensor> worker,
                                                                   std::optional<at::Tensor> server, int64_t workerSeed,
-                                                                  int64_t serverSeed, bool asyncOp) {
+                                                                  int64_t serverSeed, bool asyncOp,
+                                                                  std::optional<at::Tensor> nonfinite) {
   TORCH_CHECK_VALUE(t.defined() && isFlatF32(t), "pycomm rank ", rank_,
                     ": compressed all_reduce needs a contiguous CPU float32 tensor, got ",
                     t.defined() ? c10::str(t.scalar_type(), " on ", t.device()) : std::string("undefined"));
@@ -78,6 +79,14 @@ c10::intrusive_ptr<c10d::Work> PycommBackend::compressedAllReduce(at::Tensor t, 
   if (errorFeedback) {
     std::tie(args.workerResidual, args.serverResidual) =
         residuals(worker, server, n, static_cast<size_t>(chunk), rank_, codecName, "", keep);
+  }
+  if (nonfinite) {
+    const at::Tensor& f = *nonfinite;
+    TORCH_CHECK_VALUE(f.defined() && f.device().is_cpu() && f.scalar_type() == at::kByte && f.numel() == 1,
+                      "pycomm rank ", rank_, ": compressed all_reduce's nonfinite flag must be a one-element "
+                      "uint8 CPU tensor");
+    args.nonfinite = f.data_ptr<uint8_t>();
+    keep.push_back(f);
   }
   std::shared_ptr<PieceCodec> shared(std::move(codec));
   Call call{c10d::OpType::ALLREDUCE, "pycomm:compressed_all_reduce", CollType::kCompressed, {t}, {Staged{t, t, false}}};

@@ -154,11 +154,13 @@ def _native_backend(group: Optional[dist.ProcessGroup], tensor: torch.Tensor) ->
 
 
 def _run_native(backend: Any, tensor: torch.Tensor, args: Dict[str, Any], divisor: int,
-                async_op: bool) -> Union[torch.Tensor, torch.futures.Future]:
+                async_op: bool, nonfinite: Optional[torch.Tensor] = None) -> Union[torch.Tensor, torch.futures.Future]:
+    """The pipelined C++ exchange; ``nonfinite`` (a one-element uint8 tensor) receives 1
+    if the result holds an inf or NaN, read off the payloads (no pass over the result)."""
     flat = _flat_float(tensor)  # the tensor itself when it is contiguous float32
     work = backend.compressed_all_reduce(flat, args["codec"], args["bits"], args["error_feedback"], args["chunk"],
                                          divisor, args["worker"], args["server"], args.get("worker_seed", 0),
-                                         args.get("server_seed", 0), async_op)
+                                         args.get("server_seed", 0), async_op, nonfinite)
     if not async_op:
         work.wait()
         _write_back(tensor, flat)
@@ -357,6 +359,9 @@ class Compressor:
         #: compressor has a native codec, else "all".
         self.scope = scope
         self._states: Dict[Hashable, Dict[str, Any]] = {}
+        # Per key: the one-element flag the last native flat call wrote (1: its result
+        # holds an inf or NaN); absent when the key's last call took another path.
+        self._nonfinite: Dict[Hashable, torch.Tensor] = {}
         # Per key: the (shape, offset) of every parameter in the flat tensor (set_layout).
         self._layouts: Dict[Hashable, List[Tuple[Tuple[int, ...], int]]] = {}
 
@@ -392,6 +397,7 @@ class Compressor:
             key = "shape=" + "x".join(str(d) for d in tensor.shape)
         backend = _native_backend(group, tensor)
         route, plan = self._route(backend, tensor, group, tensor.numel())
+        flag = self._nonfinite.pop(key, None)
         if route == "exact":  # cross-host only on a one-host group: nothing to compress
             return _run_native(backend, tensor, _NONE._native(tensor, {}, world_size, rank, divisor), divisor,
                                async_op)
@@ -410,7 +416,10 @@ class Compressor:
         if backend is not None:
             args = self._native(tensor, self._state(key), world_size, rank, divisor)
             if args is not None:
-                return _run_native(backend, tensor, args, divisor, async_op)
+                if flag is None:
+                    flag = torch.zeros(1, dtype=torch.uint8)
+                self._nonfinite[key] = flag
+                return _run_native(backend, tensor, args, divisor, async_op, flag)
         gen = self._reduce(tensor, self._state(key), world_size, rank, divisor)
         if async_op:
             return _schedule_for(group).submit(gen, tensor, self._stages(tensor, key, world_size))
@@ -553,6 +562,14 @@ class Compressor:
                 buf = st.get(name)
                 if isinstance(buf, torch.Tensor):
                     buf.zero_()
+
+    def result_finite(self, key: Hashable) -> Optional[bool]:
+        """Whether the result of ``key``'s last :meth:`all_reduce` (once complete) holds
+        only finite values, as the native exchange read it off the payloads it decoded
+        (the same answer on every rank, no pass over the tensor); None when that call did
+        not take the native flat path (the caller must look at the tensor itself)."""
+        flag = self._nonfinite.get(key)
+        return None if flag is None else not bool(flag.item())
 
     def _errors_reset(self) -> bool:
         """True when the codec's error buffers must be zeroed before every call (OneBit

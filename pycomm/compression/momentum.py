@@ -511,8 +511,7 @@ class MomentumCorrection:
                 x.index_copy_(0, split.compressed, xc)
             if use_delta:
                 x.add_(G)
-            # One read pass, nothing allocated: the max-norm is NaN or inf iff an entry is.
-            if not math.isfinite(float(torch.linalg.vector_norm(x, float("inf")))):
+            if not _result_finite(inner, key, x, split, use_delta):
                 # Identical on every rank (bitwise-identical results): all reset together and
                 # the overflow reaches the loss scaler, which skips the step.
                 self._states.pop(key, None)
@@ -622,6 +621,26 @@ class MomentumCorrection:
             self.warmup_compression.load_state_dict(state["warmup_inner"])
         if self.exact_compression is not None and state.get("exact_inner") is not None:
             self.exact_compression.load_state_dict(state["exact_inner"])
+
+
+def _result_finite(inner: Any, key: Hashable, x: torch.Tensor, split: Optional["_Split"], use_delta: bool) -> bool:
+    """True if ``x``, a call's result, holds only finite values. Where ``x`` is exactly
+    what the inner compressor's native exchange decoded (no delta added back; exact
+    parameters, if any, in a tail of their own), its flag, read off the payloads, says so
+    at no cost and only the exact tail is looked at; otherwise one read pass over ``x``,
+    nothing allocated (the max-norm is NaN or inf iff an entry is)."""
+    known = None
+    if not use_delta and inner is not _NONE and (split is None or split.tail is not None):
+        probe = getattr(inner, "result_finite", None)
+        known = probe(key) if probe is not None else None
+    if known is None:
+        return math.isfinite(float(torch.linalg.vector_norm(x, float("inf"))))
+    if not known:
+        return False
+    if split is not None and split.tail < x.numel():
+        return math.isfinite(float(torch.linalg.vector_norm(x.narrow(0, split.tail, x.numel() - split.tail),
+                                                            float("inf"))))
+    return True
 
 
 class _Split:

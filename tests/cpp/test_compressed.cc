@@ -157,6 +157,7 @@ TEST_P(Compressed, PipelineEqualsWholeChunkExchange) {
   auto got = makeStates(w, n, chunk, 7u + static_cast<uint32_t>(n));
   auto want = got;
   reference(kind, want, n, chunk, divisor);
+  std::vector<int> flags(static_cast<size_t>(w), -1);
 
   MemStore store;
   auto t = testing::makeTransports(store, tcp, tcp ? "c/t/" : "c/s/", w, kTimeout);
@@ -173,6 +174,8 @@ TEST_P(Compressed, PipelineEqualsWholeChunkExchange) {
       a.workerResidual = got[r].worker.data();
       a.serverResidual = got[r].server.data();
     }
+    uint8_t nonfinite = 2;
+    a.nonfinite = &nonfinite;
     OpDesc d = testing::makeDesc(CollType::kCompressed, 1, n, DType::kFloat32);
     d.tag = codec->id();
     // Twice: the second call reuses the helper thread and buffers, and the residuals
@@ -180,10 +183,12 @@ TEST_P(Compressed, PipelineEqualsWholeChunkExchange) {
     coll.compressedAllReduce(*codec, a, d, Deadline::after(kTimeout));
     d.seq = 2;
     coll.compressedAllReduce(*codec, a, d, Deadline::after(kTimeout));
+    flags[r] = nonfinite;
   });
   reference(kind, want, n, chunk, divisor);
   for (int r = 0; r < w; ++r) {
     EXPECT_TRUE(sameBits(got[r].x, want[r].x)) << "rank " << r << " result";
+    EXPECT_EQ(flags[r], 0) << "rank " << r << ": finite result flagged (or flag not written)";
     if (usesResiduals(kind)) {
       EXPECT_TRUE(sameBits(got[r].worker, want[r].worker)) << "rank " << r << " worker residual";
       EXPECT_TRUE(sameBits(got[r].server, want[r].server)) << "rank " << r << " server residual";

@@ -153,3 +153,51 @@ def test_native_on_one_rank_generic_on_another_fails_fast():
     for msg, seconds in res:
         assert msg != "completed" and "mismatch" in msg, res
         assert seconds < 20, res
+
+
+def _nonfinite_body(rank, world_size):
+    C.NATIVE = True
+    out = {}
+    for name, make in NATIVE.items():
+        for n in (1, 7, 4099, 100_003):
+            for case in ("finite", "nan", "inf", "overflow"):
+                comp = make() or C.engine._NONE
+                torch.manual_seed(10 * n + rank)
+                x = torch.randn(n)
+                if case == "nan" and rank == 1:
+                    x[n // 2] = float("nan")
+                elif case == "inf" and rank == world_size - 1:
+                    x[n - 1] = float("inf")
+                elif case == "overflow":
+                    x.fill_(3e38)  # finite on every rank, the sum is not
+                key = ("flag", n, case)
+                y = comp.all_reduce(x, key=key, op="sum")
+                out[(name, n, case)] = (comp.result_finite(key), bool(torch.isfinite(y).all()))
+    # A call that leaves the native flat path forgets the flag (the caller looks itself).
+    comp = C.OneBit()
+    comp.all_reduce(torch.randn(100), key="k")
+    C.NATIVE = False
+    comp.all_reduce(torch.randn(100), key="k")
+    out["generic"] = comp.result_finite("k")
+    C.NATIVE = True
+    return out
+
+
+def test_native_flag_says_whether_the_result_is_finite():
+    """The flag the exchange reads off the payloads (block scales, exponents) agrees with
+    the result on every rank, for every codec, on awkward lengths; inf and overflowing sums
+    are caught (what MomentumCorrection then relies on instead of a pass over the tensor)."""
+    res = run_ranks(3, _nonfinite_body, backend="pycomm", timeout=240,
+                    env={"PYCOMM_TRANSPORT": "tcp", "PYCOMM_COMPRESS_PIECE_BYTES": "8192"})
+    for key, got in res[0].items():
+        if key == "generic":
+            continue
+        (flag, finite), (name, n, case) = got, key
+        for r, rr in enumerate(res):
+            assert rr[key] == (flag, finite), (key, r, rr[key], (flag, finite))
+        assert flag is not None and flag == finite, (key, flag, finite)
+        if case == "finite":
+            assert finite, key
+        if case in ("inf", "overflow"):
+            assert not finite, key
+    assert all(rr["generic"] is None for rr in res)
