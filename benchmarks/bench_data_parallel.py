@@ -173,7 +173,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    import pycomm  # noqa: F401  (registers the backend)
+    import pycomm  # registers the backend
     from pycomm.data_parallel import DataParallel
     from pycomm.ddp_hooks import DDPHookState, ddp_comm_hook
 
@@ -229,6 +229,9 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         print(f"# model: {nparams / 1e6:.1f}M parameters ({nparams * 4 / 1e6:.0f} MB fp32 grads), batch "
               f"{args.batch}, {world} ranks; compute-only step {compute * 1e3:.1f} ms", flush=True)
+        b, h = pycomm.binding(), pycomm.heap_policy()
+        print(f"# pycomm defaults in effect: rank placement (PYCOMM_BIND) {'bound to CPUs ' + str(b['cpus']) if b['bound'] else 'not bound'} "
+              f"({b['reason']}); heap (PYCOMM_HEAP) {h['reason']}", flush=True)
 
     for mode in modes:
         net = build_model(args.width, args.depth).to(dev)

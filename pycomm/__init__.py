@@ -16,7 +16,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 import torch.distributed as dist
 
 from pycomm import _C  # noqa: F401
-from pycomm._backend import binding, is_pycomm_group, register, stats, transport
+from pycomm._backend import binding, heap_policy, is_pycomm_group, register, stats, transport
 from pycomm.collectives import (all_gather, all_reduce, all_to_all, as_tensor, barrier, broadcast, recv, reduce,
                                 reduce_scatter, send)
 

@@ -56,6 +56,23 @@ def binding() -> Dict[str, Any]:
     return out
 
 
+def heap_policy() -> Dict[str, Any]:
+    """How pycomm set this process's heap (``PYCOMM_HEAP``).
+
+    The first pycomm group fixes glibc malloc's thresholds so that the buffers a training
+    step frees stay in the heap for the next step instead of going back to the OS and
+    being page-faulted and zeroed again (mmap only for blocks of 32 MiB and more, up to
+    512 MiB kept free at the top of the heap; docs/USER_GUIDE.md, "The heap"). Left alone
+    when the process chose its own malloc settings (``MALLOC_*_``, ``GLIBC_TUNABLES``,
+    jemalloc/tcmalloc/mimalloc preloaded) unless ``PYCOMM_HEAP=1``; ``PYCOMM_HEAP=0``
+    turns it off.
+
+    Keys: ``decided`` (a group ran the policy), ``applied``, ``mmap_threshold`` and
+    ``trim_threshold`` (bytes, when applied), ``mode``, ``reason``.
+    """
+    return dict(_C.heap_policy())
+
+
 def register() -> None:
     """Registers ``"pycomm"`` with torch.distributed (idempotent)."""
     if hasattr(dist.Backend, "PYCOMM") or BACKEND_NAME in getattr(dist.Backend, "backend_list", []):

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "core/affinity.h"
+#include "core/heap_policy.h"
 #include "core/huge_pages.h"
 #include "transport/probe.h"
 
@@ -86,6 +87,20 @@ void initProbeBindings(pybind11::module_& m) {
         return d;
       },
       "what pycomm's rank-to-core binding decided in this process (PYCOMM_BIND; core/affinity.h)");
+  m.def(
+      "heap_policy",
+      [] {
+        const HeapPolicy p = heapPolicy();
+        py::dict d;
+        d["decided"] = p.decided;
+        d["applied"] = p.applied;
+        d["mmap_threshold"] = p.mmapThreshold;
+        d["trim_threshold"] = p.trimThreshold;
+        d["mode"] = p.mode;
+        d["reason"] = p.reason;
+        return d;
+      },
+      "what pycomm's heap policy decided in this process (PYCOMM_HEAP; core/heap_policy.h)");
   m.def("_cpu_share", &cpuShare, py::arg("allowed"), py::arg("local_index"), py::arg("local_size"),
         "the CPUs a local rank is bound to out of `allowed` (the policy's arithmetic, for tests)");
   m.def("huge_pages_available", &hugePagesAvailable,

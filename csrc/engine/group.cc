@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "core/affinity.h"
+#include "core/heap_policy.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "engine/flight_recorder.h"
@@ -60,6 +61,9 @@ GroupTransport makeGroupTransport(Store& store, const std::string& keyPrefix, in
   // any transport starts a thread, which then inherits the mask): core/affinity.h.
   try {
     bindMode();  // a bad PYCOMM_BIND fails here, before any rank waits on the store
+    // The heap keeps a step's freed buffers for the next one (once per process):
+    // core/heap_policy.h.
+    applyHeapPolicy();
   } catch (const InvalidArgument& e) {
     throw InvalidArgument(strCat("pycomm: rank ", rank, ": ", e.what()));
   }

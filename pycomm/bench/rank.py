@@ -106,6 +106,17 @@ def _binding() -> Optional[dict]:
     return b if b.get("decided") else None
 
 
+def _heap() -> Optional[dict]:
+    """pycomm.heap_policy() where this process has a pycomm group (else None)."""
+    try:
+        import pycomm
+
+        h = pycomm.heap_policy()
+    except Exception:  # noqa: BLE001 - no pycomm here (a Gloo-only run)
+        return None
+    return h if h.get("decided") else None
+
+
 def _binding_words(b: dict) -> str:
     """What the library's default placement did, for the header."""
     if b["bound"]:
@@ -164,7 +175,7 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp, limits=None) -> i
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": os.environ.get("PYCOMM_BENCH_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
         "load": load(), "settings_changed": _settings(args), "torch_threads": torch.get_num_threads(),
-        "binding": _binding(),
+        "binding": _binding(), "heap": _heap(),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "limits": limits,
         "pycomm_env": {k: v for k, v in os.environ.items() if k.startswith("PYCOMM_") and not k.startswith("PYCOMM_BENCH")},
     }
@@ -186,7 +197,9 @@ def _sweep(args, rank: int, world: int, side, cmp_group, comp, limits=None) -> i
               f"{meta['THP_MEM_ALLOC_ENABLE'] or 'unset'}, torch threads per rank {meta['torch_threads']}"
               + "".join(f", {k}={v}" for k, v in sorted(meta["pycomm_env"].items()))
               + (f"; pycomm's rank placement (PYCOMM_BIND): {_binding_words(meta['binding'])}"
-                 if meta["binding"] else ""), file=out)
+                 if meta["binding"] else "")
+              + (f"; pycomm's heap policy (PYCOMM_HEAP): {meta['heap']['reason']}" if meta["heap"] else ""),
+              file=out)
         if limits:
             for line in limits_mod.header_lines(limits):
                 print(line, file=out)

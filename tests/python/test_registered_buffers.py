@@ -47,12 +47,18 @@ def _collectives(rank, ws, mode):
 
     def moved(call):
         """Runs call(); returns the bytes every rank's peers read from it (pycomm.stats'
-        bytes_sent), summed over the group: mapped reads and process_vm_readv alike."""
+        bytes_sent), summed over the group: mapped reads and process_vm_readv alike.
+        A peer still reading the previous count's 8 bytes (this function's own
+        all_reduce, counted by the reader) may land in the window: see exact()."""
         s0 = pycomm.stats()["bytes_sent"]
         call()
         d = torch.tensor([float(pycomm.stats()["bytes_sent"] - s0)], dtype=torch.float64)
         dist.all_reduce(d)
         return int(d.item())
+
+    def exact(sent, want):
+        """sent is want, give or take one late 8-byte read per rank (see moved())."""
+        return 0 <= sent - want <= 8 * ws
 
     for n in LENGTHS:
         ref = sum(_vals(r, n) for r in range(ws)) if ws > 1 else _vals(0, n)
@@ -61,7 +67,7 @@ def _collectives(rank, ws, mode):
         sent = moved(lambda: dist.all_reduce(t))
         torch.testing.assert_close(t.double(), ref, rtol=1e-5, atol=1e-3)
         if n == LENGTHS[-1]:  # the single-copy algorithm: every block read by every peer, twice
-            assert sent == 2 * (ws - 1) * n * 4, (mode, rank, sent)
+            assert exact(sent, 2 * (ws - 1) * n * 4), (mode, rank, sent)
         t = _tensor(_vals(rank, n).float(), registered)
         dist.all_reduce(t, op=dist.ReduceOp.AVG)
         torch.testing.assert_close(t.double(), ref / ws, rtol=1e-5, atol=1e-3)
@@ -77,7 +83,7 @@ def _collectives(rank, ws, mode):
         out = torch.empty(n)
         sent = moved(lambda: dist.reduce_scatter_tensor(out, inp))
         if n == LENGTHS[-1]:  # each rank reads its block from every peer
-            assert sent == ws * (ws - 1) * n * 4, (mode, rank, sent)
+            assert exact(sent, ws * (ws - 1) * n * 4), (mode, rank, sent)
         full = sum(_vals(r, n * ws, salt=3) for r in range(ws))
         torch.testing.assert_close(out.double(), full[rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-3)
         # all_gather
@@ -85,7 +91,7 @@ def _collectives(rank, ws, mode):
         allg = torch.empty(n * ws)
         sent = moved(lambda: dist.all_gather_into_tensor(allg, g))
         if n == LENGTHS[-1]:  # each rank reads every peer's block
-            assert sent == ws * (ws - 1) * n * 4, (mode, rank, sent)
+            assert exact(sent, ws * (ws - 1) * n * 4), (mode, rank, sent)
         want = torch.cat([_vals(r, n, salt=5) for r in range(ws)])
         torch.testing.assert_close(allg.double(), want.float().double(), rtol=0, atol=0)
         # broadcast from the last rank
