@@ -27,7 +27,7 @@ ALL=("$@")
 # Scripts that stamp and write their own raw files (md/json/txt) are called directly.
 for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 spin_dp_4 bench_limits_4_regbuf bench_limits_4_bind bench_limits_4_bind_rerun bind_dp_4 dp_step_regbuf collectives_shm_4 collectives_shm_2 collectives_tcp_4 reduce_tcp_4 compression_kernels compressed_1gbit compressed_10gbit dp_step \
             demo model_parallel convergence pipeline_balance local_sgd topology topology_10gbit topology_latency \
-            topology_bcast_reduce topology_bcast_tree topology_allgather_bruck topology_3p2 dp_step_2x2 dp_step_4x1_onebit tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
+            topology_bcast_reduce topology_bcast_tree topology_allgather_bruck topology_3p2 dp_step_2x2 dp_step_4x1_onebit dp_step_4x1_onebit_heap0 bench_limits_4_heap tcp_streams topology_onebit dp_step_2x2_onebit conformance; do
   want "${ALL[@]}" || continue
   case $name in
     # README "Results": the default user path (plain dist.all_reduce loop, no environment
@@ -198,6 +198,14 @@ for name in bench_limits_4 bench_limits_4_fresh bench_limits_4_oop spin_sweep_4 
     # compression/momentum.py over the build, from a copy of the tree; USER_GUIDE says so.)
     dp_step_4x1_onebit) run $name "$PY" benchmarks/bench_data_parallel.py --hosts 4 --link 1gbit \
         --modes dp_onebit,ddp_gloo,dp --steps 5 --warmup 3 --json "$OUT/$name.json" ;;
+    # The same with the heap policy off (PYCOMM_HEAP=0: glibc's own thresholds), right after
+    # it, so the two runs share the machine's state (docs/USER_GUIDE.md, "The heap").
+    dp_step_4x1_onebit_heap0) run $name env PYCOMM_HEAP=0 "$PY" benchmarks/bench_data_parallel.py --hosts 4 \
+        --link 1gbit --modes dp_onebit,ddp_gloo,dp --steps 5 --warmup 3 --json "$OUT/$name.json" ;;
+    # bench_limits after the heap policy and the bare in-place call in pycomm-bench's loop
+    # (issue 17; kept next to the earlier runs).
+    bench_limits_4_heap) run $name "$PY" benchmarks/bench_limits.py --ranks 4 --rounds 3 \
+        --baseline-env "PYCOMM_BIND=0" --json "$OUT/$name.json" ;;
     # docs/USER_GUIDE.md (topology): DataParallel step, 2 hosts x 2 ranks at 1 Gbit/s,
     # hierarchical (dp) vs the flat ring (dp_flat) vs DDP on Gloo vs OneBit.
     dp_step_2x2) run ${name}_1gbit "$PY" benchmarks/bench_data_parallel.py --hosts 2 --ranks-per-host 2 --link 1gbit \
