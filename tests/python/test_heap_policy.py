@@ -12,21 +12,25 @@ from dist_util import run_ranks
 pytest.importorskip("pycomm._C")
 
 
-def _churn_faults() -> int:
-    """Minor page faults of 10 rounds of what a step does to the heap: three 16 MiB
-    buffers written, then all freed (48 MiB free at the top of the heap)."""
+def _churn_faults() -> list:
+    """Minor page faults of each of 20 rounds of what a step does to the heap: five 24 MiB
+    buffers written, then all freed (120 MiB free at the top of the heap: more than
+    glibc's dynamic trim threshold can reach, 64 MiB, and blocks just under the fixed
+    32 MiB mmap threshold)."""
     import torch
 
     def once():
-        ts = [torch.empty(4 << 20).fill_(1.0) for _ in range(3)]
+        ts = [torch.empty(6 << 20).fill_(1.0) for _ in range(5)]
         del ts
 
-    for _ in range(3):  # the heap grows to what a round needs (fragments included)
+    for _ in range(3):  # the heap grows to what a round needs
         once()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
+    out = []
+    for _ in range(20):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         once()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
 
 
 def _body(rank, world):
@@ -49,10 +53,16 @@ def test_default_keeps_a_steps_buffers_in_the_heap():
         assert r["mmap_threshold"] == 32 << 20 and r["trim_threshold"] == 512 << 20, r
     for r in off:
         assert r["decided"] and not r["applied"] and r["reason"] == "PYCOMM_HEAP=0", r
-    # 10 rounds of 48 MiB are ~120,000 pages: handed back and faulted again without the
-    # policy, kept with it.
-    assert max(r["faults"] for r in on) < 2000, (on, off)
-    assert min(r["faults"] for r in off) > 10 * max(1, max(r["faults"] for r in on)), (on, off)
+    # A round handed back to the OS (trimmed, or mmapped and unmapped) faults its 30,720
+    # pages in again. With the policy that happens only while the heap is still growing
+    # into its fragments (a round or two). Without it glibc's dynamic thresholds do it
+    # round after round in most processes (measured: 20 of 20 rounds in two runs of three,
+    # none in the third -- its adaptation depends on the process's history), so the run
+    # with PYCOMM_HEAP=0 is only reported, not asserted on.
+    def faulting(r):
+        return sum(f > 1000 for f in r["faults"])
+
+    assert max(faulting(r) for r in on) <= 4, ([r["faults"] for r in on], [r["faults"] for r in off])
 
 
 def test_the_process_own_malloc_choice_stands():
